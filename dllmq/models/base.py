@@ -1,0 +1,140 @@
+"""What every supported dLLM family provides, and the model interface the rest of dllmq uses.
+
+A family module (llada.py, dream.py, ...) defines an `ArchSpec`: how to read its config.json,
+how to build its module tree under the published tensor names, and the structural facts that
+quantization algorithms need (blocks, linears in execution order, which norm or linear feeds
+which linears, the LM head, mask token, logit alignment). Adding a family means one new module
+that registers an ArchSpec; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .layers import attention_bias, positions_from_mask, rope_tables
+
+
+@dataclass(frozen=True)
+class Feed:
+    """`source` (a norm or linear inside the block) produces the input of every linear in `targets`.
+
+    kind="norm": an RMSNorm weight can absorb per-channel scales of the targets' inputs.
+    kind="linear": the source linear's output rows can absorb them (e.g. v_proj -> attn_out,
+    valid only when the channels map one to one, i.e. no GQA repeat; up_proj -> down proj).
+    """
+
+    source: str
+    targets: tuple[str, ...]
+    kind: str  # "norm" | "linear"
+
+
+@dataclass(frozen=True)
+class DLLMConfig:
+    """Normalised view of a family's config.json (the raw dict is kept to write back unchanged)."""
+
+    family: str
+    raw: dict
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int  # rows of the embedding / LM head (LLaDA's embedding_size)
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    mlp_bias: bool
+    mask_token_id: int
+    eos_token_id: int | None
+    pad_token_id: int | None
+    extra_stop_ids: tuple[int, ...] = ()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    parse_config: Callable[[dict], DLLMConfig]
+    build: Callable[[DLLMConfig], "DiffusionLM"]
+    blocks_path: str  # dotted path of the ModuleList of transformer blocks
+    block_linears: tuple[str, ...]  # names inside a block, in execution order
+    feeds: tuple[Feed, ...]
+    embed_name: str
+    final_norm_name: str
+    head_name: str  # LM head module name (full path): excluded from quantization by default
+    logits_shifted: bool  # True: logits[:, i] predicts token i+1 (Dream); False: token i (LLaDA)
+    mlp_down: str  # the FFN down projection (massive activation outliers sit at its input)
+    attn_out: str  # the attention output projection (its input is softmax·V)
+    attn_core: str  # AttentionCore submodule inside a block
+    description: str = ""
+    notes: dict = field(default_factory=dict)
+
+    def default_ignore(self) -> list[str]:
+        """Regexes (re.fullmatch on full module names) left in full precision by default."""
+        return [self.head_name.replace(".", r"\.")]
+
+
+class DiffusionLM(nn.Module):
+    """Common interface over the native family implementations.
+
+    forward() returns the family's raw logits; `aligned_logits()` returns logits where position i
+    predicts token i for every family (Dream's AR-style shift undone), which is what the samplers,
+    the likelihood and calibration consume.
+    """
+
+    arch: ArchSpec
+    config: DLLMConfig
+
+    # -- family hooks -------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.get_submodule(self.arch.blocks_path)  # type: ignore[return-value]
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    # -- forward pieces (the block-by-block pipeline calls them one at a time) ------------
+    def block_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """Per-forward inputs shared by all blocks: rotary tables and the attention key mask."""
+        pos = positions_from_mask(input_ids, attention_mask)
+        cos, sin = rope_tables(pos, self.config.head_dim, self.config.rope_theta)
+        return {"rope": (cos, sin), "bias": attention_bias(attention_mask)}
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.unembed(self.final_norm()(hidden))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        ctx = self.block_context(input_ids, attention_mask)
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = block(h, **ctx)
+        return self.head(h)
+
+    def aligned_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self(input_ids, attention_mask)
+        if self.arch.logits_shifted:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    def linear_names(self) -> list[str]:
+        """Full names of the block linears, in execution order, block by block."""
+        return [f"{self.arch.blocks_path}.{i}.{n}" for i in range(len(self.blocks)) for n in self.arch.block_linears]

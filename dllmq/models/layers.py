@@ -1,0 +1,91 @@
+"""Building blocks shared by the native dLLM implementations.
+
+RMSNorm and RoPE run in fp32 whatever the model dtype, as LLaDA (`rope_full_precision`) and
+Qwen2/Dream do; attention is bidirectional SDPA (no causal mask) for every family.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in fp32 and cast back before the affine weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * xf.to(dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, 1, L, head_dim] in fp32 for (NeoX-style, rotate-half) rotary embeddings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # [B, L, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, L, D]
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+
+def attention_bias(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Boolean key mask [B, 1, 1, L] for SDPA (True = may attend); None means attend everywhere."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+def positions_from_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Position ids; with left padding, real tokens count from 0 (as Dream's sampler does)."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+class AttentionCore(nn.Module):
+    """Bidirectional multi-head SDPA with RoPE and GQA; holds no weights.
+
+    The projections live on the family's block under their published names; this module only
+    turns projected q/k/v into the per-head softmax(QK^T)V product. `value_out` is an identity
+    slot where activation quantization of that product (IA-AQ) plugs in.
+    """
+
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.value_out: nn.Module = nn.Identity()
+
+    def forward(self, q, k, v, rope, bias) -> torch.Tensor:
+        B, L, _ = q.shape
+        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)
+        return self.value_out(out).transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)

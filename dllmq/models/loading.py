@@ -1,0 +1,188 @@
+"""Find, validate and load a full-precision dLLM from a folder or a Hub id, without remote code.
+
+Weights are read from safetensors only (never pickles). Tokenizers are read from tokenizer.json
+with PreTrainedTokenizerFast, which ignores config.json's `auto_map`: no remote code runs and no
+trust prompt appears.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import UserError
+from .base import ArchSpec, DiffusionLM, DLLMConfig
+from .registry import arch_for
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
+BUNDLED_MODELS = {"tiny": BUNDLED_DIR / "tiny-llada"}
+# what a Hub download fetches: configs, safetensors shards, tokenizer files, never code or pickles
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md"]
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None, revision: str | None = None) -> Path:
+    """A local folder, a bundled model name ('tiny', the default), or a Hub repo id."""
+    name = str(name_or_path) if name_or_path not in (None, "") else "tiny"
+    if name in BUNDLED_MODELS:
+        path = BUNDLED_MODELS[name]
+        if not (path / "config.json").exists():
+            raise UserError(f"the bundled model {name!r} is missing from this install ({path}); reinstall dllmq")
+        return path
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"{p} is a file; pass the model folder that holds config.json")
+        return p
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"model {name!r} not found: pass a local folder, a Hub id like GSAI-ML/LLaDA-8B-Instruct, or 'tiny'")
+    return _download(name, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"cannot download {repo_id!r}: offline and not in the Hugging Face cache; "
+            "connect to the Hub once or pass a local folder"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(f"Hub repo {repo_id!r} not found (or private: set HF_TOKEN or run `hf auth login`)") from None
+    except Exception as e:  # network errors come in many types
+        raise UserError(f"cannot download {repo_id!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def read_config(path: Path) -> dict:
+    f = path / "config.json"
+    if not f.exists():
+        raise UserError(f"{path} has no config.json; pass a model folder")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{f} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def parse(path: Path) -> tuple[ArchSpec, DLLMConfig]:
+    raw = read_config(path)
+    arch = arch_for(raw)
+    return arch, arch.parse_config(raw)
+
+
+def weight_map(path: Path) -> dict[str, str]:
+    """tensor name -> shard file name, from model.safetensors.index.json or a single file."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise UserError(f"{index} is corrupt (no weight_map); re-download or re-export the model") from None
+        for shard in set(wm.values()):
+            if not (path / shard).exists():
+                raise UserError(f"shard {shard} listed in {index.name} is missing from {path}")
+        return wm
+    single = path / "model.safetensors"
+    if single.exists():
+        return {k: single.name for k in _keys(single)}
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise UserError(f"{path} has only pickle weights (.bin/.pt); dllmq reads safetensors only, convert them first")
+    raise UserError(f"{path} has no safetensors weights (model.safetensors or model.safetensors.index.json)")
+
+
+def _keys(file: Path) -> list[str]:
+    try:
+        with safe_open(file, "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file} is not a readable safetensors file ({e}); re-download it") from None
+
+
+class ShardReader:
+    """Reads named tensors lazily from the shards, so a model never needs to fit in memory twice."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.map = weight_map(path)
+        self._open: dict[str, object] = {}
+
+    def _handle(self, shard: str):
+        if shard not in self._open:
+            try:
+                self._open[shard] = safe_open(self.path / shard, "pt")
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"{self.path / shard} is not a readable safetensors file ({e})") from None
+        return self._open[shard]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.map:
+            raise UserError(f"tensor {name!r} is missing from the checkpoint in {self.path}")
+        try:
+            return self._handle(self.map[name]).get_tensor(name)
+        except SafetensorError as e:
+            raise UserError(f"cannot read {name!r} from {self.map[name]} ({e}); the file is corrupt") from None
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [k for k in self.map if k.startswith(prefix)]
+
+
+def build_empty(arch: ArchSpec, config: DLLMConfig) -> DiffusionLM:
+    """The module tree with no storage allocated (meta device); loaders fill it tensor by tensor."""
+    with torch.device("meta"):
+        return arch.build(config)
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    revision: str | None = None,
+) -> DiffusionLM:
+    """Load a full-precision LLaDA/Dream model with our native implementation."""
+    path = resolve_model_path(name_or_path, revision)
+    arch, config = parse(path)
+    if (path / "config.json").exists() and "quantization_config" in read_config(path):
+        raise UserError(f"{path} is a quantized checkpoint; load it with dllmq.load()")
+    model = build_empty(arch, config)
+    reader = ShardReader(path)
+    state = {}
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - set(reader.map))
+    if missing:
+        raise UserError(
+            f"checkpoint in {path} lacks {len(missing)} tensors expected for {arch.family} "
+            f"(first: {missing[0]}); is config.json from the same model?"
+        )
+    for name in expected:
+        t = reader.get(name)
+        want = model.get_parameter(name).shape
+        if t.shape != want:
+            raise UserError(f"tensor {name} has shape {tuple(t.shape)} but config.json implies {tuple(want)}")
+        state[name] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.name_or_path = str(name_or_path or "tiny")
+    model.source_path = path
+    return model.eval()
+
+
+def load_tokenizer(path: Path):
+    """PreTrainedTokenizerFast from tokenizer.json + tokenizer_config.json; never runs remote code."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not (path / "tokenizer.json").exists():
+        raise UserError(f"{path} has no tokenizer.json; dllmq needs a fast tokenizer file next to the weights")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    return tok
