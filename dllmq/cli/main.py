@@ -1,0 +1,327 @@
+"""The `dllmq` command line.
+
+Every command takes MODEL as a local folder, a Hub id, or `tiny` (the bundled model), prints
+tables for people and `--json` for scripts, and turns any user error into one line on stderr
+with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import UserError
+from ..ui import err_console, human_bytes, out_console, table
+
+app = typer.Typer(
+    name="dllmq",
+    help="Quantize diffusion language models (LLaDA, Dream) into deployable low-bit checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+          "float32": "float32", "fp32": "float32"}
+
+# Shared options: the same flag means the same thing in every command.
+ModelArg = typer.Argument(None, help="Model folder, Hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or 'tiny' (bundled default).")
+DeviceOpt = typer.Option("cpu", "--device", help="Compute device: cpu, cuda, cuda:1 ...")
+DtypeOpt = typer.Option("bfloat16", "--dtype", help="Activation/compute dtype: bfloat16, float16 or float32.")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout instead of tables.")
+SeedOpt = typer.Option(0, "--seed", help="Random seed for sampling and Monte-Carlo estimates.")
+StepsOpt = typer.Option(64, "--steps", help="Denoising steps (one full forward each).")
+GenLenOpt = typer.Option(64, "--gen-length", help="Number of tokens to generate.")
+BlockLenOpt = typer.Option(32, "--block-length", help="Semi-autoregressive block length (LLaDA); must divide --gen-length.")
+RevisionOpt = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) when MODEL is a Hub id.")
+
+
+def _dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"--dtype must be one of bfloat16, float16, float32; got {name!r}")
+    return getattr(torch, DTYPES[name])
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available in this torch build; use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda") or name == "mps"):
+        raise UserError(f"--device must be cpu, cuda, cuda:N or mps; got {name!r}")
+    return name
+
+
+def _emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@app.command()
+def quantize(
+    model: Optional[str] = ModelArg,
+    method: str = typer.Option("rtn", "--method", "-m", help="Quantization method: rtn (more: see `dllmq methods`)."),
+    w: int = typer.Option(4, "--w", help="Weight bits: 2, 3, 4 or 8."),
+    a: int = typer.Option(16, "--a", help="Activation bits: 16 (not quantized), 8 or 4 (dynamic per token)."),
+    group_size: int = typer.Option(128, "--group-size", "-g", help="Weights per scale along the input dim; -1 = one scale per output channel."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (zero point 0) or asymmetric weight quantization."),
+    ignore: List[str] = typer.Option([], "--ignore", help="Regex on full layer names to keep in full precision (repeatable). The LM head is always kept."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: ./<model>-w<W>a<A>-<method>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    revision: Optional[str] = RevisionOpt,
+    json_out: bool = JsonOpt,
+):
+    """Quantize MODEL and write a packed low-bit checkpoint.
+
+    Example: [bold]dllmq quantize GSAI-ML/LLaDA-8B-Instruct --method rtn --w 4 --group-size 128 --out ./llada-w4[/bold]
+    """
+    from ..checkpoint.format import QuantizationConfig
+    from ..models.loading import resolve_model_path
+    from ..pipeline import quantize as run
+    from ..quantization.spec import ActSpec, WeightSpec
+
+    _dtype(dtype)
+    _device(device)
+    wspec = WeightSpec(num_bits=w, symmetric=sym, strategy="channel" if group_size == -1 else "group",
+                       group_size=None if group_size == -1 else group_size)
+    aspec = ActSpec(num_bits=a)
+    if aspec.enabled:
+        raise UserError(f"--a {a}: activation quantization arrives with the smoothquant/quarot/duquant methods; use --a 16 for now")
+    from ..quantization.methods import get_method
+
+    get_method(method)
+    name = model or "tiny"
+    if out is None:
+        base = Path(name.rstrip("/")).name if Path(name).exists() else name.split("/")[-1]
+        out = Path(f"{base}-w{w}a{a}-{method}")
+    from ..models.loading import read_config
+
+    src = resolve_model_path(name, revision)
+    from ..models.registry import arch_for
+
+    arch = arch_for(read_config(src))
+    qcfg = QuantizationConfig(method=method, weights=wspec, activations=aspec, ignore=arch.default_ignore() + list(ignore))
+    cmd = "dllmq " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    res = run(name, qcfg, out, overwrite=overwrite, device=device, revision=revision, command=cmd,
+              show_progress=not json_out)
+    size = sum(f.stat().st_size for f in res.out.iterdir() if f.suffix == ".safetensors")
+    src_size = sum(f.stat().st_size for f in src.iterdir() if f.suffix == ".safetensors")
+    summary = {
+        "out": str(res.out), "method": method, "weights": wspec.describe(), "activations": a,
+        "layers": len(res.layers), "seconds": round(res.seconds, 2), "bytes": size, "source_bytes": src_size,
+        "mean_rel_error": sum(r.rel_error for r in res.layers) / max(1, len(res.layers)),
+    }
+    if json_out:
+        _emit_json({**summary, "per_layer": [r.__dict__ for r in res.layers]})
+        return
+    worst = sorted(res.layers, key=lambda r: -r.rel_error)[:5]
+    table("Largest weight errors", ["layer", "shape", "rel. error", "seconds"],
+          [[r.name, "x".join(map(str, r.shape)), r.rel_error, r.seconds] for r in worst])
+    out_console.print(
+        f"[green]wrote[/green] {res.out}  ({human_bytes(size)} vs {human_bytes(src_size)} full precision, "
+        f"{len(res.layers)} layers, {res.seconds:.1f} s)"
+    )
+
+
+@app.command()
+def info(checkpoint: str = typer.Argument(..., help="A dllmq checkpoint folder (or a full-precision model)."),
+         json_out: bool = JsonOpt):
+    """Show a checkpoint's method, specs, sizes and per-layer summary.
+
+    Example: [bold]dllmq info ./llada-w4[/bold]
+    """
+    from ..checkpoint.format import MANIFEST, QuantizationConfig
+    from ..models.loading import parse, read_config, resolve_model_path
+
+    p = resolve_model_path(checkpoint)
+    raw = read_config(p)
+    arch, cfg = parse(p)
+    files = {f.name: f.stat().st_size for f in p.iterdir() if f.is_file()}
+    weights_bytes = sum(v for k, v in files.items() if k.endswith(".safetensors"))
+    data = {"path": str(p), "family": arch.family, "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size, "weights_bytes": weights_bytes, "quantized": "quantization_config" in raw}
+    per_layer = []
+    if data["quantized"]:
+        q = QuantizationConfig.from_dict(raw["quantization_config"])
+        data.update(method=q.method, weights=q.weights.to_dict(), activations=q.activations.to_dict(),
+                    ignore=q.ignore, quantized_layers=len(q.quantized_layers))
+        mf = p / MANIFEST
+        if mf.exists():
+            m = json.loads(mf.read_text())
+            data.update(base_model=m.get("base_model"), command=m.get("command"), created=m.get("created"),
+                        tool_version=m.get("tool_version"), calibration=m.get("calibration"))
+            per_layer = m.get("layers", [])
+    if json_out:
+        _emit_json({**data, "per_layer": per_layer})
+        return
+    table(f"{p}", ["field", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
+                                        for k, v in data.items()])
+    if per_layer:
+        table("Per layer", ["layer", "shape", "rel. error", "seconds"],
+              [[r["name"], "x".join(map(str, r["shape"])), r["rel_error"], r["seconds"]] for r in per_layer])
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Model folder, Hub id, 'tiny', or a dllmq checkpoint."),
+    prompt: List[str] = typer.Argument(..., help="One or more prompts."),
+    steps: int = StepsOpt,
+    gen_length: int = GenLenOpt,
+    block_length: int = BlockLenOpt,
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; >0 samples with Gumbel noise."),
+    remasking: str = typer.Option("low_confidence", "--remasking", help="LLaDA: low_confidence or random."),
+    alg: str = typer.Option("entropy", "--alg", help="Dream: origin, maskgit_plus, topk_margin or entropy."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Wrap the prompt in the chat template (default: when the tokenizer has one)."),
+    seed: int = SeedOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    json_out: bool = JsonOpt,
+):
+    """Generate text by iterative unmasking.
+
+    Example: [bold]dllmq generate tiny "What is 12 + 30?" --steps 64 --gen-length 64 --block-length 32[/bold]
+    """
+    from ..diffusion.generation import GenerationConfig, generate as gen
+    from ..models.loading import load_tokenizer
+    from ..runtime.loader import load
+
+    if remasking not in ("low_confidence", "random"):
+        raise UserError(f"--remasking must be low_confidence or random, got {remasking!r}")
+    if alg not in ("origin", "maskgit_plus", "topk_margin", "entropy"):
+        raise UserError(f"--alg must be origin, maskgit_plus, topk_margin or entropy, got {alg!r}")
+    _check_sampler(steps, gen_length, block_length)
+    m = load(model, device=_device(device), dtype=_dtype(dtype))
+    tok = load_tokenizer(m.source_path)
+    cfg = GenerationConfig(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
+                           remasking=remasking, alg=alg, chat=chat, seed=seed)
+    t0 = time.time()
+    res = gen(m, tok, list(prompt), cfg)
+    dt = time.time() - t0
+    if json_out:
+        _emit_json({"outputs": [{"prompt": p, "text": r["text"]} for p, r in zip(prompt, res)],
+                    "seconds": dt, "config": cfg.to_dict()})
+        return
+    for p, r in zip(prompt, res):
+        out_console.print(f"[bold]> {p}[/bold]")
+        out_console.print(r["text"])
+    err_console.print(f"[dim]{len(prompt)} prompt(s), {steps} steps, {dt:.1f} s[/dim]")
+
+
+def _check_sampler(steps: int, gen_length: int, block_length: int) -> None:
+    if gen_length <= 0 or steps <= 0 or block_length <= 0:
+        raise UserError("--steps, --gen-length and --block-length must be positive")
+    if gen_length % block_length:
+        raise UserError(f"--block-length {block_length} must divide --gen-length {gen_length}")
+    if steps % (gen_length // block_length):
+        raise UserError(f"--steps {steps} must be a multiple of the number of blocks ({gen_length // block_length})")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="A dllmq checkpoint, a model folder, a Hub id, or 'tiny'."),
+    against: Optional[str] = typer.Option(None, "--against", help="Full-precision reference for agreement (default: the checkpoint's base model)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text file for the masked-token NLL (default: bundled held-out text)."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per NLL window."),
+    max_seqs: int = typer.Option(16, "--max-seqs", help="Number of NLL windows."),
+    mc_num: int = typer.Option(4, "--mc-num", help="Monte-Carlo mask draws per window for the NLL."),
+    prompts: int = typer.Option(8, "--prompts", help="Number of prompts for the agreement check (0 = skip)."),
+    steps: int = StepsOpt,
+    gen_length: int = GenLenOpt,
+    block_length: int = BlockLenOpt,
+    seed: int = SeedOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    json_out: bool = JsonOpt,
+):
+    """Evaluate MODEL: masked-token NLL on text and token agreement with its full-precision base.
+
+    Example: [bold]dllmq eval ./llada-w4 --prompts 8 --steps 64 --gen-length 64[/bold]
+    """
+    from ..evaluation.report import compare_models
+
+    _check_sampler(steps, gen_length, block_length)
+    if text is not None and not text.is_file():
+        raise UserError(f"--text {text}: no such file")
+    res = compare_models(model, against=against, text_file=text, seq_len=seq_len, max_seqs=max_seqs,
+                         mc_num=mc_num, n_prompts=prompts, steps=steps, gen_length=gen_length,
+                         block_length=block_length, seed=seed, device=_device(device), dtype=_dtype(dtype),
+                         show_progress=not json_out)
+    if json_out:
+        _emit_json(res)
+        return
+    _print_comparison(res)
+
+
+def _print_comparison(res: dict) -> None:
+    rows = []
+    for r in res["models"]:
+        rows.append([r["label"], human_bytes(r["disk_bytes"]), human_bytes(r["resident_weight_bytes"]),
+                     r["nll"], r.get("agreement", "-"), f"{r['gen_seconds']:.2f}"])
+    table("Full precision vs quantized", ["model", "size on disk", "resident weights", "NLL (nats/token)",
+                                          "token agreement", "generate (s)"], rows)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("out/tiny-w4a16-rtn"), "--out", "-o", help="Where to write the quantized demo checkpoint."),
+    w: int = typer.Option(4, "--w", help="Weight bits."),
+    group_size: int = typer.Option(32, "--group-size", "-g", help="Group size."),
+    json_out: bool = JsonOpt,
+):
+    """Quantize the bundled model with RTN and compare it with full precision.
+
+    Example: [bold]dllmq demo[/bold]
+    """
+    from ..checkpoint.format import QuantizationConfig
+    from ..evaluation.report import compare_models
+    from ..models.loading import resolve_model_path, read_config
+    from ..models.registry import arch_for
+    from ..pipeline import quantize as run
+    from ..quantization.spec import WeightSpec
+
+    arch = arch_for(read_config(resolve_model_path("tiny")))
+    qcfg = QuantizationConfig(method="rtn", weights=WeightSpec(num_bits=w, group_size=group_size),
+                              ignore=arch.default_ignore())
+    run("tiny", qcfg, out, overwrite=True, command=f"dllmq demo --w {w} --group-size {group_size}",
+        show_progress=not json_out)
+    res = compare_models(str(out), against="tiny", show_progress=not json_out)
+    if json_out:
+        _emit_json(res)
+        return
+    _print_comparison(res)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red]: no checkpoint was written")
+        sys.exit(130)
+    except (typer.Exit,) as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

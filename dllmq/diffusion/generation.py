@@ -1,0 +1,96 @@
+"""Text in, text out: prompts -> (chat template) -> left-padded batch -> the family's sampler -> text.
+
+LLaDA uses its semi-autoregressive low-confidence sampler; Dream its diffusion_generate
+variants (`alg`). Both run one full-sequence forward per step, which is what dLLM inference
+costs and what quantization must speed up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.base import DiffusionLM
+from .sampling import dream_generate, llada_generate
+
+
+@dataclass
+class GenerationConfig:
+    steps: int = 64
+    gen_length: int = 64
+    block_length: int = 32
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    cfg_scale: float = 0.0
+    alg: str = "entropy"  # Dream only
+    chat: bool | None = None  # None: use the chat template when the tokenizer has one
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def stop_ids(model: DiffusionLM, tok) -> list[int]:
+    ids = {tok.eos_token_id, model.config.eos_token_id, *model.config.extra_stop_ids}
+    for t in ("<|eot_id|>", "<|im_end|>", "<|endoftext|>"):
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tok.unk_token_id and i is not None and i >= 0:
+            ids.add(i)
+    return sorted(i for i in ids if i is not None)
+
+
+def encode_prompts(tok, prompts: list[str], chat: bool | None) -> list[list[int]]:
+    use_chat = bool(tok.chat_template) if chat is None else chat
+    out = []
+    for p in prompts:
+        if use_chat:
+            text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        else:
+            text = p
+        ids = tok(text, add_special_tokens=False).input_ids
+        out.append(ids)
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, L - len(s):] = 1
+    return ids, (None if bool(mask.all()) else mask)
+
+
+@torch.no_grad()
+def generate_ids(model: DiffusionLM, prompt_ids: torch.Tensor, attention_mask, cfg: GenerationConfig,
+                 on_step=None) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    prompt_ids = prompt_ids.to(dev)
+    attention_mask = attention_mask.to(dev) if attention_mask is not None else None
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    fn = model.aligned_logits
+    if model.arch.family == "dream":
+        return dream_generate(fn, prompt_ids, model.mask_token_id, max_new_tokens=cfg.gen_length, steps=cfg.steps,
+                              temperature=cfg.temperature, alg=cfg.alg, attention_mask=attention_mask,
+                              generator=gen, on_step=on_step)
+    return llada_generate(fn, prompt_ids, model.mask_token_id, steps=cfg.steps, gen_length=cfg.gen_length,
+                          block_length=cfg.block_length, temperature=cfg.temperature, cfg_scale=cfg.cfg_scale,
+                          remasking=cfg.remasking, attention_mask=attention_mask, generator=gen, on_step=on_step)
+
+
+def generate(model: DiffusionLM, tok, prompts: list[str], cfg: GenerationConfig, batch_size: int = 8) -> list[dict]:
+    """Returns one dict per prompt: text (cut at the first stop token) and the generated ids."""
+    results = []
+    stops = set(stop_ids(model, tok))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    encoded = encode_prompts(tok, prompts, cfg.chat)
+    for b in range(0, len(prompts), batch_size):
+        seqs = encoded[b : b + batch_size]
+        ids, mask = left_pad(seqs, pad)
+        out = generate_ids(model, ids, mask, cfg).cpu()
+        for row in out[:, ids.shape[1]:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            results.append({"text": tok.decode(row[:cut], skip_special_tokens=True), "ids": row})
+    return results

@@ -1,0 +1,107 @@
+"""Side-by-side comparison of a quantized checkpoint and its full-precision base."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.format import MANIFEST
+from ..diffusion.generation import GenerationConfig
+from ..errors import UserError
+from ..models.loading import BUNDLED_DIR, load_tokenizer, read_config, resolve_model_path
+from ..runtime.loader import load
+from .quality import agreement, chunk_texts, sample_ids, text_nll
+
+DEFAULT_PROMPTS = [
+    "What is 17 + 25?", "Write a Python function that returns the square of x.", "Name a primary colour.",
+    "Tom has 12 apples and buys 7 more. How many apples does he have?", "def add(a, b):",
+    "Explain what a list is in Python.", "What is 9 times 6?", "Say hello.",
+    "A shop sells 4 boxes with 15 pens each. How many pens?", "Write a function that reverses a string.",
+]
+
+
+def default_eval_texts() -> list[str]:
+    """Held-out text: the bundled task solutions when present (never trained on), else stdlib text."""
+    texts = []
+    tasks = BUNDLED_DIR / "tasks"
+    for name in ("tiny-math.jsonl", "tiny-code.jsonl"):
+        f = tasks / name
+        if f.exists():
+            for line in f.read_text().splitlines():
+                d = json.loads(line)
+                texts.append(d.get("question", d.get("prompt", "")) + "\n" + d.get("solution", d.get("canonical_solution", "")))
+    if texts:
+        return texts
+    from ..data.corpus import stdlib_documents
+
+    return stdlib_documents(seed=1234)[:200]
+
+
+def base_of(path: Path) -> str | None:
+    mf = path / MANIFEST
+    if mf.exists():
+        m = json.loads(mf.read_text())
+        for key in ("base_model_path", "base_model"):
+            if m.get(key) and Path(m[key]).exists():
+                return m[key]
+        return m.get("base_model")
+    return None
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+
+
+def compare_models(model: str, against: str | None = None, text_file: Path | None = None, seq_len: int = 128,
+                   max_seqs: int = 16, mc_num: int = 4, n_prompts: int = 8, steps: int = 64, gen_length: int = 64,
+                   block_length: int = 32, seed: int = 0, device: str = "cpu", dtype=torch.bfloat16,
+                   show_progress: bool = True) -> dict:
+    path = resolve_model_path(model)
+    quantized = "quantization_config" in read_config(path)
+    ref = against or (base_of(path) if quantized else None)
+    labels = []
+    if ref is not None:
+        labels.append(("full precision", ref))
+    labels.append(("quantized" if quantized else "model", model))
+    tok = load_tokenizer(path)
+    texts = [text_file.read_text()] if text_file else default_eval_texts()
+    try:
+        seqs = chunk_texts(tok, texts, seq_len, max_seqs)
+    except ValueError as e:
+        raise UserError(f"evaluation text too short: {e}; pass a longer --text or lower --seq-len") from None
+    prompts = (DEFAULT_PROMPTS * 10)[:n_prompts]
+    gcfg = GenerationConfig(steps=steps, gen_length=gen_length, block_length=block_length, seed=seed)
+    rows, ref_ids = [], None
+    for label, name in labels:
+        m = load(name, device=device, dtype=dtype)
+        t0 = time.time()
+        nll = text_nll(m, seqs, mc_num=mc_num, seed=seed)
+        nll_s = time.time() - t0
+        row = {"label": label, "model": str(name), "disk_bytes": disk_bytes(m.source_path),
+               "resident_weight_bytes": resident_bytes(m), "nll": nll, "nll_seconds": nll_s,
+               "gen_seconds": 0.0}
+        if prompts:
+            ids, gs = sample_ids(m, tok, prompts, gcfg)
+            row["gen_seconds"] = gs
+            if ref_ids is None:
+                ref_ids = ids
+            else:
+                row["agreement"] = agreement(ids, ref_ids)
+        rows.append(row)
+        del m
+    return {"models": rows, "config": {"seq_len": seq_len, "windows": int(seqs.shape[0]), "mc_num": mc_num,
+                                       "prompts": len(prompts), "generation": gcfg.to_dict(), "device": device,
+                                       "dtype": str(dtype)}}

@@ -1,0 +1,16 @@
+"""Round-to-nearest: min-max scales per group/channel/tensor, no calibration."""
+
+from __future__ import annotations
+
+import torch
+
+from ..qweight import QuantizedWeight
+from ..rtn import rtn_quantize
+from .base import Method
+
+
+class RTN(Method):
+    name = "rtn"
+
+    def quantize_linear(self, name: str, weight: torch.Tensor, stats: dict | None = None) -> QuantizedWeight:
+        return rtn_quantize(weight.float(), self.qcfg.weights)

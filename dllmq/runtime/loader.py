@@ -1,0 +1,79 @@
+"""`dllmq.load()`: rebuild a model from a dllmq checkpoint with real quantized linears.
+
+The module tree is built on the meta device, every quantized linear is replaced by a
+QuantLinear that keeps its weight packed (int32 / int8) and computes with low-bit kernels,
+and the remaining tensors are read from the shards straight onto the target device.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.format import QUANT_SUFFIXES, QuantizationConfig
+from ..checkpoint.writer import verify_manifest
+from ..errors import UserError
+from ..models.base import DiffusionLM
+from ..models.loading import ShardReader, build_empty, load_model, parse, read_config, resolve_model_path
+from .qlinear import QuantLinear
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    # bf16 everywhere: AMX on recent Xeons, tensor cores on GPUs, and the int4 kernels require it
+    return torch.bfloat16
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+    revision: str | None = None,
+    cache_dequantized: bool = True,
+) -> DiffusionLM:
+    dtype = dtype or default_dtype(device)
+    p = resolve_model_path(path, revision)
+    raw = read_config(p)
+    if "quantization_config" not in raw:
+        return load_model(p, device=device, dtype=dtype)
+    qcfg = QuantizationConfig.from_dict(raw["quantization_config"])
+    manifest = verify_manifest(p) if verify else None
+    arch, config = parse(p)
+    model = build_empty(arch, config)
+    reader = ShardReader(p)
+    for name in qcfg.quantized_layers:
+        tensors = {s: reader.get(f"{name}.{s}") for s in QUANT_SUFFIXES if f"{name}.{s}" in reader}
+        if "weight_packed" not in tensors:
+            raise UserError(f"{name}.weight_packed is missing from {p}; the checkpoint is incomplete")
+        bias = reader.get(f"{name}.bias").to(dtype) if f"{name}.bias" in reader else None
+        ql = QuantLinear.from_state(tensors, qcfg.weights, qcfg.activations, bias=bias)
+        ql.cache_dequantized = cache_dequantized
+        ql.compute_dtype = dtype
+        model.set_submodule(name, ql.to(device))
+    state = {}
+    for name, param in list(model.named_parameters()) + list(model.named_buffers()):
+        if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), QuantLinear):
+            continue
+        t = reader.get(name)
+        if t.shape != param.shape:
+            raise UserError(f"tensor {name} has shape {tuple(t.shape)} but config.json implies {tuple(param.shape)}")
+        state[name] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True, strict=False)
+    _check_no_meta(model)
+    model.quant_config = qcfg
+    model.manifest = manifest
+    model.name_or_path = str(path)
+    model.source_path = p
+    return model.eval()
+
+
+def _check_no_meta(model: torch.nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise UserError(f"tensor {name} was not found in the checkpoint; it is incomplete")
+
+
+def is_quantized_checkpoint(path: Path) -> bool:
+    return "quantization_config" in read_config(path)
