@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/dllmq demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q -x --timeout=900
+	$(BIN)/python -m pytest tests -x --timeout=900
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

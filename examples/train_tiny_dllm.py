@@ -103,12 +103,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     # 1-2. tokenizer from a deterministic sample of the mix plus stdlib text
-    stream = synthetic.training_stream(args.seed + 1)
-    sample = []
-    for _ in range(20000):
-        it = next(stream)
-        sample.append(it["text"] if "text" in it else it["prompt"] + "\n" + it["response"])
-    sample += corpus.stdlib_documents(seed=args.seed)[:2000]
+    sample = list(synthetic.tokenizer_corpus(args.seed, 20000)) + corpus.stdlib_documents(seed=args.seed)[:2000]
     special = train_tokenizer(sample, out, vocab_size=args.vocab_size)
     from dllmq.models.loading import load_tokenizer
 
@@ -116,12 +111,12 @@ def main(argv=None):
     vocab = len(tok)
     emb = int(math.ceil(vocab / 64) * 64)
     raw = llada_config(**ARCH, vocab_size=vocab, embedding_size=emb,
-                       mask_token_id=special["<|mdm_mask|>"], eos_token_id=tok.eos_token_id,
+                       mask_token_id=special["mask_token_id"], eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.eos_token_id)
     raw.pop("auto_map")  # the bundled model needs no remote code anywhere
     raw["architectures"] = ["LLaDAModelLM"]
-    raw["eot_token_id"] = special["<|eot_id|>"]
-    raw["bos_token_id"] = special["<|startoftext|>"]
+    raw["eot_token_id"] = special["eot_id"]
+    raw["bos_token_id"] = special["bos_token_id"]
 
     # 3. model + LLaDA objective
     cfg = LLADA.parse_config(raw)

@@ -12,9 +12,9 @@ Layout (the one compressed-tensors' "pack-quantized" format describes, dense var
 The words are returned as int32 (what safetensors stores) although they hold 32 unsigned
 bits, so the arithmetic runs in int64 and is wrapped into int32 at the end.
 
-Everything is vectorised over rows and words; the only Python loop is over the value slots
-of one "block" (the smallest run of values that fills whole words: 32/bits values for
-2/4/8-bit, 32 values = 3 words for 3-bit).
+Everything is vectorised: values are viewed as [rows, blocks, slots], a block being the
+smallest run of values that fills whole words (32/bits values for 2/4/8-bit, 32 values = 3
+words for 3-bit), and each slot's word index and shift are precomputed tensors.
 """
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ def _block(bits: int) -> tuple[int, int]:
         raise ValueError(f"can only pack 1..8-bit values, got {bits} bits")
     g = math.gcd(bits, _WORD)
     return _WORD // g, bits // g
+
+
+def _slots(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each value slot of a block: its word, its bit shift in that word, and the slots
+    whose bits continue into the next word."""
+    per_block, _ = _block(bits)
+    pos = torch.arange(per_block, dtype=torch.int64, device=device) * bits
+    word, shift = pos // _WORD, pos % _WORD
+    straddle = torch.nonzero(shift + bits > _WORD).flatten()
+    return word, shift, straddle
 
 
 def packed_words(n_values: int, bits: int) -> int:
@@ -67,16 +77,17 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     if pad:
         # Pad with u = 0 so the tail bits of the last word are zero.
         u = torch.cat([u, u.new_zeros(n, pad)], dim=1)
-    u = u.view(n, n_blocks, per_block)
-    out = torch.zeros(n, n_blocks, words_per_block, dtype=torch.int64, device=q.device)
-    for j in range(per_block):
-        pos = j * bits
-        w, s = divmod(pos, _WORD)
-        v = u[:, :, j]
-        out[:, :, w] |= (v << s) & _MASK32
-        if s + bits > _WORD:  # straddles into the next word
-            out[:, :, w + 1] |= v >> (_WORD - s)
-    out = out.view(n, n_blocks * words_per_block)[:, : packed_words(k, bits)]
+    u = u.contiguous().view(n, n_blocks, per_block)
+    word, shift, straddle = _slots(bits, q.device)
+    # Bits of different values never overlap, so adding them is the same as OR-ing them.
+    if words_per_block == 1:  # 2/4/8-bit: one word per block, a plain reduction
+        out = (u << shift).sum(dim=-1, keepdim=True)
+    else:
+        out = torch.zeros(n, n_blocks, words_per_block, dtype=torch.int64, device=q.device)
+        out.index_add_(2, word, (u << shift) & _MASK32)
+        # high bits of the values that run past the end of their word
+        out.index_add_(2, word[straddle] + 1, u[:, :, straddle] >> (_WORD - shift[straddle]))
+    out = out.reshape(n, n_blocks * words_per_block)[:, : packed_words(k, bits)]
     return _to_int32(out).contiguous()
 
 
@@ -96,17 +107,13 @@ def unpack_rows(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     pad = n_blocks * words_per_block - n_words
     if pad:
         words = torch.cat([words, words.new_zeros(n, pad)], dim=1)
-    words = words.view(n, n_blocks, words_per_block)
-    mask = (1 << bits) - 1
-    vals = torch.empty(n, n_blocks, per_block, dtype=torch.int64, device=packed.device)
-    for j in range(per_block):
-        pos = j * bits
-        w, s = divmod(pos, _WORD)
-        v = words[:, :, w] >> s
-        if s + bits > _WORD:
-            v = v | (words[:, :, w + 1] << (_WORD - s))
-        vals[:, :, j] = v & mask
-    vals = vals.view(n, n_blocks * per_block)[:, :k]
+    words = words.contiguous().view(n, n_blocks, words_per_block)
+    word, shift, straddle = _slots(bits, packed.device)
+    vals = words[:, :, word] >> shift
+    if straddle.numel():
+        vals[:, :, straddle] |= words[:, :, word[straddle] + 1] << (_WORD - shift[straddle])
+    vals &= (1 << bits) - 1
+    vals = vals.reshape(n, n_blocks * per_block)[:, :k]
     return (vals - (1 << (bits - 1))).to(torch.int32).contiguous()
 
 

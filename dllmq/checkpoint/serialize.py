@@ -1,12 +1,13 @@
-"""QuantizedWeight <-> the tensors stored for one linear (names in checkpoint/format.py)."""
+"""QuantizedWeight -> the tensors stored for one linear (names in checkpoint/format.py).
+
+The reverse direction is QuantLinear.from_state(...).quantized_weight(), which also validates shapes."""
 
 from __future__ import annotations
 
 import torch
 
 from ..quantization.qweight import QuantizedWeight
-from ..quantization.spec import WeightSpec
-from .packing import pack_cols, pack_rows, unpack_cols, unpack_rows
+from .packing import pack_cols, pack_rows
 
 
 def packed_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -21,15 +22,3 @@ def packed_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     if qw.zero_point is not None:
         out["weight_zero_point"] = qw.zero_point.to(torch.int8) if bits == 8 else pack_cols(qw.zero_point, bits)
     return out
-
-
-def unpack_tensors(t: dict[str, torch.Tensor], spec: WeightSpec) -> QuantizedWeight:
-    N, K = (int(x) for x in t["weight_shape"].tolist())
-    bits = spec.num_bits
-    packed = t["weight_packed"]
-    q = packed.to(torch.int32) if bits == 8 else unpack_rows(packed, bits, K)
-    zp = None
-    if "weight_zero_point" in t:
-        z = t["weight_zero_point"]
-        zp = z.to(torch.int32) if bits == 8 else unpack_cols(z, bits, N)
-    return QuantizedWeight(q=q, scale=t["weight_scale"].float(), zero_point=zp, spec=spec)

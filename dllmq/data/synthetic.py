@@ -56,6 +56,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -74,14 +75,20 @@ __all__ = [
     "world_facts",
     "training_stream",
     "item_text",
+    "approx_tokens",
+    "STDLIB_CHARS_PER_DOC",
     "tokenizer_corpus",
     "write_task_files",
 ]
 
 DEFAULT_SEED = 0
 
-#: Mixture weights of :func:`training_stream` (sum to 1).
-#: math 35 %, code 25 %, knowledge 20 %, stdlib text 20 %.
+#: Target share of *tokens* per source in :func:`training_stream` (sums to 1):
+#: math 35 %, code 25 %, knowledge 20 %, stdlib text 20 %.  Items differ a lot
+#: in length (a knowledge answer is ~30 tokens, a stdlib chunk ~200), so the
+#: stream draws a source with probability proportional to
+#: ``MIXTURE[source] / running mean length of that source`` (length measured by
+#: ``length_fn``, by default :func:`approx_tokens`).
 MIXTURE: dict[str, float] = {
     "math_chat": 0.35,  # {"prompt": question, "response": solution}
     "code_chat": 0.15,  # {"prompt": signature+docstring, "response": full function}
@@ -90,6 +97,18 @@ MIXTURE: dict[str, float] = {
     "knowledge_text": 0.12,  # {"text": fact paragraph or Question/Answer block}
     "stdlib_text": 0.20,  # {"text": chunk of CPython stdlib source}
 }
+
+#: Characters per stdlib chunk in the training stream (~200 tokens, fits 256).
+STDLIB_CHARS_PER_DOC = 700
+
+_APPROX_TOKEN = re.compile(r"\d|[A-Za-z]+|[^\w\s]|\s+|\w")
+
+
+def approx_tokens(text: str) -> int:
+    """Cheap, tokenizer-free length proxy: digits, letter runs, punctuation and
+    whitespace runs count one each (within ~25 % of the trained BPE's count)."""
+    return len(_APPROX_TOKEN.findall(text))
+
 
 #: Per-mille of canonical keys that belong to the test split.
 TEST_PERMILLE: dict[str, int] = {"math": 100, "code": 200}
@@ -892,8 +911,8 @@ def code_examples(split: str, n: int, seed: int = DEFAULT_SEED) -> list[dict]:
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
            "th", "br", "kr", "st", "dr", "sh", "gl", "tr"]
-_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ei"]
-_CODAS = ["", "", "", "n", "r", "l", "s", "m", "k"]
+_VOWELS = ["a", "e", "i", "o", "u"] * 3 + ["ai", "ou", "ei"]
+_CODAS = ["", "", "", "", "n", "r", "l", "s", "m", "k"]
 _COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "silver", "golden"]
 _FOODS = ["fish", "berries", "seeds", "grass", "insects", "leaves", "roots", "honey",
           "nuts", "mushrooms", "worms", "fruit"]
@@ -1012,7 +1031,7 @@ def build_world(seed: int = DEFAULT_SEED) -> World:
               for _ in range(N_PEOPLE)]
     inventions = ["the " + _fresh(rng, used, lambda: word(1, 2) + rng.choice(_INVENTION_SUFFIXES))
                   for _ in range(N_PEOPLE)]
-    elements = [_fresh(rng, used, lambda: (word(1, 2) + rng.choice(["ium", "on", "ine", "ite"])).lower())
+    elements = [_fresh(rng, used, lambda: (word(1, 1) + rng.choice(["ium", "on", "ine", "ite"])).lower())
                 for _ in range(N_ELEMENTS)]
     numbers = [str(v) for v in rng.sample(range(1, 100), N_ELEMENTS)]
 
@@ -1169,6 +1188,8 @@ def _code_text(rng: random.Random) -> dict:
         src = item["prompt"] + item["canonical_solution"]
         if rng.random() < 0.25:
             src += "\n\n" + item["test"]
+        if funcs and sum(map(len, funcs)) + len(src) > 700:  # keep within ~256 tokens
+            break
         funcs.append(src)
     return {"text": "\n\n".join(funcs)}
 
@@ -1181,23 +1202,31 @@ def _train_candidate(family: str, rng: random.Random,
             return item
 
 
-def training_stream(seed: int = DEFAULT_SEED) -> Iterator[dict]:
-    """Infinite deterministic mix of training items (weights: :data:`MIXTURE`).
+def training_stream(seed: int = DEFAULT_SEED,
+                    length_fn: Callable[[str], int] | None = None) -> Iterator[dict]:
+    """Infinite deterministic mix of training items (token shares: :data:`MIXTURE`).
 
     Yields ``{"prompt": str, "response": str}`` (chat SFT: wrap the prompt as a
     user message, the response is the assistant's) or ``{"text": str}`` (plain
     language modelling).  Every item also has ``"source"`` (a MIXTURE key).
     Only train-split math/code problems and training question templates are
-    used.  The stdlib part depends on the interpreter version.
+    used.  ``length_fn`` measures an item's text (:func:`item_text`) for the
+    token-share balancing; pass ``lambda s: len(tok(s).input_ids)`` for exact
+    token shares (default :func:`approx_tokens`).  The stdlib part depends on
+    the interpreter version.
     """
     from dllmq.data.corpus import stdlib_documents  # local: loads files lazily
 
+    measure = length_fn or approx_tokens
     rng = random.Random(f"train-stream-{seed}")
     world = build_world(seed)
     sources = list(MIXTURE)
-    weights = [MIXTURE[k] for k in sources]
+    # running (total length, item count) per source, with a weak common prior
+    total = {k: 100.0 for k in sources}
+    count = {k: 1.0 for k in sources}
     stdlib: list[str] | None = None
     while True:
+        weights = [MIXTURE[k] * count[k] / total[k] for k in sources]
         src = rng.choices(sources, weights=weights, k=1)[0]
         if src == "math_chat":
             it = _train_candidate("math", rng, _math_candidate)
@@ -1213,8 +1242,10 @@ def training_stream(seed: int = DEFAULT_SEED) -> Iterator[dict]:
             out = _knowledge_text(rng, world)
         else:
             if stdlib is None:
-                stdlib = stdlib_documents(seed=seed)
+                stdlib = stdlib_documents(max_chars_per_doc=STDLIB_CHARS_PER_DOC, seed=seed)
             out = {"text": rng.choice(stdlib)}
+        total[src] += max(1, measure(item_text(out)))
+        count[src] += 1
         out["source"] = src
         yield out
 

@@ -31,7 +31,7 @@ def load(
     dtype: torch.dtype | None = None,
     verify: bool = True,
     revision: str | None = None,
-    cache_dequantized: bool = True,
+    cache_dequantized: bool = False,
 ) -> DiffusionLM:
     dtype = dtype or default_dtype(device)
     p = resolve_model_path(path, revision)

@@ -1,0 +1,400 @@
+"""`QuantLinear`: a drop-in replacement for nn.Linear holding a packed low-bit weight.
+
+Buffers are named like compressed-tensors' pack-quantized checkpoints (``weight_packed``,
+``weight_scale``, ``weight_zero_point``, ``weight_shape``) so a checkpoint's tensors load
+straight into ``state_dict`` / `from_state`.
+
+``forward`` picks a kernel per call from the device, dtype and number of rows (see
+`QuantLinear.kernel_for`); the unpacked / prepared weight each kernel wants is built lazily
+on first use and cached on the module (not in the state dict).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint.packing import pack_cols, pack_rows, packed_words, unpack_cols, unpack_rows
+from ..errors import UserError
+from ..quantization.qweight import QuantizedWeight
+from ..quantization.spec import ActSpec, WeightSpec
+from . import kernels as K
+
+# Measured on a 2-core AMX CPU (4096x4096, bf16): the int4 / int8 weight-only kernels beat
+# the AMX bf16 GEMM only up to ~4 rows (1 row: 0.56 / 0.82 ms vs 2.8 ms; 8 rows: 3.2 / 3.6 ms
+# vs 2.8 ms). Beyond that, dequantize once (cached) and let the dense GEMM run.
+INT4_CPU_MAX_ROWS = 4
+INT8PACK_CPU_MAX_ROWS = 4
+# tinygemm on CUDA has no measured cut-off yet; None = use it for any number of rows.
+INT4_CUDA_MAX_ROWS: int | None = None
+
+KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "int8_act")
+
+_FORCED: str | None = None
+
+
+def set_dispatch(force: str | None) -> None:
+    """Force every QuantLinear onto one kernel path (tests, benchmarks); None = automatic.
+
+    A forced path that a layer or input cannot run raises instead of silently falling back,
+    so a benchmark never reports the wrong kernel.
+    """
+    global _FORCED
+    if force is not None and force not in KERNELS:
+        raise ValueError(f"unknown kernel {force!r}; choose one of {', '.join(KERNELS)}")
+    _FORCED = force
+
+
+def get_dispatch() -> str | None:
+    return _FORCED
+
+
+@contextlib.contextmanager
+def force_kernel(force: str | None) -> Iterator[None]:
+    """Context-manager form of `set_dispatch`."""
+    previous = _FORCED
+    set_dispatch(force)
+    try:
+        yield
+    finally:
+        set_dispatch(previous)
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with a packed int weight; computes ``x @ W_hat.T + bias``.
+
+    Storage: ``weight_packed`` int32 [N, ceil(K*bits/32)] (int8 [N, K] for 8-bit),
+    ``weight_scale`` [N, G] (fp32 by default, like the checkpoint writer stores it, so a
+    saved and reloaded layer computes exactly what the freshly quantized one did),
+    ``weight_zero_point`` packed along dim 0 (asymmetric only), ``weight_shape`` [2].
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: WeightSpec,
+        act_spec: ActSpec = ActSpec(),
+        bias: bool = False,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        cache_dequantized: bool = True,
+        device: torch.device | str | None = None,
+        scale_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        spec.check_layer("QuantLinear", in_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        self.act_spec = act_spec
+        self.compute_dtype = compute_dtype
+        # Keeping dense / int8-unpacked copies costs memory (2 bytes/weight for bf16) but
+        # avoids unpacking on every call; turn off to keep only the packed weight resident.
+        self.cache_dequantized = cache_dequantized
+        self._cache: dict[tuple, Any] = {}
+        n, k, bits = out_features, in_features, spec.num_bits
+        rows, groups = self._param_shape()
+        if bits == 8:
+            packed = torch.zeros(n, k, dtype=torch.int8, device=device)
+        else:
+            packed = torch.zeros(n, packed_words(k, bits), dtype=torch.int32, device=device)
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_scale", torch.ones(rows, groups, dtype=scale_dtype, device=device))
+        if spec.symmetric:
+            self.register_buffer("weight_zero_point", None)
+        elif bits == 8:
+            self.register_buffer("weight_zero_point", torch.zeros(rows, groups, dtype=torch.int8, device=device))
+        else:
+            zp = torch.zeros(packed_words(rows, bits), groups, dtype=torch.int32, device=device)
+            self.register_buffer("weight_zero_point", zp)
+        self.register_buffer("weight_shape", torch.tensor([n, k], dtype=torch.int64, device=device))
+        self.register_buffer("bias", torch.zeros(n, dtype=compute_dtype, device=device) if bias else None)
+
+    # ------------------------------------------------------------------ construction
+
+    def _param_shape(self) -> tuple[int, int]:
+        """(rows, groups) of scale / zero point: [1, 1] per tensor, [N, G] otherwise."""
+        if self.spec.strategy == "tensor":
+            return 1, 1
+        return self.out_features, self.spec.groups(self.in_features)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        act_spec: ActSpec = ActSpec(),
+        compute_dtype: torch.dtype = torch.bfloat16,
+        cache_dequantized: bool = True,
+    ) -> "QuantLinear":
+        from ..checkpoint.serialize import packed_tensors
+
+        m = cls.from_state(packed_tensors(qw), qw.spec, act_spec, bias=bias, cache_dequantized=cache_dequantized)
+        m.compute_dtype = compute_dtype
+        if bias is not None:
+            m.bias.data = m.bias.data.to(compute_dtype)
+        return m
+
+    @classmethod
+    def from_state(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        spec: WeightSpec,
+        act_spec: ActSpec = ActSpec(),
+        bias: torch.Tensor | None = None,
+        cache_dequantized: bool = True,
+        name: str = "layer",
+    ) -> "QuantLinear":
+        """Build from checkpoint tensors (weight_packed / weight_scale / weight_zero_point /
+        weight_shape); shapes are validated so a tampered checkpoint fails with a UserError."""
+        for key in ("weight_packed", "weight_scale", "weight_shape"):
+            if key not in tensors:
+                raise UserError(f"checkpoint tensor {name}.{key} is missing")
+        shape = tensors["weight_shape"].flatten().tolist()
+        if len(shape) != 2 or min(shape) <= 0:
+            raise UserError(f"{name}.weight_shape must hold [out_features, in_features], got {shape}")
+        n, k = int(shape[0]), int(shape[1])
+        scale = tensors["weight_scale"]
+        m = cls(
+            k,
+            n,
+            spec,
+            act_spec,
+            bias=bias is not None,
+            compute_dtype=bias.dtype if bias is not None and bias.is_floating_point() else torch.bfloat16,
+            cache_dequantized=cache_dequantized,
+            device=scale.device,
+            scale_dtype=scale.dtype,  # keep the checkpoint's precision
+        )
+
+        def check(key: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            if tuple(t.shape) != tuple(like.shape):
+                raise UserError(
+                    f"{name}.{key} has shape {tuple(t.shape)}, expected {tuple(like.shape)} for a "
+                    f"[{n}, {k}] weight quantized as {spec.describe()}; the checkpoint is corrupt or "
+                    "its config does not match"
+                )
+            if t.is_floating_point() != like.is_floating_point():
+                raise UserError(f"{name}.{key} has dtype {t.dtype}, expected {like.dtype}")
+            return t.to(like.dtype)
+
+        with torch.no_grad():
+            m.weight_packed.copy_(check("weight_packed", tensors["weight_packed"], m.weight_packed))
+            m.weight_scale.copy_(check("weight_scale", scale, m.weight_scale))
+            if m.weight_zero_point is not None:
+                if tensors.get("weight_zero_point") is None:
+                    raise UserError(f"checkpoint tensor {name}.weight_zero_point is missing (asymmetric weights)")
+                m.weight_zero_point.copy_(check("weight_zero_point", tensors["weight_zero_point"], m.weight_zero_point))
+            if bias is not None:
+                if tuple(bias.shape) != (n,):
+                    raise UserError(f"{name}.bias has shape {tuple(bias.shape)}, expected ({n},)")
+                m.bias.copy_(bias)
+        return m
+
+    # ------------------------------------------------------------------ weight views
+
+    def codes(self) -> torch.Tensor:
+        """Signed integer codes, int32 [N, K]."""
+        if self.spec.num_bits == 8:
+            return self.weight_packed.to(torch.int32)
+        return unpack_rows(self.weight_packed, self.spec.num_bits, self.in_features)
+
+    def zero_points(self) -> torch.Tensor | None:
+        """Signed zero points, int32 [rows, G], or None when symmetric."""
+        zp = self.weight_zero_point
+        if zp is None:
+            return None
+        if self.spec.num_bits == 8:
+            return zp.to(torch.int32)
+        return unpack_cols(zp, self.spec.num_bits, self._param_shape()[0])
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.codes(), self.weight_scale.float(), self.zero_points(), self.spec)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.quantized_weight().dequantize(dtype)
+
+    def packed_nbytes(self) -> int:
+        """Resident bytes of the packed weight and its quantization parameters."""
+        total = self.weight_packed.nbytes + self.weight_scale.nbytes
+        if self.weight_zero_point is not None:
+            total += self.weight_zero_point.nbytes
+        return total
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by lazily built kernel states / dequantized copies."""
+        total = 0
+        for v in self._cache.values():
+            items = v if isinstance(v, tuple) else (v,)
+            for t in items:
+                if isinstance(t, torch.Tensor):
+                    total += t.nbytes
+                elif isinstance(t, K.Int4State):
+                    total += t.nbytes()
+        return total
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Moving / casting the module invalidates anything derived from the buffers.
+        self._cache.clear()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
+        self._cache.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _supported(self, path: str, x: torch.Tensor) -> bool:
+        n, k, spec = self.out_features, self.in_features, self.spec
+        wo = not self.act_spec.enabled  # weight-only kernels would skip activation quantization
+        if path == "dequant":
+            return True
+        if path == "int8_act":
+            return self.act_spec.enabled
+        if path == "int4_cpu":
+            return wo and x.device.type == "cpu" and x.dtype == torch.bfloat16 and K.supports_int4_cpu(n, k, spec)
+        if path == "int8pack_cpu":
+            return (
+                wo and x.device.type == "cpu" and x.dtype == torch.bfloat16 and K.supports_int8pack_cpu(n, k, spec)
+            )
+        if path == "int4_cuda":
+            return (
+                wo
+                and x.device.type == "cuda"
+                and x.dtype == torch.bfloat16
+                and K.supports_int4_cuda(n, k, spec)
+                and K.cuda_int4_available(x.device)
+            )
+        return False
+
+    def kernel_for(self, x: torch.Tensor) -> str:
+        """Name of the kernel path `forward` would use for input ``x``."""
+        if _FORCED is not None:
+            if not self._supported(_FORCED, x):
+                raise RuntimeError(
+                    f"forced kernel {_FORCED!r} cannot run this layer ([{self.out_features}, "
+                    f"{self.in_features}] {self.spec.describe()}, act bits {self.act_spec.num_bits}) "
+                    f"on a {x.dtype} input on {x.device.type}"
+                )
+            return _FORCED
+        if self.act_spec.enabled:
+            # Activation quantization changes the numerics, so it must apply at every size.
+            return "int8_act"
+        rows = x.numel() // self.in_features
+        if rows <= INT4_CPU_MAX_ROWS and self._supported("int4_cpu", x):
+            return "int4_cpu"
+        if rows <= INT8PACK_CPU_MAX_ROWS and self._supported("int8pack_cpu", x):
+            return "int8pack_cpu"
+        if (INT4_CUDA_MAX_ROWS is None or rows <= INT4_CUDA_MAX_ROWS) and self._supported("int4_cuda", x):
+            return "int4_cuda"
+        return "dequant"
+
+    # ------------------------------------------------------------------ prepared states
+
+    def _cached(self, key: tuple, build, keep: bool = True):
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = build()
+            if keep:
+                self._cache[key] = hit
+        return hit
+
+    def _scale_f32(self) -> torch.Tensor:
+        return self.weight_scale.float()
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return self._cached(
+            ("dequant", x.device, x.dtype),
+            lambda: self.dequantized_weight(x.dtype).to(x.device),
+            keep=self.cache_dequantized,
+        )
+
+    def _int4_cpu_state(self) -> K.Int4State:
+        return self._cached(
+            ("int4_cpu",),
+            lambda: K.prepare_int4_cpu(self.codes(), self._scale_f32(), self.zero_points(), dtype=torch.bfloat16),
+        )
+
+    def _int8pack_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        def build():
+            w = self.weight_packed if self.spec.num_bits == 8 else self.codes()
+            return K.prepare_int8pack(w, self._scale_f32())
+
+        return self._cached(("int8pack_cpu",), build)
+
+    def _int4_cuda_state(self, device: torch.device) -> K.Int4State:
+        return self._cached(
+            ("int4_cuda", device),
+            lambda: K.prepare_int4_cuda(self.codes(), self._scale_f32(), self.zero_points(), device=device),
+        )
+
+    def _int8_act_state(self, device: torch.device):
+        """(w_int8, w_scale, w_zero_point) laid out for `kernels.int8_linear`."""
+
+        def build():
+            n, k = self.out_features, self.in_features
+            q = self.codes()
+            scale = K._per_row(self._scale_f32(), n)
+            zp = self.zero_points()
+            groups = scale.shape[1]
+            zp_arg = None
+            if zp is not None:
+                zp = K._per_row(zp, n)
+                if self.spec.num_bits < 8:
+                    # |q - zp| <= 2^bits - 1 <= 127: fold the zero point into int8 codes.
+                    q = q - zp.repeat_interleave(k // groups, dim=1)
+                else:
+                    zp_arg = zp.contiguous()
+            w = q.to(torch.int8)
+            if groups == 1:
+                return w.contiguous().to(device), scale.reshape(n).contiguous().to(device), (
+                    None if zp_arg is None else zp_arg.reshape(n).to(device)
+                )
+            w = w.view(n, groups, k // groups).transpose(0, 1).contiguous()
+            return w.to(device), scale.contiguous().to(device), None if zp_arg is None else zp_arg.to(device)
+
+        return self._cached(("int8_act", device), build, keep=self.cache_dequantized)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
+        path = self.kernel_for(x)
+        x2 = x.reshape(-1, self.in_features)
+        bias = self.bias
+        if path == "dequant":
+            if self.act_spec.enabled:
+                # Reference for W?A?: same per-token rounding as int8_act, dense float GEMM.
+                xq, xs = K.quantize_per_token(x2, self.act_spec)
+                x2 = (xq.float() * xs).to(x.dtype)
+            y = F.linear(x2, self._dense(x), None if bias is None else bias.to(x.dtype))
+        elif path == "int8_act":
+            xq, xs = K.quantize_per_token(x2, self.act_spec)
+            w, ws, wzp = self._int8_act_state(x.device)
+            y = K.int8_linear(xq, xs, w, ws, x.dtype, bias, w_zero_point=wzp)
+        else:
+            if path == "int4_cpu":
+                y = K.int4_cpu_mm(x2, self._int4_cpu_state())
+            elif path == "int8pack_cpu":
+                y = K.int8pack_mm(x2, *self._int8pack_state())
+            else:  # int4_cuda
+                y = K.int4_cuda_mm(x2, self._int4_cuda_state(x.device))
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        act = f"int{self.act_spec.num_bits} per-token" if self.act_spec.enabled else "none"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"weight={self.spec.describe()}, act_quant={act}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,348 @@
+import pytest
+import torch
+
+from dllmq.errors import UserError
+from dllmq.quantization.rtn import rtn_quantize
+from dllmq.quantization.spec import ActSpec, WeightSpec
+from dllmq.runtime import kernels as K
+from dllmq.runtime import qlinear as QL
+from dllmq.runtime.qlinear import QuantLinear, force_kernel, set_dispatch
+
+cuda = pytest.mark.skipif(not K.cuda_int4_available(), reason="needs a CUDA GPU (sm80+)")
+
+BF16_TOL = 2e-2
+
+
+@pytest.fixture(autouse=True)
+def _reset_dispatch():
+    set_dispatch(None)
+    yield
+    set_dispatch(None)
+
+
+def rel_err(y, ref):
+    y, ref = y.double(), ref.double()
+    return float((y - ref).norm() / ref.norm())
+
+
+def make_weight(n, k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=gen) * 0.05
+
+
+def make_x(*shape, dtype=torch.bfloat16, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def make_layer(spec, n=64, k=256, act=ActSpec(), bias=True, **kw):
+    qw = rtn_quantize(make_weight(n, k), spec)
+    b = make_weight(1, n, seed=7)[0] if bias else None
+    return QuantLinear.from_quantized(qw, b, act_spec=act, **kw), qw
+
+
+def reference(layer, x):
+    """x @ w_hat.T + bias in float64, with the same per-token rounding when acts are quantized."""
+    x2 = x.reshape(-1, layer.in_features)
+    if layer.act_spec.enabled:
+        xq, xs = K.quantize_per_token(x2, layer.act_spec)
+        x2 = xq.double() * xs.double()
+    y = x2.double() @ layer.dequantized_weight(torch.float64).t()
+    if layer.bias is not None:
+        y = y + layer.bias.double()
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+# ----------------------------------------------------------------------------- raw kernels
+
+INT4_SPECS = [
+    WeightSpec(4, True, "group", 32),
+    WeightSpec(4, False, "group", 64),
+    WeightSpec(4, True, "group", 128),
+    WeightSpec(4, False, "group", 512),  # kernel group 256, scales replicated
+    WeightSpec(4, True, "channel"),
+    WeightSpec(4, False, "tensor"),
+    WeightSpec(3, False, "group", 128),  # 2/3-bit codes are a subset of int4
+    WeightSpec(2, True, "channel"),
+]
+
+
+@pytest.mark.parametrize("spec", INT4_SPECS, ids=lambda s: s.describe().replace(" ", "-"))
+def test_int4_cpu_kernel_matches_reference(spec):
+    n, k = 48, 1024
+    qw = rtn_quantize(make_weight(n, k), spec)
+    assert K.supports_int4_cpu(n, k, spec)
+    state = K.prepare_int4_cpu(qw.q, qw.scale, qw.zero_point)
+    for m in (1, 3, 17):
+        x = make_x(m, k)
+        y = K.int4_cpu_mm(x, state)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        assert rel_err(y, x.double() @ qw.dequantize(torch.float64).t()) < BF16_TOL
+
+
+def test_int4_cpu_support_predicate():
+    assert not K.supports_int4_cpu(40, 256, WeightSpec(4, True, "group", 32))  # N % 16
+    assert not K.supports_int4_cpu(64, 256, WeightSpec(4, True, "group", 16))  # group < 32
+    assert not K.supports_int4_cpu(64, 256, WeightSpec(8, True, "channel"))
+    assert not K.supports_int4_cpu(64, 48, WeightSpec(4, True, "channel"))  # 48 not a multiple of 32
+    assert K.supports_int4_cpu(64, 96, WeightSpec(4, True, "channel"))  # kernel group 32
+    assert K.int4_kernel_group_size(96) == 32 and K.int4_kernel_group_size(4096) == 256
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8pack_cpu_kernel_matches_reference(bits):
+    n, k = 40, 272
+    qw = rtn_quantize(make_weight(n, k), WeightSpec(bits, True, "channel"))
+    w, s = K.prepare_int8pack(qw.q, qw.scale)
+    assert w.dtype == torch.int8 and s.shape == (n,)
+    for m in (1, 4, 9):
+        x = make_x(m, k)
+        y = K.int8pack_mm(x, w, s)
+        assert rel_err(y, x.double() @ qw.dequantize(torch.float64).t()) < BF16_TOL
+
+
+def test_int8pack_support_predicate():
+    assert K.supports_int8pack_cpu(40, 272, WeightSpec(8, True, "channel"))
+    assert not K.supports_int8pack_cpu(40, 264, WeightSpec(8, True, "channel"))  # K % 16 (crashes torch)
+    assert not K.supports_int8pack_cpu(40, 256, WeightSpec(8, False, "channel"))
+    assert not K.supports_int8pack_cpu(40, 256, WeightSpec(8, True, "group", 128))
+
+
+def test_dequant_linear():
+    spec = WeightSpec(4, False, "group", 32)
+    qw = rtn_quantize(make_weight(24, 64), spec)
+    x = make_x(2, 5, 64, dtype=torch.float32)
+    bias = torch.randn(24)
+    ref = x.double() @ qw.dequantize(torch.float64).t() + bias.double()
+    assert rel_err(K.dequant_linear(x, qw, bias), ref) < 1e-6
+    assert rel_err(K.dequant_linear(x, qw.dequantize(), bias), ref) < 1e-6
+    yb = K.dequant_linear(x.bfloat16(), qw, bias)
+    assert yb.dtype == torch.bfloat16 and rel_err(yb, ref) < BF16_TOL
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_per_token(bits):
+    act = ActSpec(bits)
+    x = make_x(3, 7, 64, dtype=torch.float32)
+    x[0, 0] = 0.0  # an all-zero token
+    xq, xs = K.quantize_per_token(x, act)
+    assert xq.dtype == torch.int8 and xq.shape == (21, 64) and xs.shape == (21, 1)
+    assert int(xq.min()) >= act.qmin and int(xq.max()) <= act.qmax
+    assert int(xq.abs().max()) == act.qmax  # full range used
+    assert (xq[0] == 0).all() and torch.isfinite(xs).all()
+    err = (xq.float() * xs - x.reshape(21, 64)).abs()
+    assert (err <= xs / 2 * (1 + 1e-5)).all()
+    # clipping: scale shrinks, the largest values get clamped
+    xq2, xs2 = K.quantize_per_token(x, ActSpec(bits, clip_ratio=0.5))
+    torch.testing.assert_close(xs2[1:], xs[1:] * 0.5)
+    with pytest.raises(UserError):
+        K.quantize_per_token(x, ActSpec(8, symmetric=False))
+
+
+@pytest.mark.parametrize("layout", ["channel", "group", "channel_zp", "group_zp"])
+def test_int8_linear_is_exact(layout):
+    # The int GEMM + fp32 rescale equals the dequantized float computation up to fp32 rounding.
+    gen = torch.Generator().manual_seed(3)
+    m, n, k, gs = 5, 24, 128, 32
+    xq = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    xs = torch.rand(m, 1, generator=gen) + 0.1
+    w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    groups = 1 if layout.startswith("channel") else k // gs
+    ws = torch.rand(n, groups, generator=gen) + 0.1
+    zp = torch.randint(-128, 128, (n, groups), generator=gen, dtype=torch.int32) if "zp" in layout else None
+    bias = torch.randn(n, generator=gen)
+    w_hat = w.double() - (0 if zp is None else zp.double().repeat_interleave(k // groups, 1))
+    w_hat = w_hat * ws.double().repeat_interleave(k // groups, 1)
+    ref = (xq.double() * xs.double()) @ w_hat.t() + bias.double()
+    if groups == 1:
+        y = K.int8_linear(xq, xs, w, ws.reshape(n), torch.float32, bias, None if zp is None else zp.reshape(n))
+    else:
+        wg = w.view(n, groups, gs).transpose(0, 1).contiguous()
+        y = K.int8_linear(xq, xs, wg, ws, torch.float32, bias, zp)
+    assert y.dtype == torch.float32
+    assert rel_err(y, ref) < 1e-6
+
+
+# ----------------------------------------------------------------------------- QuantLinear
+
+LAYER_CASES = [
+    # (spec, act, forced path)
+    (WeightSpec(4, True, "group", 128), ActSpec(), "int4_cpu"),
+    (WeightSpec(4, False, "group", 64), ActSpec(), "int4_cpu"),
+    (WeightSpec(3, False, "channel"), ActSpec(), "int4_cpu"),
+    (WeightSpec(8, True, "channel"), ActSpec(), "int8pack_cpu"),
+    (WeightSpec(4, True, "channel"), ActSpec(), "int8pack_cpu"),
+    (WeightSpec(4, False, "group", 32), ActSpec(), "dequant"),
+    (WeightSpec(2, True, "group", 32), ActSpec(), "dequant"),
+    (WeightSpec(8, True, "channel"), ActSpec(8), "int8_act"),  # W8A8
+    (WeightSpec(8, False, "group", 64), ActSpec(8), "int8_act"),  # zero-point correction path
+    (WeightSpec(4, True, "group", 128), ActSpec(8), "int8_act"),  # W4A8
+    (WeightSpec(4, False, "channel"), ActSpec(8), "int8_act"),
+    (WeightSpec(4, True, "group", 32), ActSpec(4, clip_ratio=0.9), "int8_act"),  # W4A4
+    (WeightSpec(4, True, "group", 32), ActSpec(4), "dequant"),  # fake-quant reference
+]
+
+
+@pytest.mark.parametrize("spec,act,path", LAYER_CASES, ids=lambda v: str(getattr(v, "num_bits", v)))
+@pytest.mark.parametrize("shape", [(1, 256), (2, 3, 256), (2, 40, 256)])
+def test_quantlinear_paths_match_reference(spec, act, path, shape):
+    layer, _ = make_layer(spec, act=act)
+    x = make_x(*shape)
+    with force_kernel(path):
+        assert layer.kernel_for(x) == path
+        y = layer(x)
+    assert y.shape == (*shape[:-1], 64) and y.dtype == torch.bfloat16
+    assert rel_err(y, reference(layer, x)) < BF16_TOL
+
+
+def test_quantlinear_matches_float_weights_within_quant_error():
+    # End to end: against the unquantized weight, 8-bit must be much closer than 4-bit.
+    w = make_weight(64, 256)
+    x = make_x(4, 256, dtype=torch.float32)
+    ref = x.double() @ w.double().t()
+    errs = {}
+    for bits in (4, 8):
+        layer = QuantLinear.from_quantized(rtn_quantize(w, WeightSpec(bits, True, "channel")), None)
+        errs[bits] = rel_err(layer(x), ref)
+    assert errs[8] < 0.01 < errs[4] < 0.2
+
+
+def test_dispatch_by_rows_device_and_dtype():
+    layer, _ = make_layer(WeightSpec(4, True, "group", 128))
+    assert layer.kernel_for(make_x(1, 256)) == "int4_cpu"
+    assert layer.kernel_for(make_x(2, 2, 256)) == "int4_cpu"  # M = 4
+    assert layer.kernel_for(make_x(5, 256)) == "dequant"
+    assert layer.kernel_for(make_x(64, 256)) == "dequant"
+    assert layer.kernel_for(make_x(1, 256, dtype=torch.float32)) == "dequant"  # fp32 int4 path is ~100x slower
+    int8, _ = make_layer(WeightSpec(8, True, "channel"))
+    assert int8.kernel_for(make_x(1, 256)) == "int8pack_cpu"
+    assert int8.kernel_for(make_x(64, 256)) == "dequant"
+    odd, _ = make_layer(WeightSpec(4, True, "group", 128), n=40)  # N % 16 != 0
+    assert odd.kernel_for(make_x(1, 256)) == "dequant"
+    act, _ = make_layer(WeightSpec(4, True, "group", 128), act=ActSpec(8))
+    assert act.kernel_for(make_x(1, 256)) == act.kernel_for(make_x(64, 256)) == "int8_act"
+
+
+def test_forced_dispatch():
+    layer, _ = make_layer(WeightSpec(4, True, "group", 128))
+    x = make_x(1, 256)
+    with force_kernel("dequant"):
+        assert layer.kernel_for(x) == "dequant"
+        with force_kernel("int8pack_cpu"):  # group-wise weights cannot use it
+            with pytest.raises(RuntimeError):
+                layer(x)
+        assert QL.get_dispatch() == "dequant"
+    assert QL.get_dispatch() is None and layer.kernel_for(x) == "int4_cpu"
+    with force_kernel("int8_act"), pytest.raises(RuntimeError):  # no activation spec
+        layer(x)
+    with pytest.raises(ValueError):
+        set_dispatch("fast")
+
+
+def test_int4_and_dense_paths_agree_on_same_module():
+    layer, _ = make_layer(WeightSpec(4, False, "group", 64))
+    x = make_x(3, 256)
+    y_int4 = layer(x)
+    with force_kernel("dequant"):
+        y_dense = layer(x)
+    assert rel_err(y_int4, y_dense) < BF16_TOL
+
+
+def test_caching():
+    layer, _ = make_layer(WeightSpec(4, True, "group", 128))
+    x1, x64 = make_x(1, 256), make_x(64, 256)
+    y1, y64 = layer(x1), layer(x64)
+    assert {key[0] for key in layer._cache} == {"int4_cpu", "dequant"}
+    assert layer.cache_nbytes() >= 64 * 256 * 2
+    assert torch.equal(layer(x64), y64) and torch.equal(layer(x1), y1)
+    layer.to(torch.float32)  # any move / cast invalidates derived states
+    assert layer._cache == {}
+    lean, _ = make_layer(WeightSpec(4, True, "group", 128), cache_dequantized=False)
+    assert torch.equal(lean(x64), y64)
+    assert not any(key[0] == "dequant" for key in lean._cache)
+
+
+def test_packed_nbytes_and_repr():
+    layer, _ = make_layer(WeightSpec(4, True, "group", 128))
+    assert layer.weight_packed.shape == (64, 32) and layer.weight_packed.dtype == torch.int32
+    assert layer.packed_nbytes() == 64 * 32 * 4 + 64 * 2 * 4  # int32 words + fp32 scales
+    asym, _ = make_layer(WeightSpec(4, False, "group", 128))
+    assert asym.weight_zero_point.shape == (8, 2)  # 64 zero points x 4 bits = 8 words per group column
+    assert asym.packed_nbytes() == layer.packed_nbytes() + 8 * 2 * 4
+    w8, _ = make_layer(WeightSpec(8, True, "channel"))
+    assert w8.weight_packed.dtype == torch.int8 and w8.weight_packed.shape == (64, 256)
+    assert "int4 sym g128" in repr(layer) and "in_features=256" in repr(layer)
+
+
+@pytest.mark.parametrize("spec", [WeightSpec(4, False, "group", 64), WeightSpec(8, False, "channel"), WeightSpec(3, True, "tensor")])
+def test_from_state_and_state_dict_round_trip(spec):
+    layer, qw = make_layer(spec)
+    assert torch.equal(layer.codes(), qw.q)
+    if qw.zero_point is not None:
+        assert torch.equal(layer.zero_points(), qw.zero_point)
+    sd = layer.state_dict()
+    assert {"weight_packed", "weight_scale", "weight_shape", "bias"} <= set(sd)
+    assert ("weight_zero_point" in sd) == (not spec.symmetric)
+    tensors = {k: v.clone() for k, v in sd.items() if k != "bias"}
+    x = make_x(3, 256)
+    y = layer(x)
+    other = QuantLinear.from_state(tensors, spec, bias=sd["bias"])
+    assert torch.equal(other(x), y)
+    fresh = QuantLinear(256, 64, spec, bias=True)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), y)
+
+
+def test_from_state_rejects_tampered_checkpoints():
+    spec = WeightSpec(4, False, "group", 64)
+    layer, _ = make_layer(spec, bias=False)
+    sd = layer.state_dict()
+    bad = dict(sd, weight_packed=sd["weight_packed"][:, :-1])
+    with pytest.raises(UserError, match="weight_packed"):
+        QuantLinear.from_state(bad, spec, name="layers.0.q_proj")
+    bad = {k: v for k, v in sd.items() if k != "weight_zero_point"}
+    with pytest.raises(UserError, match="weight_zero_point"):
+        QuantLinear.from_state(bad, spec)
+    bad = dict(sd, weight_scale=sd["weight_scale"][:, :1])
+    with pytest.raises(UserError, match="weight_scale"):
+        QuantLinear.from_state(bad, spec)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@cuda
+@pytest.mark.parametrize("spec", [WeightSpec(4, True, "group", 128), WeightSpec(4, False, "group", 32), WeightSpec(4, True, "channel")])
+def test_int4_cuda_kernel(spec):
+    layer, _ = make_layer(spec, n=64, k=512)
+    layer = layer.cuda()
+    for shape in [(1, 512), (2, 40, 512)]:
+        x = make_x(*shape).cuda()
+        assert layer.kernel_for(x) == "int4_cuda"
+        y = layer(x)
+        assert rel_err(y.cpu(), reference(layer.cpu(), x.cpu())) < BF16_TOL
+        layer.cuda()
+
+
+@cuda
+@pytest.mark.parametrize("m", [1, 16, 33])
+def test_int8_linear_cuda_pads_rows(m):
+    layer, _ = make_layer(WeightSpec(8, True, "channel"), act=ActSpec(8))
+    x = make_x(m, 256)
+    ref = reference(layer, x)
+    y = layer.cuda()(x.cuda())
+    assert rel_err(y.cpu(), ref) < BF16_TOL
+
+
+@pytest.mark.parametrize("spec", [WeightSpec(4, False, "group", 32), WeightSpec(8, True, "channel")])
+def test_checkpoint_tensors_reload_identically(spec):
+    # What the writer stores (serialize.packed_tensors) must rebuild the very same layer.
+    from dllmq.checkpoint.serialize import packed_tensors
+
+    qw = rtn_quantize(make_weight(64, 256), spec)
+    bias = make_weight(1, 64, seed=5)[0].bfloat16()
+    fresh = QuantLinear.from_quantized(qw, bias)
+    loaded = QuantLinear.from_state(packed_tensors(qw), spec, bias=bias)
+    for shape in [(1, 256), (2, 9, 256)]:
+        x = make_x(*shape)
+        assert torch.equal(fresh(x), loaded(x))
