@@ -229,37 +229,91 @@ def _check_sampler(steps: int, gen_length: int, block_length: int) -> None:
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="A dllmq checkpoint, a model folder, a Hub id, or 'tiny'."),
-    against: Optional[str] = typer.Option(None, "--against", help="Full-precision reference for agreement (default: the checkpoint's base model)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated tasks: tiny-math, tiny-code, tiny-mc, or 'tiny' for all. Without it: NLL and agreement."),
+    against: Optional[str] = typer.Option(None, "--against", help="Full-precision reference (default: the checkpoint's base model)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task."),
+    allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="Allow running model-generated code (tiny-code) in a sandboxed subprocess."),
+    mc_num: int = typer.Option(8, "--mc-num", help="Monte-Carlo mask draws per likelihood (multiple choice) or per NLL window."),
     text: Optional[Path] = typer.Option(None, "--text", help="Text file for the masked-token NLL (default: bundled held-out text)."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per NLL window."),
     max_seqs: int = typer.Option(16, "--max-seqs", help="Number of NLL windows."),
-    mc_num: int = typer.Option(4, "--mc-num", help="Monte-Carlo mask draws per window for the NLL."),
     prompts: int = typer.Option(8, "--prompts", help="Number of prompts for the agreement check (0 = skip)."),
     steps: int = StepsOpt,
     gen_length: int = GenLenOpt,
     block_length: int = BlockLenOpt,
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generation batch."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Also write the full results (config, samples) to this JSON file."),
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     json_out: bool = JsonOpt,
 ):
-    """Evaluate MODEL: masked-token NLL on text and token agreement with its full-precision base.
+    """Evaluate MODEL against its full-precision base: task accuracy, or masked-token NLL and agreement.
 
-    Example: [bold]dllmq eval ./llada-w4 --prompts 8 --steps 64 --gen-length 64[/bold]
+    Examples:
+      [bold]dllmq eval ./tiny-w4 --tasks tiny --allow-code-execution[/bold]
+      [bold]dllmq eval ./llada-w4 --prompts 8 --steps 64 --gen-length 64[/bold]
     """
-    from ..evaluation.report import compare_models
+    from ..diffusion.generation import GenerationConfig
+    from ..evaluation.report import compare_models, compare_tasks, task_table_rows
+    from ..evaluation.tasks import parse_tasks
 
     _check_sampler(steps, gen_length, block_length)
     if text is not None and not text.is_file():
         raise UserError(f"--text {text}: no such file")
+    if limit is not None and limit <= 0:
+        raise UserError("--limit must be a positive number of examples")
+    gcfg = GenerationConfig(steps=steps, gen_length=gen_length, block_length=block_length, seed=seed)
+    if tasks:
+        names = parse_tasks(tasks)
+        if "tiny-code" in names and not allow_code_execution:
+            raise UserError("tiny-code runs model-generated Python; pass --allow-code-execution to allow it")
+        res = compare_tasks(model, names, against=against, gcfg=gcfg, limit=limit, mc_num=mc_num,
+                            allow_exec=allow_code_execution, device=_device(device), dtype=_dtype(dtype),
+                            batch_size=batch_size, show_progress=not json_out)
+        _write_output(output, res)
+        if json_out:
+            _emit_json(_strip_samples(res))
+            return
+        cols, rows = task_table_rows(res)
+        table("Task suite (accuracy %, ± standard error)", cols, rows)
+        return
     res = compare_models(model, against=against, text_file=text, seq_len=seq_len, max_seqs=max_seqs,
                          mc_num=mc_num, n_prompts=prompts, steps=steps, gen_length=gen_length,
                          block_length=block_length, seed=seed, device=_device(device), dtype=_dtype(dtype),
                          show_progress=not json_out)
+    _write_output(output, res)
     if json_out:
         _emit_json(res)
         return
     _print_comparison(res)
+
+
+def _strip_samples(res: dict) -> dict:
+    out = json.loads(json.dumps(res, default=str))
+    for m in out.get("models", []):
+        for t in m.get("tasks", {}).values():
+            t.pop("samples", None)
+    return out
+
+
+def _write_output(path: Optional[Path], res: dict) -> None:
+    if path is None:
+        return
+    import platform
+
+    import torch
+
+    from .. import __version__
+
+    doc = {**res, "versions": {"dllmq": __version__, "torch": torch.__version__, "python": platform.python_version()},
+           "command": "dllmq " + " ".join(shlex.quote(x) for x in sys.argv[1:])}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(doc, indent=2, default=str))
+        tmp.replace(path)
+    except OSError as e:
+        raise UserError(f"cannot write --output {path}: {e.strerror}") from None
 
 
 def _print_comparison(res: dict) -> None:

@@ -105,3 +105,56 @@ def compare_models(model: str, against: str | None = None, text_file: Path | Non
     return {"models": rows, "config": {"seq_len": seq_len, "windows": int(seqs.shape[0]), "mc_num": mc_num,
                                        "prompts": len(prompts), "generation": gcfg.to_dict(), "device": device,
                                        "dtype": str(dtype)}}
+
+
+def reference_for(model: str, against: str | None) -> str | None:
+    path = resolve_model_path(model)
+    quantized = "quantization_config" in read_config(path)
+    return against or (base_of(path) if quantized else None)
+
+
+def compare_tasks(model: str, tasks: list[str], against: str | None = None, gcfg: GenerationConfig | None = None,
+                  limit: int | None = None, mc_num: int = 8, allow_exec: bool = False, device: str = "cpu",
+                  dtype=torch.bfloat16, batch_size: int = 16, show_progress: bool = True) -> dict:
+    """Run the task suite on the model and (when known) its full-precision reference."""
+    from ..ui import progress
+    from .tasks import run_task
+
+    gcfg = gcfg or GenerationConfig()
+    ref = reference_for(model, against)
+    entries = ([("full precision", ref)] if ref else []) + [("quantized" if ref else "model", model)]
+    results = []
+    with progress(show_progress) as prog:
+        bar = prog.add_task("evaluate", total=len(entries) * len(tasks), info="") if prog else None
+        for label, name in entries:
+            m = load(name, device=device, dtype=dtype)
+            tok = load_tokenizer(m.source_path)
+            per = {}
+            for t in tasks:
+                if prog:
+                    prog.update(bar, info=f"{label}: {t}")
+                per[t] = run_task(t, m, tok, gcfg, limit=limit, mc_num=mc_num, allow_exec=allow_exec,
+                                  batch_size=batch_size).to_dict()
+                if prog:
+                    prog.update(bar, advance=1)
+            results.append({"label": label, "model": str(name), "tasks": per})
+            del m
+    return {"models": results, "config": {"tasks": tasks, "limit": limit, "mc_num": mc_num,
+                                          "generation": gcfg.to_dict(), "device": device, "dtype": str(dtype)}}
+
+
+def task_table_rows(res: dict) -> tuple[list[str], list[list]]:
+    models = res["models"]
+    cols = ["task", "metric", "n"] + [m["label"] for m in models] + (["delta"] if len(models) == 2 else [])
+    rows = []
+    for t in res["config"]["tasks"]:
+        first = models[0]["tasks"][t]
+        row = [t, first["metric"], first["n"]]
+        for m in models:
+            r = m["tasks"][t]
+            row.append(f"{100 * r['value']:.1f} ± {100 * r['stderr']:.1f}")
+        if len(models) == 2:
+            d = 100 * (models[1]["tasks"][t]["value"] - first["value"])
+            row.append(f"{d:+.1f}")
+        rows.append(row)
+    return cols, rows
