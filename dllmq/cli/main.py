@@ -326,6 +326,48 @@ def _print_comparison(res: dict) -> None:
 
 
 @app.command()
+def inspect(
+    model: str = typer.Argument(..., help="Model folder, Hub id, 'tiny', or a dllmq checkpoint."),
+    samples: int = typer.Option(16, "--samples", help="Calibration sequences to run."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence."),
+    k_sigma: float = typer.Option(10.0, "--k-sigma", help="A token carries an outlier if some |x| exceeds K x the layer's RMS."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Show every linear, not only the per-type summary."),
+    seed: int = SeedOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    json_out: bool = JsonOpt,
+):
+    """Activation outlier statistics at every linear input (masked calibration inputs).
+
+    Example: [bold]dllmq inspect tiny --samples 16 --per-layer[/bold]
+    """
+    from ..calibration.data import bundled_items, encode_items, random_masked
+    from ..evaluation.outliers import activation_stats, summarize_by_type
+    from ..models.loading import load_tokenizer
+    from ..runtime.loader import load
+
+    if samples <= 0 or seq_len <= 0:
+        raise UserError("--samples and --seq-len must be positive")
+    m = load(model, device=_device(device), dtype=_dtype(dtype))
+    tok = load_tokenizer(m.source_path)
+    ids, maskable = encode_items(tok, bundled_items(samples, seed), seq_len)
+    noisy = random_masked(ids, maskable, m.mask_token_id, seed)
+    stats = activation_stats(m, list(noisy.split(8)), k_sigma=k_sigma)
+    summary = summarize_by_type(stats, m.arch)
+    if json_out:
+        _emit_json({"summary": summary, "layers": [s.to_dict() for s in stats]})
+        return
+    table("Linear inputs by type (worst block for max |x|)", ["linear", "max |x|", "worst block", "top/median channel",
+                                                              "kurtosis", "outlier tokens"],
+          [[r["linear"], r["max_abs"], r["worst_block"], r["channel_ratio"], r["kurtosis"],
+            f"{100 * r['outlier_token_share']:.1f}%"] for r in summary])
+    if per_layer:
+        table("Per layer", ["layer", "max |x|", "top channels", "top/median", "kurtosis", "outlier tokens"],
+              [[s.name, s.max_abs, ",".join(map(str, s.top_channels)), s.channel_ratio, s.kurtosis,
+                f"{100 * s.outlier_token_share:.1f}%"] for s in stats])
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("out/tiny-w4a16-rtn"), "--out", "-o", help="Where to write the quantized demo checkpoint."),
     w: int = typer.Option(4, "--w", help="Weight bits."),
