@@ -1,37 +1,63 @@
 """The quantization pipeline: model folder -> quantized dllmq checkpoint.
 
-It walks the model block by block, reading each block's tensors from the safetensors shards
-(never the whole model at once), lets the method quantize every targeted linear, and streams
-the packed tensors into an atomic CheckpointWriter. Tensors outside the blocks (embeddings,
-final norm, LM head) are copied unchanged.
+Block by block: materialise block i from the shards, let the method transform it, collect the
+statistics it needs from the calibration batches (hooks on the linears), quantize its linears
+group by group (q/k/v, then o, then gate/up, then down: each group sees the quantized outputs of
+the previous ones), recompute the block's outputs with the quantized weights as the next block's
+inputs, write the block's shard, free it. Peak memory is one block plus the cached activations.
+After each block, progress and the next inputs are saved in the partial folder, so `--resume`
+continues an interrupted run and writes the same tensors.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from .calibration.blocks import BlockStream, HiddenCache
+from .calibration.states import CalibBatch, CalibrationSet, TMASConfig
 from .checkpoint.format import QuantizationConfig
+from .checkpoint.serialize import packed_tensors
 from .checkpoint.writer import CheckpointWriter, check_target
 from .errors import UserError
-from .models.loading import ShardReader, parse, read_config, resolve_model_path
+from .models.loading import ShardReader, build_empty, load_model, load_tokenizer, parse, read_config, resolve_model_path
 from .quantization.methods import get_method
+from .quantization.methods.base import BlockContext
 from .quantization.qweight import QuantizedWeight
-from .checkpoint.serialize import packed_tensors
 from .ui import progress
+
+
+@dataclass
+class CalibOptions:
+    calib: str = "bundled"
+    samples: int = 32
+    seq_len: int = 128
+    mask: str = "tmas"
+    seed: int = 0
+    batch_size: int = 8
+    tmas: TMASConfig = field(default_factory=TMASConfig)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tmas"] = asdict(self.tmas)
+        return d
 
 
 @dataclass
 class LayerReport:
     name: str
     shape: tuple[int, int]
-    rel_error: float  # ||W - W_hat||_F / ||W||_F (weight error; calibrated methods add output error)
+    rel_error: float  # relative output error on calibration inputs (weight error when uncalibrated)
     seconds: float
+    error_kind: str = "weight"
     extra: dict = field(default_factory=dict)
 
 
@@ -41,6 +67,7 @@ class QuantizeResult:
     layers: list[LayerReport]
     seconds: float
     source: Path
+    calibration: dict | None = None
 
 
 def compile_ignore(patterns: list[str]) -> list[re.Pattern]:
@@ -53,15 +80,42 @@ def compile_ignore(patterns: list[str]) -> list[re.Pattern]:
     return out
 
 
+def sequential_groups(arch) -> list[list[str]]:
+    """Linears that share an input, in execution order (from the registry's feeds)."""
+    groups, seen = [], set()
+    for lin in arch.block_linears:
+        if lin in seen:
+            continue
+        feed = next((f for f in arch.feeds if lin in f.targets), None)
+        g = [t for t in (feed.targets if feed else (lin,)) if t not in seen]
+        seen.update(g)
+        groups.append(g)
+    return groups
+
+
+def _rel_output_error(w: torch.Tensor, wh: torch.Tensor, H: torch.Tensor | None) -> tuple[float, str]:
+    d = (w - wh).float()
+    if H is None:
+        return float(d.norm() / w.norm().clamp(min=1e-12)), "weight"
+    num = torch.einsum("nk,kl,nl->", d, H, d)
+    den = torch.einsum("nk,kl,nl->", w.float(), H, w.float())
+    return float((num.clamp(min=0) / den.clamp(min=1e-30)).sqrt()), "output"
+
+
 def quantize(
     model: str | Path | None,
     qcfg: QuantizationConfig,
     out: str | Path,
     overwrite: bool = False,
     device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
     revision: str | None = None,
     command: str | None = None,
     method_options: dict | None = None,
+    calib: CalibOptions | None = None,
+    sequential: bool = True,
+    offload_dir: str | Path | None = None,
+    resume: bool = False,
     show_progress: bool = True,
 ) -> QuantizeResult:
     t_start = time.time()
@@ -74,11 +128,10 @@ def quantize(
     arch, config = parse(src)
     reader = ShardReader(src)
     method = get_method(qcfg.method)(qcfg, **(method_options or {}))
-    if method.needs_calibration:
-        raise UserError(f"method {qcfg.method!r} needs calibration, which this pipeline does not run yet")
     ignore = compile_ignore(qcfg.ignore)
+    calib = calib or CalibOptions()
 
-    # Decide the targets and validate shapes before writing anything.
+    # Targets and shape checks before anything is written.
     targets: list[str] = []
     for i in range(config.num_layers):
         for lin in arch.block_linears:
@@ -88,42 +141,116 @@ def quantize(
             if f"{name}.weight" not in reader:
                 raise UserError(f"tensor {name}.weight is missing from {src}; the checkpoint is incomplete")
             targets.append(name)
-    shapes = {}
     for name in targets:
-        shape = _shape(reader, f"{name}.weight")
-        qcfg.weights.check_layer(name, shape[1])
-        shapes[name] = shape
+        h = reader._handle(reader.map[f"{name}.weight"])
+        qcfg.weights.check_layer(name, h.get_slice(f"{name}.weight").get_shape()[1])
     qcfg.quantized_layers = targets
     target_set = set(targets)
 
-    reports: list[LayerReport] = []
-    writer = CheckpointWriter(out, overwrite)
+    run_key = hashlib.sha256(json.dumps(
+        {"src": str(src.resolve()), "q": qcfg.to_dict(), "opts": method_options or {}, "calib": calib.to_dict(),
+         "seq": sequential, "dtype": str(dtype)}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    writer = CheckpointWriter(out, overwrite, resume=resume, run_key=run_key)
+    skeleton = build_empty(arch, config)
+    stream = BlockStream(skeleton, reader, device, dtype)
+    reports: list[LayerReport] = [LayerReport(**r) for r in writer.progress.get("reports", [])]
+    start_block = int(writer.progress.get("blocks_done", 0))
+    calib_desc = writer.progress.get("calibration")
+    created = writer.progress.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
     with writer, progress(show_progress) as prog:
-        per_block = len(arch.block_linears)
+        batches: list[CalibBatch] = []
+        cache = None
+        if method.needs_calibration:
+            state_file = writer.state_dir / "calibration.safetensors"
+            if writer.resumed and state_file.exists():
+                batches = _load_batches(state_file)
+            else:
+                cset = _build_calibration(src, arch, calib, method.wants_confidence, device, prog)
+                batches, calib_desc = cset.batches, cset.description
+                _save_batches(batches, state_file)
+            cache = HiddenCache(len(batches), offload_dir)
+            if start_block == 0:
+                stream.embed(batches, cache)
+            else:
+                hidden = load_file(str(writer.state_dir / "hidden.safetensors"))
+                for j in range(len(batches)):
+                    cache.set(j, hidden[f"h{j}"])
+        if start_block == 0:
+            block_prefix = arch.blocks_path + "."
+            writer.write_shard("a-nonblock", {n: reader.get(n) for n in reader.map if not n.startswith(block_prefix)})
+            writer.save_progress({"blocks_done": 0, "created": created, "calibration": calib_desc, "reports": []})
+
         task = prog.add_task("quantize", total=len(targets), info="") if prog else None
-        block_prefix = arch.blocks_path + "."
-        # non-block tensors: embeddings, final norm, LM head
-        writer.add({n: reader.get(n) for n in reader.map if not n.startswith(block_prefix)})
-        for i in range(config.num_layers):
-            prefix = f"{block_prefix}{i}."
-            names = reader.names(prefix)
-            tensors = {}
-            for n in names:
-                layer = n.rsplit(".", 1)[0]
-                if layer in target_set and n.endswith(".weight"):
+        if prog and start_block:
+            prog.update(task, completed=sum(1 for r in reports))
+        for i in range(start_block, config.num_layers):
+            prefix = f"{arch.blocks_path}.{i}."
+            blk = stream.materialize(i)
+            local_targets = [n for n in arch.block_linears if prefix + n in target_set]
+
+            def capture(names: list[str], max_tokens: int = 4096, blk=blk, prefix=prefix) -> dict[str, torch.Tensor]:
+                got = {n: [] for n in names}
+                hs = [blk.get_submodule(n).register_forward_pre_hook(
+                    lambda m, a, n=n: got[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).float().cpu()))
+                      for n in names]
+                try:
+                    stream.run(blk, batches, cache)
+                finally:
+                    for h in hs:
+                        h.remove()
+                res = {}
+                for n, xs in got.items():
+                    x = torch.cat(xs) if xs else torch.empty(0)
+                    if x.shape[0] > max_tokens:
+                        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(i))[:max_tokens]
+                        x = x[idx]
+                    res[n] = x
+                return res
+
+            with torch.no_grad():
+                method.transform_block(blk, BlockContext(i, prefix, arch, capture))
+            groups = [[n for n in g if n in local_targets] for g in sequential_groups(arch)] if sequential \
+                else [local_targets]
+            packed: dict[str, torch.Tensor] = {}
+            for group in [g for g in groups if g]:
+                stats = {n: method.new_stats(prefix + n) for n in group}
+                if method.needs_calibration and any(s is not None for s in stats.values()):
+                    _collect(stream, blk, batches, cache, stats, method)
+                for n in group:
                     t0 = time.time()
-                    w = reader.get(n).to(device=device, dtype=torch.float32)
-                    qw = method.quantize_linear(layer, w)
-                    err = _rel_error(w, qw)
-                    tensors.update({f"{layer}.{k}": v for k, v in packed_tensors(qw).items()})
-                    reports.append(LayerReport(layer, tuple(w.shape), err, time.time() - t0))
+                    lin = blk.get_submodule(n)
+                    w = lin.weight.detach().float()
+                    qw: QuantizedWeight = method.quantize_linear(prefix + n, w, stats[n])
+                    wh = qw.dequantize(torch.float32)
+                    H = getattr(stats[n], "hessian", None)
+                    err, kind = _rel_output_error(w, wh, H)
+                    with torch.no_grad():
+                        lin.weight.copy_(wh.to(lin.weight.dtype))  # later groups see quantized outputs
+                    packed.update({f"{prefix}{n}.{k}": v for k, v in packed_tensors(qw).items()})
+                    reports.append(LayerReport(prefix + n, tuple(w.shape), err, round(time.time() - t0, 4), kind))
                     if prog:
-                        prog.update(task, advance=1, info=f"block {i + 1}/{config.num_layers}")
-                elif layer in target_set and n.endswith(".bias"):
-                    tensors[n] = reader.get(n)
-                else:
-                    tensors[n] = reader.get(n)
-            writer.add(tensors)
+                        prog.update(task, advance=1, info=f"block {i + 1}/{config.num_layers} {n}")
+                stats.clear()
+            tensors = {}
+            for n, t in blk.state_dict().items():
+                layer, leaf = n.rsplit(".", 1)
+                if layer in local_targets and leaf == "weight":
+                    continue
+                tensors[prefix + n] = t.to(reader.get(prefix + n).dtype) if (prefix + n) in reader else t
+            tensors.update(packed)
+            writer.write_shard(f"block-{i:05d}", tensors)
+            if method.needs_calibration:
+                nxt = HiddenCache(len(batches), Path(offload_dir) / f"b{(i + 1) % 2}" if offload_dir else None)
+                with torch.no_grad():
+                    stream.run(blk, batches, cache, out=nxt)
+                cache = nxt
+                save_file({f"h{j}": cache.get(j) for j in range(len(batches))},
+                          str(writer.state_dir / "hidden.safetensors"))
+            stream.release(i)
+            writer.save_progress({"blocks_done": i + 1, "created": created, "calibration": calib_desc,
+                                  "reports": [asdict(r) for r in reports]})
+
         raw_out = dict(raw)
         raw_out["quantization_config"] = qcfg.to_dict()
         manifest = {
@@ -132,18 +259,70 @@ def quantize(
             "revision": revision,
             "command": command or " ".join(sys.argv),
             "method": qcfg.method,
-            "calibration": None,
-            "layers": [r.__dict__ for r in reports],
+            "method_options": method_options or {},
+            "calibration": calib_desc if method.needs_calibration else None,
+            "layers": [asdict(r) for r in reports],
         }
         writer.finalize(raw_out, src, manifest)
-    return QuantizeResult(out, reports, time.time() - t_start, src)
+    return QuantizeResult(out, reports, time.time() - t_start, src, calib_desc)
 
 
-def _shape(reader: ShardReader, name: str) -> tuple[int, ...]:
-    h = reader._handle(reader.map[name])
-    return tuple(h.get_slice(name).get_shape())
+def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenCache, stats: dict, method) -> None:
+    """Run the batches through the block, feeding each targeted linear's input to its stats."""
+    cur = {"w": None}
+    weights = [getattr(method, "token_weights", lambda b: None)(b) for b in batches]
+
+    def hook(n):
+        def fn(mod, args):
+            x = args[0].detach()
+            tw = cur["w"]
+            stats[n].add(x.reshape(-1, x.shape[-1]), None if tw is None else tw.reshape(-1).to(x.device))
+        return fn
+
+    hs = [blk.get_submodule(n).register_forward_pre_hook(hook(n)) for n, s in stats.items() if s is not None]
+    try:
+        with torch.no_grad():
+            stream.run(blk, batches, cache, on_batch=lambda j: cur.__setitem__("w", weights[j]))
+    finally:
+        for h in hs:
+            h.remove()
 
 
-def _rel_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
-    wh = qw.dequantize(torch.float32)
-    return float((w - wh).norm() / w.norm().clamp(min=1e-12))
+def _build_calibration(src: Path, arch, calib: CalibOptions, want_conf: bool, device: str, prog) -> CalibrationSet:
+    from .calibration.sources import load_items
+    from .calibration.states import build
+
+    tok = load_tokenizer(src)
+    items = load_items(calib.calib, calib.samples, calib.seed)
+    fp = None
+    if calib.mask == "tmas" or want_conf:
+        # TMAS runs the model's own sampler, CGQ needs its confidences: the full-precision model
+        # is loaded once here, then freed before the block-by-block pass.
+        fp = load_model(src, device=device, dtype=torch.bfloat16 if device != "cpu" else torch.float32)
+    if prog:
+        prog.console.print(f"calibration: {len(items)} samples, mask mode {calib.mask}")
+    cset = build(items, tok, fp.mask_token_id if fp else arch.parse_config(read_config(src)).mask_token_id,
+                 calib.mask, calib.seq_len, calib.seed, calib.batch_size, fp_model=fp,
+                 want_confidence=want_conf, tmas=calib.tmas)
+    del fp
+    cset.description.update({"source": calib.calib, "tokens": cset.n_tokens})
+    return cset
+
+
+def _save_batches(batches: list[CalibBatch], f: Path) -> None:
+    t = {}
+    for j, b in enumerate(batches):
+        t[f"ids{j}"] = b.ids
+        t[f"masked{j}"] = b.masked
+        if b.attention_mask is not None:
+            t[f"am{j}"] = b.attention_mask
+        if b.confidence is not None:
+            t[f"conf{j}"] = b.confidence.float()
+    save_file(t, str(f))
+
+
+def _load_batches(f: Path) -> list[CalibBatch]:
+    t = load_file(str(f))
+    n = sum(1 for k in t if k.startswith("ids"))
+    return [CalibBatch(ids=t[f"ids{j}"], attention_mask=t.get(f"am{j}"), masked=t[f"masked{j}"],
+                       confidence=t.get(f"conf{j}")) for j in range(n)]

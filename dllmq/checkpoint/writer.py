@@ -20,7 +20,6 @@ from .. import __version__
 from ..errors import UserError
 from .format import MANIFEST
 
-SHARD_BYTES = 2 * 1024**3
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json",
@@ -51,56 +50,87 @@ def check_target(out: Path, overwrite: bool) -> None:
 
 
 class CheckpointWriter:
-    """Collects tensors into size-capped safetensors shards inside a temporary sibling folder."""
+    """Writes named safetensors shards into `.<name>.partial` beside the target, then renames.
 
-    def __init__(self, out: Path, overwrite: bool = False, shard_bytes: int = SHARD_BYTES):
+    The partial folder has a fixed name so an interrupted run can be resumed: progress (which
+    blocks are done, plus any state the pipeline needs) is saved there atomically after each
+    shard. Without --resume a stale partial folder is discarded.
+    """
+
+    def __init__(self, out: Path, overwrite: bool = False, resume: bool = False, run_key: str | None = None):
         self.out = Path(out)
         check_target(self.out, overwrite)
         self.overwrite = overwrite
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.resolve().parent))
-        self.shard_bytes = shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []
-        self.total_bytes = 0
+        self.tmp = self.out.resolve().parent / f".{self.out.name}.partial"
+        self.run_key = run_key
+        self.progress: dict = {}
+        if self.tmp.exists():
+            prog = self._read_progress()
+            if resume and prog.get("run_key") == run_key:
+                self.progress = prog
+            else:
+                shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.state_dir = self.tmp / "state"
+        self.state_dir.mkdir(exist_ok=True)
 
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, t in tensors.items():
-            t = t.detach().to("cpu").contiguous()
-            self._pending[name] = t
-            self._pending_bytes += t.numel() * t.element_size()
-        if self._pending_bytes >= self.shard_bytes:
-            self._flush()
+    @property
+    def resumed(self) -> bool:
+        return bool(self.progress)
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        fname = f"model-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._pending, str(self.tmp / fname), metadata={"format": "pt"})
-        self._shards.append((fname, list(self._pending)))
-        self.total_bytes += self._pending_bytes
-        self._pending, self._pending_bytes = {}, 0
+    def _read_progress(self) -> dict:
+        f = self.tmp / "progress.json"
+        try:
+            return json.loads(f.read_text()) if f.exists() else {}
+        except json.JSONDecodeError:
+            return {}
+
+    def save_progress(self, progress: dict) -> None:
+        self.progress = {**progress, "run_key": self.run_key}
+        f = self.tmp / "progress.json"
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.progress, indent=2))
+        os.replace(tmp, f)
+
+    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write one shard (sorted into the final file order by `name`)."""
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        tmp = self.tmp / f"{name}.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, self.tmp / f"{name}.safetensors")
 
     def finalize(self, config: dict, source: Path, manifest: dict) -> Path:
-        self._flush()
-        n = len(self._shards)
-        weight_map = {}
-        for i, (fname, names) in enumerate(self._shards):
+        shards = sorted(p.name for p in self.tmp.glob("*.safetensors"))
+        n = len(shards)
+        weight_map, total = {}, 0
+        for i, fname in enumerate(shards):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            from safetensors import safe_open
+
+            with safe_open(self.tmp / fname, "pt") as f:
+                for k in f.keys():
+                    weight_map[k] = final
+                    sl = f.get_slice(k)
+                    numel = 1
+                    for d in sl.get_shape():
+                        numel *= d
+                    total += numel * _DTYPE_BYTES.get(sl.get_dtype(), 4)
             (self.tmp / fname).rename(self.tmp / final)
-            weight_map.update({k: final for k in names})
+        weight_map = dict(sorted(weight_map.items()))
         (self.tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2)
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2))
         for f in TOKENIZER_FILES:
             if (source / f).exists():
                 shutil.copy2(source / f, self.tmp / f)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        (self.tmp / "progress.json").unlink(missing_ok=True)
         files = sorted(p.name for p in self.tmp.iterdir() if p.is_file())
         manifest = {
             "tool": "dllmq",
             "tool_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": self.progress.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **manifest,
             "files": {f: {"sha256": sha256_file(self.tmp / f), "bytes": (self.tmp / f).stat().st_size} for f in files},
         }
@@ -124,9 +154,13 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
+        # keep a resumable partial folder after an interruption; drop one that holds nothing yet
+        if exc_type is not None and not self.progress.get("blocks_done"):
             self.abort()
         return False
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def verify_manifest(path: Path) -> dict:

@@ -1,23 +1,34 @@
 """The interface every quantization method implements.
 
-The pipeline walks the model block by block. For each block it asks the method which
-statistics it needs (`needs_calibration`; later methods register hooks to accumulate e.g.
-GPTQ Hessians or AWQ channel magnitudes), may let it transform the block first
-(`transform_block`: smoothing, rotations; returns online transforms to store), then calls
-`quantize_linear` for every linear that is not ignored. Methods are configured once with the
-user's QuantizationConfig and options; the algorithms themselves are pure functions on tensors
-elsewhere in dllmq.quantization.
+The pipeline walks the model block by block. For each block it
+  1. lets the method transform the block in place (`transform_block`: smoothing, scale folding,
+     rotations; function-preserving in full precision), with a `BlockContext` that can replay the
+     calibration batches through the block and return the inputs of chosen linears;
+  2. creates per-layer statistics (`new_stats`, e.g. a GPTQ Hessian accumulator) and feeds them the
+     inputs of each linear (groups of linears that share an input are quantized one after another,
+     later groups seeing the already-quantized earlier ones);
+  3. calls `quantize_linear` for every targeted linear.
+The algorithms themselves are pure tensor functions in dllmq.quantization.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
-from ..qweight import QuantizedWeight
 from ...checkpoint.format import QuantizationConfig
+from ..qweight import QuantizedWeight
+
+
+@dataclass
+class BlockContext:
+    index: int
+    prefix: str  # full name prefix of the block, e.g. "model.transformer.blocks.3."
+    arch: object
+    capture_inputs: Callable[[list[str], int], dict[str, torch.Tensor]]  # local linear names -> X [T, K]
 
 
 class Method:
@@ -29,10 +40,17 @@ class Method:
         self.qcfg = qcfg
         self.options = options
 
-    def transform_block(self, block: nn.Module, block_index: int, stats: dict | None) -> dict:
-        """Optionally rewrite the block's weights in place (function-preserving); returns
-        online transforms to record in the checkpoint, keyed by layer name."""
+    @property
+    def wants_confidence(self) -> bool:
+        """True when statistics need the full-precision model's per-token confidence (CGQ)."""
+        return False
+
+    def transform_block(self, block: nn.Module, ctx: BlockContext) -> dict:
         return {}
 
-    def quantize_linear(self, name: str, weight: torch.Tensor, stats: dict | None = None) -> QuantizedWeight:
+    def new_stats(self, name: str):
+        """An object with .add(x [T, K], token_weights [T] | None), or None if no statistics are needed."""
+        return None
+
+    def quantize_linear(self, name: str, weight: torch.Tensor, stats=None) -> QuantizedWeight:
         raise NotImplementedError

@@ -1,0 +1,97 @@
+"""Run calibration data through a model one transformer block at a time.
+
+Only the current block is materialised on the compute device, with its tensors read from the
+safetensors shards; everything else stays on the meta device. The hidden states between blocks
+are cached on CPU, or on disk (--offload-dir) one file per batch, so peak memory is one block
+plus one batch of activations, independent of depth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..models.base import DiffusionLM
+from ..models.loading import ShardReader
+from .states import CalibBatch
+
+
+class HiddenCache:
+    """Per-batch hidden states, in memory or as safetensors files in a folder."""
+
+    def __init__(self, n: int, offload_dir: Path | None = None, tag: str = "h"):
+        self.n = n
+        self.dir = Path(offload_dir) if offload_dir else None
+        self.tag = tag
+        self._mem: list[torch.Tensor | None] = [None] * n
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, i: int) -> Path:
+        return self.dir / f"{self.tag}-{i:05d}.safetensors"  # type: ignore[operator]
+
+    def set(self, i: int, h: torch.Tensor) -> None:
+        h = h.detach().to("cpu").contiguous()
+        if self.dir:
+            save_file({"h": h}, str(self._file(i)))
+        else:
+            self._mem[i] = h
+
+    def get(self, i: int) -> torch.Tensor:
+        if self.dir:
+            return load_file(str(self._file(i)))["h"]
+        t = self._mem[i]
+        assert t is not None, f"hidden state {i} not computed"
+        return t
+
+
+class BlockStream:
+    """A model skeleton on the meta device plus a shard reader that fills one block at a time."""
+
+    def __init__(self, skeleton: DiffusionLM, reader: ShardReader, device: str, dtype: torch.dtype):
+        self.model = skeleton
+        self.reader = reader
+        self.device = device
+        self.dtype = dtype
+        self.arch = skeleton.arch
+
+    def prefix(self, i: int) -> str:
+        return f"{self.arch.blocks_path}.{i}."
+
+    def materialize(self, i: int) -> nn.Module:
+        blk = self.model.blocks[i]
+        blk.to_empty(device=self.device)
+        p = self.prefix(i)
+        state = {n: self.reader.get(p + n).to(self.dtype) for n, _ in blk.state_dict().items()}
+        blk.load_state_dict(state, strict=True)
+        return blk.eval()
+
+    def release(self, i: int) -> None:
+        self.model.blocks[i].to("meta")
+
+    @torch.no_grad()
+    def embed(self, batches: list[CalibBatch], cache: HiddenCache) -> None:
+        wte = self.reader.get(f"{self.arch.embed_name}.weight").to(device=self.device, dtype=self.dtype)
+        for j, b in enumerate(batches):
+            cache.set(j, F.embedding(b.ids.to(self.device), wte))
+        del wte
+
+    def context(self, b: CalibBatch) -> dict:
+        am = b.attention_mask.to(self.device) if b.attention_mask is not None else None
+        return self.model.block_context(b.ids.to(self.device), am)  # RoPE tables stay fp32, as LLaDA computes them
+
+    @torch.no_grad()
+    def run(self, blk: nn.Module, batches: list[CalibBatch], cache: HiddenCache, out: HiddenCache | None = None,
+            on_batch=None) -> None:
+        """Forward every cached batch through `blk`; store outputs in `out` if given.
+        `on_batch(j)` is called before batch j (hooks use it to find the batch's token weights)."""
+        for j, b in enumerate(batches):
+            if on_batch:
+                on_batch(j)
+            h = blk(cache.get(j).to(self.device), **self.context(b))
+            if out is not None:
+                out.set(j, h)
