@@ -245,7 +245,7 @@ def gptq_quantize(
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
 
     if perm is not None:
-        Q = Q[:, perm]
+        Q = Q[:, torch.argsort(perm)]
     qw = QuantizedWeight(q=Q.contiguous(), scale=scale.contiguous(), zero_point=zp, spec=spec)
     info = {
         "damp": used_damp,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ...errors import UserError
 from .base import Method
+from .awq import AWQ
+from .gptq import GPTQ
 from .rtn import RTN
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN,)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, AWQ)}
 
 
 def get_method(name: str) -> type[Method]:

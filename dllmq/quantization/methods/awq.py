@@ -1,0 +1,70 @@
+"""AWQ: activation-aware per-channel scales folded into the preceding norm or linear (as the
+architecture registry's feeds say), a weight-clipping search, then RTN or GPTQ rounding."""
+
+from __future__ import annotations
+
+import torch
+
+from ..awq import apply_clip, awq_search_clip, awq_search_scales, fold_scales
+from ..gptq import HessianAccumulator, gptq_quantize
+from ..qweight import QuantizedWeight
+from ..rtn import compute_qparams, quantize
+from .base import BlockContext, Method
+
+
+class AWQ(Method):
+    """Options: grid (20), duo_scaling (True), clip (True), w_quantizer ('rtn' | 'gptq'), max_tokens (4096)."""
+
+    name = "awq"
+    needs_calibration = True
+
+    def __init__(self, qcfg, **options):
+        super().__init__(qcfg, **options)
+        self._clip: dict[str, torch.Tensor] = {}
+        self._inputs: dict[str, torch.Tensor] = {}
+
+    def transform_block(self, block, ctx: BlockContext) -> dict:
+        o = self.options
+        spec = self.qcfg.weights
+        max_tokens = int(o.get("max_tokens", 4096))
+        info = {}
+        for feed in ctx.arch.feeds:
+            if feed.kind == "linear":
+                prev = block.get_submodule(feed.source)
+                nxt = block.get_submodule(feed.targets[0])
+                if prev.weight.shape[0] != nxt.weight.shape[1]:
+                    continue  # GQA v_proj -> o_proj: channels do not map one to one
+            X = ctx.capture_inputs([feed.targets[0]], max_tokens)[feed.targets[0]]
+            if X.numel() == 0:
+                continue
+            lins = [block.get_submodule(t) for t in feed.targets]
+            x_mean = X.abs().mean(0)
+            scales, sinfo = awq_search_scales(x_mean, [l.weight.detach().float() for l in lins], spec, X=X,
+                                              grid=int(o.get("grid", 20)), duo_scaling=bool(o.get("duo_scaling", True)))
+            fold_scales(block.get_submodule(feed.source), lins, scales.to(lins[0].weight.device))
+            info[feed.source] = sinfo.get("best_ratio")
+        if o.get("clip", True) or o.get("w_quantizer", "rtn") == "rtn":
+            names = list(ctx.arch.block_linears)
+            X = ctx.capture_inputs(names, min(max_tokens, 1024))
+            for n in names:
+                full = ctx.prefix + n
+                if o.get("clip", True) and X[n].numel():
+                    self._clip[full] = awq_search_clip(block.get_submodule(n).weight.detach().float(), X[n], spec,
+                                                       grid=int(o.get("grid", 20)))
+        return {"awq_ratios": info}
+
+    def new_stats(self, name: str):
+        return HessianAccumulator() if self.options.get("w_quantizer", "rtn") == "gptq" else None
+
+    def quantize_linear(self, name: str, weight: torch.Tensor, stats=None) -> QuantizedWeight:
+        spec = self.qcfg.weights
+        w = weight.float()
+        clip = self._clip.pop(name, None)
+        if clip is not None:
+            w = apply_clip(w, clip, spec)
+        if self.options.get("w_quantizer", "rtn") == "gptq" and stats is not None and stats.n_tokens:
+            qw, _ = gptq_quantize(w, stats.hessian.to(w.device), spec, damp=float(self.options.get("damp", 0.01)),
+                                  name=name)
+            return qw
+        scale, zp = compute_qparams(w, spec)
+        return QuantizedWeight(quantize(w, scale, zp, spec), scale, zp, spec)

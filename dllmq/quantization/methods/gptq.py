@@ -1,0 +1,42 @@
+"""GPTQ (optionally with DLLMQuant's CGQ token weighting of the Hessian)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..cgq import token_weights as cgq_token_weights
+from ..gptq import HessianAccumulator, gptq_quantize
+from ..qweight import QuantizedWeight
+from .base import Method
+
+
+class GPTQ(Method):
+    """Options: damp (0.01), block_size (128), act_order (False; static groups keep scales aligned),
+    cgq (False), cgq_masked (1.0) / cgq_visible (0.7): the indicator values for masked / visible
+    tokens, cgq_conf_power (0.5: the square root of confidence)."""
+
+    name = "gptq"
+    needs_calibration = True
+
+    @property
+    def wants_confidence(self) -> bool:
+        return bool(self.options.get("cgq", False))
+
+    def token_weights(self, batch) -> torch.Tensor | None:
+        if not self.wants_confidence:
+            return None
+        o = self.options
+        visible, masked = float(o.get("cgq_visible", 0.7)), float(o.get("cgq_masked", 1.0))
+        return cgq_token_weights(batch.masked, batch.confidence, mask_weight=1.0 + masked - visible,
+                                 base=visible, conf_power=float(o.get("cgq_conf_power", 0.5)))
+
+    def new_stats(self, name: str):
+        return HessianAccumulator()
+
+    def quantize_linear(self, name: str, weight: torch.Tensor, stats=None) -> QuantizedWeight:
+        o = self.options
+        H = stats.hessian if stats is not None and stats.n_tokens else torch.eye(weight.shape[1])
+        qw, _info = gptq_quantize(weight.float(), H.to(weight.device), self.qcfg.weights,
+                                  block_size=int(o.get("block_size", 128)), damp=float(o.get("damp", 0.01)),
+                                  act_order=bool(o.get("act_order", False)), name=name)
+        return qw
