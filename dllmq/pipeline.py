@@ -318,7 +318,7 @@ def _save_batches(batches: list[CalibBatch], f: Path) -> None:
             t[f"am{j}"] = b.attention_mask
         if b.confidence is not None:
             t[f"conf{j}"] = b.confidence.float()
-    save_file(t, str(f))
+    save_file({k: v.contiguous().clone() for k, v in t.items()}, str(f))  # batches may be views of one tensor
 
 
 def _load_batches(f: Path) -> list[CalibBatch]:

@@ -68,65 +68,112 @@ def _emit_json(obj) -> None:
 @app.command()
 def quantize(
     model: Optional[str] = ModelArg,
-    method: str = typer.Option("rtn", "--method", "-m", help="Quantization method: rtn (more: see `dllmq methods`)."),
+    method: str = typer.Option("rtn", "--method", "-m", help="rtn (no calibration), gptq, or awq."),
     w: int = typer.Option(4, "--w", help="Weight bits: 2, 3, 4 or 8."),
     a: int = typer.Option(16, "--a", help="Activation bits: 16 (not quantized), 8 or 4 (dynamic per token)."),
     group_size: int = typer.Option(128, "--group-size", "-g", help="Weights per scale along the input dim; -1 = one scale per output channel."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (zero point 0) or asymmetric weight quantization."),
-    ignore: List[str] = typer.Option([], "--ignore", help="Regex on full layer names to keep in full precision (repeatable). The LM head is always kept."),
+    ignore: List[str] = typer.Option([], "--ignore", help="Regex (full match on full layer names) to keep in full precision, repeatable; e.g. 'model\\.transformer\\.blocks\\.0\\..*'. The LM head is always kept."),
+    calib: str = typer.Option("bundled", "--calib", help="Calibration text: bundled (offline), a .txt/.jsonl file, or a Hub dataset (wikitext2, c4, pile-val, gsm8k, or path[:config[:split]])."),
+    calib_samples: int = typer.Option(32, "--calib-samples", help="Number of calibration samples (prompts for TMAS)."),
+    calib_seqlen: int = typer.Option(128, "--calib-seqlen", help="Tokens per calibration sample."),
+    calib_mask: str = typer.Option("tmas", "--calib-mask", help="What the model sees: none (clean text), random (one mask ratio per sample), tmas (states of the model's own sampler across denoising time)."),
+    tmas_proportions: str = typer.Option("0.3,0.2,0.2,0.3", "--tmas-proportions", help="Share of states drawn from each equal span of denoising steps (the number of values is the number of segments)."),
+    tmas_states: int = typer.Option(4, "--tmas-states", help="States drawn per prompt."),
+    tmas_gen_length: int = typer.Option(64, "--tmas-gen-length", help="Tokens the sampler generates per calibration prompt."),
+    tmas_block_length: int = typer.Option(32, "--tmas-block-length", help="Sampler block length for TMAS."),
+    tmas_steps: int = typer.Option(64, "--tmas-steps", help="Sampler steps for TMAS."),
+    cgq: bool = typer.Option(False, "--cgq", help="Certainty-guided GPTQ: weight the Hessian's tokens by mask state and full-precision confidence."),
+    cgq_masked: float = typer.Option(1.0, "--cgq-masked", help="CGQ indicator value for masked tokens."),
+    cgq_visible: float = typer.Option(0.7, "--cgq-visible", help="CGQ indicator value for visible tokens."),
+    w_quantizer: str = typer.Option("rtn", "--w-quantizer", help="For awq: how weights are rounded after scaling: rtn or gptq."),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening, as a fraction of the mean Hessian diagonal (raised automatically if Cholesky fails)."),
+    act_order: bool = typer.Option(False, "--act-order/--no-act-order", help="GPTQ: quantize columns by descending Hessian diagonal (static groups keep scales aligned)."),
+    sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Quantize q/k/v, o, gate/up, down one group after another inside each block, each seeing the quantized outputs of the previous."),
+    offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="Keep cached calibration activations on disk here instead of in memory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished block (same arguments)."),
+    seed: int = SeedOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: ./<model>-w<W>a<A>-<method>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    dtype: str = typer.Option("float32", "--dtype", help="Dtype of the block computations during calibration: float32 (default), bfloat16 or float16."),
     revision: Optional[str] = RevisionOpt,
     json_out: bool = JsonOpt,
 ):
     """Quantize MODEL and write a packed low-bit checkpoint.
 
-    Example: [bold]dllmq quantize GSAI-ML/LLaDA-8B-Instruct --method rtn --w 4 --group-size 128 --out ./llada-w4[/bold]
+    Examples:
+      [bold]dllmq quantize GSAI-ML/LLaDA-8B-Instruct --method gptq --w 4 --group-size 128 --calib-mask tmas --cgq[/bold]
+      [bold]dllmq quantize tiny --method awq --w 4 --group-size 32 --w-quantizer gptq[/bold]
     """
+    from ..calibration.states import MASK_MODES, TMASConfig
     from ..checkpoint.format import QuantizationConfig
-    from ..models.loading import resolve_model_path
+    from ..models.loading import read_config, resolve_model_path
+    from ..models.registry import arch_for
+    from ..pipeline import CalibOptions
     from ..pipeline import quantize as run
+    from ..quantization.methods import get_method
     from ..quantization.spec import ActSpec, WeightSpec
 
-    _dtype(dtype)
+    tdtype = _dtype(dtype)
     _device(device)
     wspec = WeightSpec(num_bits=w, symmetric=sym, strategy="channel" if group_size == -1 else "group",
                        group_size=None if group_size == -1 else group_size)
     aspec = ActSpec(num_bits=a)
     if aspec.enabled:
         raise UserError(f"--a {a}: activation quantization arrives with the smoothquant/quarot/duquant methods; use --a 16 for now")
-    from ..quantization.methods import get_method
-
     get_method(method)
+    if calib_mask not in MASK_MODES:
+        raise UserError(f"--calib-mask must be one of {', '.join(MASK_MODES)}, got {calib_mask!r}")
+    if w_quantizer not in ("rtn", "gptq"):
+        raise UserError(f"--w-quantizer must be rtn or gptq, got {w_quantizer!r}")
+    if cgq and method != "gptq" and not (method == "awq" and w_quantizer == "gptq"):
+        raise UserError("--cgq weights the GPTQ Hessian: use --method gptq (or awq --w-quantizer gptq)")
+    if calib_samples <= 0 or calib_seqlen <= 0:
+        raise UserError("--calib-samples and --calib-seqlen must be positive")
+    if not 0 <= damp < 1:
+        raise UserError(f"--damp must be in [0, 1), got {damp}")
+    try:
+        props = tuple(float(x) for x in tmas_proportions.split(","))
+    except ValueError:
+        raise UserError(f"--tmas-proportions must be comma-separated numbers, got {tmas_proportions!r}") from None
+    tmas = TMASConfig(proportions=props, states_per_prompt=tmas_states, gen_length=tmas_gen_length,
+                      block_length=tmas_block_length, steps=tmas_steps)
+    if calib_mask == "tmas" and get_method(method).needs_calibration:
+        tmas.validate()
     name = model or "tiny"
     if out is None:
         base = Path(name.rstrip("/")).name if Path(name).exists() else name.split("/")[-1]
         out = Path(f"{base}-w{w}a{a}-{method}")
-    from ..models.loading import read_config
-
     src = resolve_model_path(name, revision)
-    from ..models.registry import arch_for
-
     arch = arch_for(read_config(src))
     qcfg = QuantizationConfig(method=method, weights=wspec, activations=aspec, ignore=arch.default_ignore() + list(ignore))
+    options = {"damp": damp, "act_order": act_order}
+    if method == "gptq" or (method == "awq" and w_quantizer == "gptq"):
+        options.update(cgq=cgq, cgq_masked=cgq_masked, cgq_visible=cgq_visible)
+    if method == "awq":
+        options["w_quantizer"] = w_quantizer
+    calib_opts = CalibOptions(calib=calib, samples=calib_samples, seq_len=calib_seqlen, mask=calib_mask, seed=seed,
+                              tmas=tmas)
+    qcfg.method_args = options
     cmd = "dllmq " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    res = run(name, qcfg, out, overwrite=overwrite, device=device, revision=revision, command=cmd,
-              show_progress=not json_out)
+    res = run(name, qcfg, out, overwrite=overwrite, device=device, dtype=tdtype, revision=revision, command=cmd,
+              method_options=options, calib=calib_opts, sequential=sequential, offload_dir=offload_dir,
+              resume=resume, show_progress=not json_out)
     size = sum(f.stat().st_size for f in res.out.iterdir() if f.suffix == ".safetensors")
     src_size = sum(f.stat().st_size for f in src.iterdir() if f.suffix == ".safetensors")
     summary = {
         "out": str(res.out), "method": method, "weights": wspec.describe(), "activations": a,
         "layers": len(res.layers), "seconds": round(res.seconds, 2), "bytes": size, "source_bytes": src_size,
         "mean_rel_error": sum(r.rel_error for r in res.layers) / max(1, len(res.layers)),
+        "calibration": res.calibration,
     }
     if json_out:
         _emit_json({**summary, "per_layer": [r.__dict__ for r in res.layers]})
         return
-    worst = sorted(res.layers, key=lambda r: -r.rel_error)[:5]
-    table("Largest weight errors", ["layer", "shape", "rel. error", "seconds"],
-          [[r.name, "x".join(map(str, r.shape)), r.rel_error, r.seconds] for r in worst])
+    kind = res.layers[0].error_kind if res.layers else "weight"
+    table(f"Per layer ({kind} error relative to full precision)", ["layer", "shape", "rel. error", "seconds"],
+          [[r.name, "x".join(map(str, r.shape)), r.rel_error, r.seconds] for r in res.layers])
     out_console.print(
         f"[green]wrote[/green] {res.out}  ({human_bytes(size)} vs {human_bytes(src_size)} full precision, "
         f"{len(res.layers)} layers, {res.seconds:.1f} s)"
