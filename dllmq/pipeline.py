@@ -237,7 +237,7 @@ def quantize(
                 layer, leaf = n.rsplit(".", 1)
                 if layer in local_targets and leaf == "weight":
                     continue
-                tensors[prefix + n] = t.to(reader.get(prefix + n).dtype) if (prefix + n) in reader else t
+                tensors[prefix + n] = t.to(stream.src_dtypes.get(prefix + n, t.dtype))
             tensors.update(packed)
             writer.write_shard(f"block-{i:05d}", tensors)
             if method.needs_calibration:
@@ -248,6 +248,7 @@ def quantize(
                 save_file({f"h{j}": cache.get(j) for j in range(len(batches))},
                           str(writer.state_dir / "hidden.safetensors"))
             stream.release(i)
+            reader.close()
             writer.save_progress({"blocks_done": i + 1, "created": created, "calibration": calib_desc,
                                   "reports": [asdict(r) for r in reports]})
 

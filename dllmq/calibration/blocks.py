@@ -66,8 +66,9 @@ class BlockStream:
         blk = self.model.blocks[i]
         blk.to_empty(device=self.device)
         p = self.prefix(i)
-        state = {n: self.reader.get(p + n).to(self.dtype) for n, _ in blk.state_dict().items()}
-        blk.load_state_dict(state, strict=True)
+        raw = {n: self.reader.get(p + n) for n in blk.state_dict()}
+        self.src_dtypes = {p + n: t.dtype for n, t in raw.items()}  # written back in the original dtype
+        blk.load_state_dict({n: t.to(self.dtype) for n, t in raw.items()}, strict=True)
         return blk.eval()
 
     def release(self, i: int) -> None:

@@ -43,14 +43,17 @@ def parse_config(raw: dict) -> DLLMConfig:
 
 
 class DreamAttention(nn.Module):
-    def __init__(self, c: DLLMConfig):
+    """Qwen2-layout attention. q/k/v biases follow `c.qkv_bias` (always True for Dream);
+    `o_bias` and `causal` exist for the AR `llama` family, which reuses these modules."""
+
+    def __init__(self, c: DLLMConfig, o_bias: bool = False, causal: bool = False):
         super().__init__()
         d, hd = c.hidden_size, c.head_dim
-        self.q_proj = nn.Linear(d, c.num_heads * hd, bias=True)
-        self.k_proj = nn.Linear(d, c.num_kv_heads * hd, bias=True)
-        self.v_proj = nn.Linear(d, c.num_kv_heads * hd, bias=True)
-        self.o_proj = nn.Linear(c.num_heads * hd, d, bias=False)
-        self.sdpa = AttentionCore(c.num_heads, c.num_kv_heads, hd)
+        self.q_proj = nn.Linear(d, c.num_heads * hd, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(d, c.num_kv_heads * hd, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(d, c.num_kv_heads * hd, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_heads * hd, d, bias=o_bias)
+        self.sdpa = AttentionCore(c.num_heads, c.num_kv_heads, hd, is_causal=causal)
 
     def forward(self, x, rope, bias):
         return self.o_proj(self.sdpa(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope, bias))
@@ -59,19 +62,19 @@ class DreamAttention(nn.Module):
 class DreamMLP(nn.Module):
     def __init__(self, c: DLLMConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DreamDecoderLayer(nn.Module):
-    def __init__(self, c: DLLMConfig):
+    def __init__(self, c: DLLMConfig, o_bias: bool = False, causal: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = DreamAttention(c)
+        self.self_attn = DreamAttention(c, o_bias=o_bias, causal=causal)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = DreamMLP(c)
 
@@ -81,19 +84,21 @@ class DreamDecoderLayer(nn.Module):
 
 
 class _DreamBaseModel(nn.Module):
-    def __init__(self, c: DLLMConfig):
+    def __init__(self, c: DLLMConfig, o_bias: bool = False, causal: bool = False):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DreamDecoderLayer(c) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(DreamDecoderLayer(c, o_bias, causal) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
 class DreamModel(DiffusionLM):
-    def __init__(self, c: DLLMConfig):
+    """`arch`, `o_bias`, `causal`: overridden only by families sharing the layout (llama.py)."""
+
+    def __init__(self, c: DLLMConfig, arch: ArchSpec | None = None, o_bias: bool = False, causal: bool = False):
         super().__init__()
-        self.arch = DREAM
+        self.arch = arch or DREAM
         self.config = c
-        self.model = _DreamBaseModel(c)
+        self.model = _DreamBaseModel(c, o_bias, causal)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
 

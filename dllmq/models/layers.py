@@ -1,7 +1,9 @@
 """Building blocks shared by the native dLLM implementations.
 
 RMSNorm and RoPE run in fp32 whatever the model dtype, as LLaDA (`rope_full_precision`) and
-Qwen2/Dream do; attention is bidirectional SDPA (no causal mask) for every family.
+Qwen2/Dream do; attention is bidirectional SDPA (no causal mask) for every diffusion family.
+`AttentionCore(..., is_causal=True)` adds the autoregressive mask, for plain AR checkpoints
+(the `llama` family) that dllmq quantizes for side-by-side comparisons with AR tools.
 """
 
 from __future__ import annotations
@@ -64,16 +66,19 @@ def positions_from_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
 
 class AttentionCore(nn.Module):
-    """Bidirectional multi-head SDPA with RoPE and GQA; holds no weights.
+    """Multi-head SDPA with RoPE and GQA; holds no weights. Bidirectional unless `is_causal`.
 
     The projections live on the family's block under their published names; this module only
     turns projected q/k/v into the per-head softmax(QK^T)V product. `value_out` is an identity
-    slot where activation quantization of that product (IA-AQ) plugs in.
+    slot where activation quantization of that product (IA-AQ) plugs in. `is_causal=True`
+    (autoregressive families only; the default False keeps LLaDA/Dream bidirectional) lets
+    position i attend to keys <= i, combined with the padding key mask when there is one.
     """
 
-    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int):
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, is_causal: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.is_causal = is_causal
         self.value_out: nn.Module = nn.Identity()
 
     def forward(self, q, k, v, rope, bias) -> torch.Tensor:
@@ -87,5 +92,13 @@ class AttentionCore(nn.Module):
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)
+        causal = False
+        if self.is_causal:
+            if bias is None:
+                causal = True  # SDPA's own lower-triangular mask
+            else:  # SDPA takes one or the other: fold the causal mask into the key mask
+                tri = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+                eye = torch.eye(L, dtype=torch.bool, device=q.device)
+                bias = (bias & tri) | eye  # a padding query sees itself: no all-masked row (NaN)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
         return self.value_out(out).transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)

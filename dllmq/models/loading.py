@@ -121,6 +121,10 @@ class ShardReader:
                 raise UserError(f"{self.path / shard} is not a readable safetensors file ({e})") from None
         return self._open[shard]
 
+    def close(self) -> None:
+        """Drop the open (memory-mapped) shards so pages already read stop counting as resident."""
+        self._open.clear()
+
     def __contains__(self, name: str) -> bool:
         return name in self.map
 

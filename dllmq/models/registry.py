@@ -6,6 +6,7 @@ from ..errors import UserError
 from .base import ArchSpec
 from .dream import DREAM
 from .llada import LLADA
+from .llama import LLAMA  # plain AR LLaMA layout, for side-by-side benchmarks
 
 _FAMILIES: dict[str, ArchSpec] = {}
 
@@ -16,7 +17,7 @@ def register(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
-for _spec in (LLADA, DREAM):
+for _spec in (LLADA, DREAM, LLAMA):
     register(_spec)
 
 

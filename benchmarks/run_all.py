@@ -1,0 +1,10 @@
+"""`make bench`: every benchmark, each reporting ratios against a baseline measured in the same run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+for script, args in [("peak_rss.py", ["--layers", "4", "16"])]:
+    print(f"== {script} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *args], check=True)
