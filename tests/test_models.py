@@ -150,3 +150,23 @@ def test_hub_id_offline_is_one_clear_error(monkeypatch, tmp_path):
     importlib.reload(c)
     with pytest.raises(UserError, match="offline|cannot download"):
         resolve_model_path("GSAI-ML/LLaDA-8B-Instruct")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llada", "tiny_dream"])
+def test_outlier_injection_preserves_function(fixture, request, tmp_path):
+    from dllmq.evaluation.outliers import activation_stats
+    from dllmq.models.variants import write_outlier_variant
+
+    src = request.getfixturevalue(fixture)
+    out = write_outlier_variant(src, tmp_path / "outl", factor=64.0, channels=2)
+    a, b = load_model(src, dtype=torch.float32), load_model(out, dtype=torch.float32)
+    x = _ids(16)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    assert (ya - yb).abs().max() / ya.abs().max() < 1e-4
+    down = a.arch.mlp_down
+    sa = {s.name: s for s in activation_stats(a, [x])}
+    sb = {s.name: s for s in activation_stats(b, [x])}
+    name = f"{a.arch.blocks_path}.0.{down}"
+    assert sb[name].max_abs > 3 * sa[name].max_abs
+    assert sb[name].channel_ratio > 8 * sa[name].channel_ratio

@@ -27,8 +27,16 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md"
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None, revision: str | None = None) -> Path:
-    """A local folder, a bundled model name ('tiny', the default), or a Hub repo id."""
+    """A local folder, a bundled model name ('tiny', the default; 'tiny-outliers'), or a Hub repo id."""
     name = str(name_or_path) if name_or_path not in (None, "") else "tiny"
+    if name == "tiny-outliers":
+        # the bundled model with function-preserving injected outliers, built once into the cache
+        from .variants import cache_dir, write_outlier_variant
+
+        out = cache_dir() / "tiny-outliers"
+        if not (out / "config.json").exists():
+            write_outlier_variant(resolve_model_path("tiny"), out)
+        return out
     if name in BUNDLED_MODELS:
         path = BUNDLED_MODELS[name]
         if not (path / "config.json").exists():
