@@ -169,4 +169,6 @@ def test_outlier_injection_preserves_function(fixture, request, tmp_path):
     sb = {s.name: s for s in activation_stats(b, [x])}
     name = f"{a.arch.blocks_path}.0.{down}"
     assert sb[name].max_abs > 3 * sa[name].max_abs
-    assert sb[name].channel_ratio > 8 * sa[name].channel_ratio
+    assert sb[name].channel_ratio > 4 * sa[name].channel_ratio
+    assert sb[name].kurtosis > 10 * sa[name].kurtosis
+    assert sb[name].outlier_token_share > sa[name].outlier_token_share + 0.2  # spread over many tokens

@@ -72,10 +72,12 @@ def main() -> None:
                 if w.shape != fp[f"{name}.weight"].shape:
                     raise SystemExit(f"{name}: dequantized shape {tuple(w.shape)} != {tuple(fp[name + '.weight'].shape)}")
                 sd[f"{name}.weight"] = w
-        qsd = q.model.state_dict()
-        for k, v in fp.items():
+        saved = {}  # non-quantized tensors exactly as saved (the reloaded model may hold them in fp16)
+        for f in out.glob("*.safetensors"):
+            saved.update(load_file(str(f)))
+        for k in fp:
             if k not in sd:
-                sd[k] = qsd[k].detach().float().contiguous() if k in qsd else v
+                sd[k] = saved[k].float().contiguous()
         res["changed_tensors"] = sum(1 for k in sd if not torch.equal(sd[k], fp[k]))  # 28 linears expected
         dense = Path(a.dense_out)
         if dense.exists():
