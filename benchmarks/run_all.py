@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-for script, args in [("peak_rss.py", ["--layers", "4", "16"])]:
+for script, args in [("peak_rss.py", ["--layers", "4", "16", "32", "--d-model", "1024"]),
+                     ("method_matrix.py", [])]:
     print(f"== {script} {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, str(HERE / script), *args], check=True)
