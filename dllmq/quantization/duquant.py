@@ -1,0 +1,319 @@
+"""DuQuant (Lin et al., 2024: "Rotation and Permutation for Advanced Outlier Management") as
+pure tensor functions.
+
+For a linear layer reading ``x`` [T, K] DuQuant quantizes ``x̃ = (x / s) · T`` and
+``W̃ = (W · s) · T`` instead of ``x`` and ``W``; since ``T`` is orthogonal,
+``x̃ W̃ᵀ = (x / s) T Tᵀ (W · s)ᵀ = x Wᵀ``. The parts:
+
+* ``s`` [K]: optional SmoothQuant scales (`smoothquant.smooth_scales`, α = 0.5), moving part
+  of the activation outliers into the weights first.
+* ``T = R1 · P · R2``: two block-diagonal orthogonal matrices (blocks of ``b`` channels,
+  default 128) around a channel permutation ``P``.
+
+**Block rotation** (`rotation_block` / `rotation_blocks`). Fixed per block size ``b``, a
+"spreading" orthogonal matrix ``Q = diag(1, O) · H`` (`spreading_rotation`):
+
+* ``H = I - 2 v vᵀ / (vᵀ v)`` with ``v = e₀ - u``, ``u = 1/√b · (1, …, 1)``, the Householder
+  reflection that swaps ``e₀`` and ``u`` (symmetric and orthogonal);
+* ``O`` a random orthogonal (b-1)×(b-1) matrix (QR of a Gaussian drawn from a generator
+  seeded by ``seed``, with the signs of R's diagonal folded in, so it is deterministic),
+  acting on the channels 1…b-1.
+
+Row 0 of ``Q`` is ``uᵀ``, so in ``y = x Q`` channel 0 of ``x`` is spread evenly over all ``b``
+outputs (each gets ``x₀/√b``) while the other channels are scrambled by ``O`` then reflected.
+Greedy step: take the channel ``j`` holding the largest |value| of the current block
+activations (over all calibration rows), and multiply by ``P₀ⱼ Q`` (``P₀ⱼ`` swaps channels 0
+and j, i.e. the rows ``0`` and ``j`` of ``Q`` are exchanged), which spreads channel ``j``.
+Repeat up to ``steps`` times (default 256) on the rotated activations; the block's rotation
+is the product of the prefix of steps with the smallest peak max|x| (the identity if no step
+lowers it), so the peak never increases. Every block runs the same procedure independently
+(vectorised over blocks). This mirrors DuQuant's construction (greedy from the largest
+outlier, fixed orthogonal that spreads one coordinate, random orthogonal on the rest), with
+our own choice of a Householder reflection for the spreading part.
+
+**Zigzag permutation** (`zigzag_permutation`): channels sorted by max|x| (after R1, largest
+first) are dealt to the blocks in the order 0, 1, …, B-1, B-1, …, 1, 0, 0, 1, …; the r-th
+round fills position r of every block. Every block gets one channel of each "round" of B
+channels, so big and small channels are balanced across blocks and R2 can spread what R1 could
+not (outliers concentrated in one block).
+
+Calibration uses the rows of ``X / s`` (at most ``max_rows`` evenly strided tokens). The
+online cost of `apply_duquant` is two batched b×b block matmuls and one gather: O(T·K·b).
+Quantization (per-token activations with clip 0.9, per-channel weights with clip 0.8 in
+QDLM's setting) happens afterwards, with `smoothquant.fake_quant_act` and `rtn`.
+
+Storage (`DuQuantTransform.to_tensors`): ``smooth_scale`` [K] (absent without smoothing),
+``rot1`` [B, b, b], ``perm`` int64 [K] (``x_perm = x[..., perm]``), ``rot2`` [B, b, b].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .smoothquant import smooth_scales
+
+TENSOR_NAMES = ("smooth_scale", "rot1", "perm", "rot2")
+
+
+def block_size_for(k: int, block: int = 128) -> int:
+    """Block size used for width ``k``: the largest divisor of ``k`` that is ≤ ``block``."""
+    if k < 1 or block < 1:
+        raise ValueError(f"width and block size must be positive, got k={k}, block={block}")
+    b = min(block, k)
+    while k % b:
+        b -= 1
+    return b
+
+
+def spreading_rotation(b: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Orthogonal ``Q = diag(1, O) · H`` [b, b] whose row 0 is ``1/√b · (1, …, 1)``.
+
+    ``H`` is the Householder reflection swapping ``e₀`` and the uniform unit vector; ``O`` is a
+    seeded random orthogonal matrix on the other b-1 coordinates (see the module docstring).
+    """
+    if b < 1:
+        raise ValueError(f"block size must be positive, got {b}")
+    u = torch.full((b,), 1.0 / b**0.5, dtype=torch.float64)
+    v = -u
+    v[0] += 1.0
+    vv = float(v @ v)
+    h = torch.eye(b, dtype=torch.float64)
+    if vv > 0:  # b == 1: e₀ == u, H = I
+        h -= (2.0 / vv) * torch.outer(v, v)
+    rot = torch.eye(b, dtype=torch.float64)
+    if b > 2:
+        gen = torch.Generator().manual_seed(seed)
+        g = torch.randn(b - 1, b - 1, generator=gen, dtype=torch.float64)
+        qm, rm = torch.linalg.qr(g)
+        sign = torch.where(torch.diagonal(rm) < 0, -1.0, 1.0).to(torch.float64)
+        rot[1:, 1:] = qm * sign  # unique QR (R with a positive diagonal): deterministic
+    return (rot @ h).to(dtype)
+
+
+def _apply_blocks(x: torch.Tensor, rots: torch.Tensor) -> torch.Tensor:
+    """``x`` [M, B·b] times block-diag(rots [B, b, b]) -> [M, B·b]."""
+    m = x.shape[0]
+    nb, b, _ = rots.shape
+    y = torch.bmm(x.reshape(m, nb, b).transpose(0, 1), rots)  # [B, M, b]
+    return y.transpose(0, 1).reshape(m, nb * b)
+
+
+def rotation_blocks(x: torch.Tensor, block: int, steps: int = 256, seed: int = 0) -> torch.Tensor:
+    """Greedy DuQuant rotations [B, b, b] (float64) for the ``K / block`` blocks of ``x`` [M, K].
+
+    ``x`` holds calibration rows (tokens; a single row such as per-channel max|x| also works).
+    Each block gets the best prefix of the greedy product ``∏ P₀ⱼ Q`` (module docstring).
+    """
+    if x.dim() == 1:
+        x = x.reshape(1, -1)
+    if x.dim() != 2:
+        raise ValueError(f"expected calibration rows [M, K], got shape {tuple(x.shape)}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    m, k = x.shape
+    if block < 1 or k % block:
+        raise ValueError(f"block size {block} does not divide width {k}")
+    nb, b = k // block, block
+    device = x.device
+    q = spreading_rotation(b, seed).to(device)
+    cur = x.detach().to(torch.float64).reshape(m, nb, b).transpose(0, 1).contiguous()  # [B, M, b]
+    eye = torch.eye(b, dtype=torch.float64, device=device)
+    rot = eye.expand(nb, b, b).clone()
+    best = rot.clone()
+    best_peak = cur.abs().amax(dim=(1, 2)) if m else torch.zeros(nb, dtype=torch.float64, device=device)
+    if m == 0 or b == 1:
+        return best
+    ar = torch.arange(b, device=device)
+    for _ in range(steps):
+        j = cur.abs().amax(dim=1).argmax(dim=1)  # [B]: channel holding the block's peak
+        idx = ar.expand(nb, b).clone()
+        idx[:, 0] = j
+        idx[torch.arange(nb, device=device), j] = 0
+        step = q[idx]  # [B, b, b]: rows 0 and j of Q exchanged = P₀ⱼ · Q
+        cur = torch.bmm(cur, step)
+        rot = torch.bmm(rot, step)
+        peak = cur.abs().amax(dim=(1, 2))
+        better = peak < best_peak
+        if better.any():
+            best_peak = torch.where(better, peak, best_peak)
+            best[better] = rot[better]
+    return best
+
+
+def rotation_block(x_block: torch.Tensor, steps: int = 256, seed: int = 0) -> torch.Tensor:
+    """Greedy rotation [b, b] (float64) for one block's calibration rows ``x_block`` [M, b] (or [b])."""
+    xb = x_block.reshape(1, -1) if x_block.dim() == 1 else x_block
+    return rotation_blocks(xb, xb.shape[-1], steps, seed)[0]
+
+
+def zigzag_permutation(channel_max: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """Permutation [K] (int64) balancing channel magnitudes over ``n_blocks`` equal blocks.
+
+    Channels sorted by ``channel_max`` (descending, stable) are dealt in zigzag order
+    0, 1, …, B-1, B-1, …, 0, 0, 1, …; round r fills position r of every block. Apply as
+    ``x[..., perm]`` (new channel i is old channel ``perm[i]``).
+    """
+    c = channel_max.detach().reshape(-1)
+    k = c.numel()
+    if n_blocks < 1 or k % n_blocks:
+        raise ValueError(f"{n_blocks} blocks do not divide {k} channels")
+    b = k // n_blocks
+    order = torch.argsort(c.float().cpu(), descending=True, stable=True)
+    i = torch.arange(k)
+    rnd, pos = i // n_blocks, i % n_blocks
+    blk = torch.where(rnd % 2 == 0, pos, n_blocks - 1 - pos)
+    perm = torch.empty(k, dtype=torch.int64)
+    perm[blk * b + rnd] = order
+    return perm.to(channel_max.device)
+
+
+def _block_diag(rots: torch.Tensor) -> torch.Tensor:
+    return torch.block_diag(*rots.unbind(0))
+
+
+@dataclass
+class DuQuantTransform:
+    """``x ↦ (x / s) · R1 · P · R2`` for one linear input of width K (see module docstring).
+
+    ``smooth_scale`` [K] or None; ``rot1`` / ``rot2`` [B, b, b] (block-diagonal factors);
+    ``perm`` int64 [K] (``P``: ``x[..., perm]``).
+    """
+
+    smooth_scale: torch.Tensor | None
+    rot1: torch.Tensor
+    perm: torch.Tensor
+    rot2: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.rot1.dim() != 3 or self.rot1.shape[1] != self.rot1.shape[2] or self.rot1.shape != self.rot2.shape:
+            raise ValueError(
+                f"rotations must be [B, b, b] and alike, got {tuple(self.rot1.shape)}, {tuple(self.rot2.shape)}"
+            )
+        k = self.in_features
+        self.perm = self.perm.to(torch.int64).reshape(-1)
+        if self.perm.numel() != k or not torch.equal(torch.sort(self.perm.cpu()).values, torch.arange(k)):
+            raise ValueError(f"perm must be a permutation of {k} channels")
+        if self.smooth_scale is not None:
+            s = self.smooth_scale.reshape(-1)
+            if s.numel() != k or not torch.isfinite(s).all() or (s <= 0).any():
+                raise ValueError(f"smooth_scale must hold {k} finite positive values")
+            self.smooth_scale = s
+
+    @property
+    def block_size(self) -> int:
+        return int(self.rot1.shape[1])
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.rot1.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return self.n_blocks * self.block_size
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Dense orthogonal ``T = R1 · P · R2`` [K, K] (without the smoothing scales)."""
+        r1 = _block_diag(self.rot1.to(dtype))
+        r2 = _block_diag(self.rot2.to(dtype))
+        return r1[:, self.perm.to(r1.device)] @ r2.to(r1.device)
+
+    def _rotate(self, x2: torch.Tensor) -> torch.Tensor:
+        dev, dt = x2.device, x2.dtype
+        y = _apply_blocks(x2, self.rot1.to(device=dev, dtype=dt))
+        y = y[:, self.perm.to(dev)]
+        return _apply_blocks(y, self.rot2.to(device=dev, dtype=dt))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Online activation transform ``(x / s) · T`` for ``x`` [..., K], in x's dtype, O(T·K·b)."""
+        k = self.in_features
+        if x.shape[-1] != k:
+            raise ValueError(f"input has {x.shape[-1]} channels, transform expects {k}")
+        x2 = x.reshape(-1, k)
+        if self.smooth_scale is not None:
+            x2 = x2 / self.smooth_scale.to(device=x.device, dtype=x.dtype)
+        return self._rotate(x2).reshape(x.shape)
+
+    def fold_into(self, w: torch.Tensor) -> torch.Tensor:
+        """Offline weight transform ``(W · s) · T`` for ``W`` [N, K], computed in float64, in W's dtype.
+
+        ``apply(x) @ fold_into(W).T == x @ W.T`` up to rounding.
+        """
+        k = self.in_features
+        if w.dim() != 2 or w.shape[1] != k:
+            raise ValueError(f"weight shape {tuple(w.shape)} does not match {k} input channels")
+        w2 = w.detach().to(torch.float64)
+        if self.smooth_scale is not None:
+            w2 = w2 * self.smooth_scale.to(device=w.device, dtype=torch.float64)
+        return self._rotate(w2).to(w.dtype)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "DuQuantTransform":
+        """Copy on ``device``; ``dtype`` applies to the scales and rotations, not the permutation."""
+        def cv(t):
+            return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
+
+        return DuQuantTransform(cv(self.smooth_scale), cv(self.rot1), self.perm.to(device), cv(self.rot2))
+
+    def to_tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors: ``smooth_scale`` (only with smoothing), ``rot1``, ``perm``, ``rot2``."""
+        out = {
+            "rot1": self.rot1.detach().to(dtype).contiguous(),
+            "perm": self.perm.detach().to(torch.int64).contiguous(),
+            "rot2": self.rot2.detach().to(dtype).contiguous(),
+        }
+        if self.smooth_scale is not None:
+            out["smooth_scale"] = self.smooth_scale.detach().to(dtype).contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "DuQuantTransform":
+        missing = [n for n in ("rot1", "perm", "rot2") if n not in tensors]
+        if missing:
+            raise ValueError(f"DuQuant transform tensors missing: {', '.join(missing)}")
+        return cls(tensors.get("smooth_scale"), tensors["rot1"], tensors["perm"], tensors["rot2"])
+
+
+def apply_duquant(x: torch.Tensor, transform: DuQuantTransform) -> torch.Tensor:
+    """``transform.apply(x)``: ``(x / s) · R1 · P · R2`` for ``x`` [..., K]."""
+    return transform.apply(x)
+
+
+def duquant_transform(
+    X: torch.Tensor,
+    weights: Sequence[torch.Tensor] = (),
+    block: int = 128,
+    steps: int = 256,
+    alpha: float | None = 0.5,
+    *,
+    max_rows: int = 256,
+    seed: int = 0,
+) -> DuQuantTransform:
+    """Calibrate DuQuant's transform for a linear input from calibration activations ``X`` [..., K].
+
+    ``weights`` ([N_i, K], all linears reading this input) are only used for the smoothing
+    scales (``alpha`` None: no smoothing, weights may be empty). The block size is
+    `block_size_for(K, block)`. The rotations and permutation are fitted on at most
+    ``max_rows`` evenly strided rows of ``X / s``: R1 greedily, then the zigzag permutation of
+    the channels' max|x| after R1, then R2 greedily. Deterministic for a given ``seed``.
+    """
+    k = X.shape[-1]
+    x = X.detach().reshape(-1, k).to(torch.float64)
+    if x.shape[0] == 0:
+        raise ValueError("need at least one calibration row")
+    s = None
+    if alpha is not None:
+        s = smooth_scales(x.abs().amax(dim=0), list(weights), alpha=alpha).to(torch.float64)
+        x = x / s
+    if max_rows > 0 and x.shape[0] > max_rows:
+        idx = torch.linspace(0, x.shape[0] - 1, max_rows, device=x.device).round().long()
+        x = x[idx]
+    b = block_size_for(k, block)
+    nb = k // b
+    r1 = rotation_blocks(x, b, steps, seed)
+    y = _apply_blocks(x, r1)
+    perm = zigzag_permutation(y.abs().amax(dim=0), nb)
+    y = y[:, perm]
+    r2 = rotation_blocks(y, b, steps, seed + 1)
+    return DuQuantTransform(smooth_scale=s, rot1=r1, perm=perm, rot2=r2)

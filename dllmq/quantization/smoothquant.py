@@ -1,0 +1,79 @@
+"""SmoothQuant (Xiao et al., 2023) as pure tensor functions.
+
+Activation outliers live in a few fixed input channels; per-token activation quantization
+wastes its range on them. SmoothQuant migrates part of that range into the weights with a
+per-input-channel scale ``s``: ``y = x Wᵀ = (x / s)(W · s)ᵀ``, where
+
+    s_j = max|X_j|^α / max_i max|W_i[:, j]|^(1 - α)
+
+over calibration tokens (``X_j``: input channel j) and over every linear ``W_i`` reading the
+same input. ``α = 0.5`` balances the two ranges; larger α pushes more into the weights.
+``1 / s`` is folded into the op producing ``x`` (a norm's weight, or a previous linear's
+output rows) with `dllmq.quantization.awq.fold_scales`, so the model is unchanged before
+quantization; both ``x / s`` and ``W · s`` are then quantized (e.g. W8A8: per-channel
+weights, dynamic per-token activations).
+
+`fake_quant_act` is the activation side of that runtime (quantize + dequantize per token,
+symmetric, optional clip ratio) through the same code the int8 GEMM path uses, so simulated
+and real W8A8 / W4A8 / W4A4 agree.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .spec import ActSpec
+
+
+def smooth_scales(
+    act_absmax: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    alpha: float = 0.5,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Per-input-channel smoothing scales ``s`` [K] (float32) for the linears in ``weights``.
+
+    ``act_absmax`` [K]: max |x| per input channel over calibration tokens. ``weights``: the
+    linears ([N_i, K]) that read that input (e.g. q/k/v, or gate/up); their column maxima
+    are combined with a max. Both maxima are clamped to ≥ ``eps`` (dead channels, zero
+    columns), and ``s`` to ``[eps, 1/eps]`` so that neither ``x / s`` nor ``W · s`` can
+    overflow. Use: divide the producer of ``x`` by ``s`` and multiply the weights' columns by
+    ``s`` (`fold_scales`), or call the weight ``W * s`` and the input ``x / s``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if eps <= 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    if not weights:
+        raise ValueError("weights must hold at least one linear weight")
+    a = act_absmax.detach().float().reshape(-1)
+    k = a.numel()
+    for w in weights:
+        if w.dim() != 2 or w.shape[1] != k:
+            raise ValueError(f"weight shape {tuple(w.shape)} does not match {k} input channels")
+    if not torch.isfinite(a).all():
+        raise ValueError("act_absmax must be finite")
+    device = a.device
+    w_max = torch.stack([w.detach().float().abs().amax(dim=0).to(device) for w in weights]).amax(dim=0)
+    a = a.abs().clamp_min(eps)
+    w_max = w_max.clamp_min(eps)
+    s = a.pow(alpha) / w_max.pow(1.0 - alpha)
+    return s.clamp(eps, 1.0 / eps)
+
+
+def fake_quant_act(x: torch.Tensor, act_spec: ActSpec) -> torch.Tensor:
+    """Dynamic per-token fake quantization of ``x`` [..., K], in ``x``'s dtype and shape.
+
+    Same arithmetic as the runtime (`dllmq.runtime.kernels.quantize_per_token`): symmetric,
+    one scale per row = ``max|row| · clip_ratio / qmax``, round to nearest, clamp to
+    ``[qmin, qmax]`` (4-bit values are the int8 codes in [-8, 7]), then ``q · scale``.
+    A 16-bit spec returns ``x`` unchanged.
+    """
+    if not act_spec.enabled:
+        return x
+    from ..runtime.kernels import quantize_per_token  # lazy: runtime.kernels imports quantization modules
+
+    q, scale = quantize_per_token(x, act_spec)
+    return (q.float() * scale).reshape(x.shape).to(x.dtype)
