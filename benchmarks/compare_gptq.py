@@ -23,13 +23,17 @@ What it does (everything cached under benchmarks/.cache/, which ignores itself f
        replaces `dllmq.pipeline._build_calibration` in the worker with a function returning a
        CalibrationSet of those ids (mask none), so no text round trip is involved.
        Extra reference rows: dllmq GPTQ with sequential off (one Hessian pass per block, as
-       llm-compressor's layer-wise pipeline does) and dllmq RTN (no calibration).
+       llm-compressor's layer-wise pipeline does), dllmq RTN (no calibration), and a diagnostic
+       dllmq GPTQ configured like llm-compressor: sequential off AND the peers' symmetric scale
+       (absmax/7.5 instead of dllmq's absmax/7; done by wrapping dllmq's gptq_quantize with
+       clip_ratio=7/7.5 in the worker).
    (c) GPTQModel (optional): GPTQModel.load + quantize(batch 8, desc_act off, damp 0.01);
        benchmarks/peers/gptqmodel_gptq.py.
    Timed: the quantization call only. llm-compressor / GPTQModel: oneshot() / model.quantize()
    (excludes imports, model loading and saving; saving is reported separately in the JSON).
    dllmq: the whole pipeline.quantize() call, which INCLUDES reading the FP shards and writing
-   the packed checkpoint (dllmq has no separate save step). Median over --repeats runs.
+   the packed checkpoint (dllmq has no separate save step). Median over --repeats runs, run
+   round robin across tools; process CPU time of the same call is reported too.
 5. Metrics, all in this (main) venv with the same code, on the held-out ids: relative logits error
    ||logits_q - logits_fp|| / ||logits_fp|| (Frobenius over all positions), mean per-token
    KL(p_fp || p_q), and next-token perplexity. The FP reference is transformers' model.
@@ -215,36 +219,47 @@ def worker_dllmq(a) -> None:
                                         "source": "pre-tokenized ids (benchmarks/compare_gptq.py)"})
 
     pl._build_calibration = fixed_calibration
+    if a.clip_ratio != 1.0:
+        # Diagnostic only: dllmq's symmetric scale is absmax / 7 (int4, range fully representable);
+        # llm-compressor and GPTQModel use absmax / 7.5 (finer grid, the positive max clipped to 7/7.5).
+        # clip_ratio = 7 / 7.5 reproduces their scale inside dllmq's unchanged GPTQ.
+        import dllmq.quantization.methods.gptq as method_gptq
+
+        orig = method_gptq.gptq_quantize
+        method_gptq.gptq_quantize = lambda *args, **kw: orig(*args, **{**kw, "clip_ratio": a.clip_ratio})
     spec = WeightSpec(a.bits, True, "channel", None) if a.group_size == -1 else WeightSpec(a.bits, True, "group",
                                                                                              a.group_size)
     qcfg = QuantizationConfig(a.method, spec, ignore=[r"lm_head"])
     opts = {"damp": a.damp, "act_order": False, "block_size": 128} if a.method == "gptq" else {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = pl.quantize(a.model, qcfg, a.out, overwrite=True, method_options=opts,
                       calib=pl.CalibOptions(calib="ids", samples=n, seq_len=L, mask="none", batch_size=a.batch_size),
                       sequential=bool(a.sequential), show_progress=False)
-    quant_s = time.perf_counter() - t0
-    print("RESULT " + json.dumps({"tool": "dllmq", "quant_seconds": quant_s, "save_seconds": 0.0,
+    quant_s, quant_cpu = time.perf_counter() - t0, time.process_time() - c0
+    print("RESULT " + json.dumps({"tool": "dllmq", "quant_seconds": quant_s, "quant_cpu_seconds": quant_cpu,
+                                  "save_seconds": 0.0, "clip_ratio": a.clip_ratio,
                                   "layer_seconds": sum(r.seconds for r in res.layers), "threads": a.threads,
                                   "mean_layer_rel_error": sum(r.rel_error for r in res.layers) / len(res.layers)}),
           flush=True)
 
 
-def run_tool(tool: str, variant: str, model_dir: Path, ids_file: Path, gs: int, out: Path, a) -> dict:
+def run_tool(tool: str, variant: str, model_dir: Path, ids_file: Path, gs: int, out: Path, a, dense: bool) -> dict:
     common = ["--model", str(model_dir), "--calib", str(ids_file), "--out", str(out), "--group-size", str(gs),
               "--threads", str(a.threads)]
+    dense_arg = ["--dense-out", str(out) + "-dense"] if dense else []
     if tool == "llm-compressor":
         py = ensure_venv("llmcompressor")
         return _run([str(py), str(PEERS / "llmc_gptq.py"), *common, "--damp", "0.01", "--batch-size", "8",
-                     "--dense-out", str(out) + "-dense"], threads=a.threads)
+                     *dense_arg], threads=a.threads)
     if tool == "GPTQModel":
         py = ensure_venv("gptqmodel")
         return _run([str(py), str(PEERS / "gptqmodel_gptq.py"), *common, "--damp", "0.01", "--batch-size", "8",
-                     "--dense-out", str(out) + "-dense"], env_extra={"GPTQMODEL_CPU_WORKERS": "2"},
-                    threads=a.threads)
-    method, seq = {"gptq": ("gptq", 1), "gptq-nonseq": ("gptq", 0), "rtn": ("rtn", 1)}[variant]
+                     *dense_arg], env_extra={"GPTQMODEL_CPU_WORKERS": "2"}, threads=a.threads)
+    method, seq, clip = {"gptq": ("gptq", 1, 1.0), "gptq-nonseq": ("gptq", 0, 1.0), "rtn": ("rtn", 1, 1.0),
+                         "gptq-matched": ("gptq", 0, 7 / 7.5)}[variant]
     return _run([sys.executable, str(Path(__file__).resolve()), "worker-dllmq", *common, "--method", method,
-                 "--sequential", str(seq), "--damp", "0.01", "--batch-size", "8"], threads=a.threads)
+                 "--sequential", str(seq), "--damp", "0.01", "--batch-size", "8", "--clip-ratio", repr(clip)],
+                threads=a.threads)
 
 
 # --------------------------------------------------------------------------------------- metrics
@@ -296,6 +311,7 @@ def main() -> None:
                      ("--bits", 4)):
             ap.add_argument(k, type=int, default=d)
         ap.add_argument("--damp", type=float, default=0.01)
+        ap.add_argument("--clip-ratio", type=float, default=1.0)
         return worker_dllmq(ap.parse_args(sys.argv[2:]))
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -337,31 +353,48 @@ def main() -> None:
     del ours_fp
     log(f"FP ppl {fp_metrics['ppl']:.3f}; dllmq-vs-transformers FP max |logit diff| {layout_diff:.2e}")
 
-    tools = [("llm-compressor", "gptq"), ("dllmq", "gptq"), ("dllmq", "gptq-nonseq"), ("dllmq", "rtn")]
+    tools = [("llm-compressor", "gptq"), ("dllmq", "gptq"), ("dllmq", "gptq-nonseq"), ("dllmq", "gptq-matched"),
+             ("dllmq", "rtn")]
     if not a.no_gptqmodel:
         tools.insert(1, ("GPTQModel", "gptq"))
+    single: set[str] = set()  # variants run once (none by default)
     cfgs = {"g128": 128, "g64": 64, "channel": -1}
     rows = []
     for cname in a.configs.split(","):
         gs = cfgs[cname]
+        runs: dict[tuple, list] = {t: [] for t in tools}
+        failed: dict[tuple, str] = {}
+        # Round robin (tool A run 1, tool B run 1, ..., tool A run 2, ...): slow drifts of the machine's
+        # load (another job shares it) hit every tool alike instead of whichever ran last.
+        for r in range(a.repeats):
+            for tool, variant in tools:
+                key = (tool, variant)
+                if key in failed or (variant in single and r > 0):
+                    continue
+                out = WORK / "out" / f"{tool}-{variant}-{cname}"
+                try:
+                    res = run_tool(tool, variant, model_dir, calib_file, gs, out, a, dense=(r == 0))
+                except Exception as e:  # a failing peer is reported, not fatal
+                    log(f"{tool} {variant} {cname} FAILED: {e}")
+                    failed[key] = str(e)[-2000:]
+                    continue
+                runs[key].append(res)
+                log(f"{tool} {variant} {cname} run {r + 1}: {res['quant_seconds']:.2f} s wall, "
+                    f"{res.get('quant_cpu_seconds', float('nan')):.2f} s CPU")
         for tool, variant in tools:
-            out = WORK / "out" / f"{tool}-{variant}-{cname}"
-            reps = a.repeats if variant in ("gptq",) else 1
-            runs = []
-            try:
-                for r in range(reps):
-                    res = run_tool(tool, variant, model_dir, calib_file, gs, out, a)
-                    runs.append(res)
-                    log(f"{tool} {variant} {cname} run {r + 1}/{reps}: {res['quant_seconds']:.2f} s")
-            except Exception as e:  # a failing peer is reported, not fatal
-                log(f"{tool} {variant} {cname} FAILED: {e}")
-                rows.append({"tool": tool, "variant": variant, "config": cname, "error": str(e)[-2000:]})
+            key = (tool, variant)
+            if key in failed:
+                rows.append({"tool": tool, "variant": variant, "config": cname, "error": failed[key]})
                 continue
+            rs = runs[key]
+            out = WORK / "out" / f"{tool}-{variant}-{cname}"
             row = {"tool": tool, "variant": variant, "config": cname,
-                   "quant_seconds": statistics.median(r["quant_seconds"] for r in runs),
-                   "quant_seconds_all": [round(r["quant_seconds"], 3) for r in runs],
-                   "save_seconds": statistics.median(r.get("save_seconds", 0.0) for r in runs),
-                   "info": {k: v for k, v in runs[0].items() if k not in ("quant_seconds", "save_seconds")}}
+                   "quant_seconds": statistics.median(r["quant_seconds"] for r in rs),
+                   "quant_cpu_seconds": statistics.median(r["quant_cpu_seconds"] for r in rs),
+                   "quant_seconds_all": [round(r["quant_seconds"], 3) for r in rs],
+                   "quant_cpu_seconds_all": [round(r["quant_cpu_seconds"], 3) for r in rs],
+                   "save_seconds": statistics.median(r.get("save_seconds", 0.0) for r in rs),
+                   "info": {k: v for k, v in rs[0].items() if not k.startswith(("quant_seconds", "quant_cpu"))}}
             if tool == "dllmq":
                 q = dllmq.load(out, dtype=torch.float32)
                 with force_kernel("dequant"):
@@ -375,24 +408,26 @@ def main() -> None:
                 del q
             row.update(m)
             rows.append(row)
-            log(f"  -> rel err {m['rel_logits_error']:.4f}, KL {m['kl']:.5f}, ppl {m['ppl']:.3f}")
+            log(f"{tool} {variant} {cname}: rel err {m['rel_logits_error']:.5f}, KL {m['kl']:.6f}, ppl {m['ppl']:.3f}")
 
     # ---- table
-    label = {"gptq": "GPTQ", "gptq-nonseq": "GPTQ, sequential off", "rtn": "RTN (no calibration)"}
+    label = {"gptq": "GPTQ", "gptq-nonseq": "GPTQ, sequential off", "rtn": "RTN (no calibration)",
+             "gptq-matched": "GPTQ, sequential off + peers' scale absmax/7.5 (diagnostic)"}
     cdesc = {"g128": "W4A16 sym, group 128", "g64": "W4A16 sym, group 64", "channel": "W4A16 sym, per channel"}
-    lines = ["| tool | config | quant wall time (s) | time ratio vs llm-compressor | rel. logits error | KL (mean/token) | ppl |",
-             "|---|---|---|---|---|---|---|",
-             f"| full precision (transformers) | fp32 | - | - | 0 | 0 | {fp_metrics['ppl']:.3f} |"]
+    lines = ["| tool | config | quant wall time (s) | time ratio vs llm-compressor | quant CPU time (s) | "
+             "rel. logits error | KL (mean/token) | ppl |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| full precision (transformers) | fp32 | - | - | - | 0 | 0 | {fp_metrics['ppl']:.3f} |"]
     for r in rows:
         name = f"{r['tool']} {label[r['variant']]}"
         if "error" in r:
-            lines.append(f"| {name} | {cdesc[r['config']]} | failed: {r['error'].splitlines()[-1][:80]} | | | | |")
+            lines.append(f"| {name} | {cdesc[r['config']]} | failed: {r['error'].splitlines()[-1][:80]} | | | | | |")
             continue
         ref = next((x for x in rows if x["tool"] == "llm-compressor" and x["config"] == r["config"] and "error" not in x),
                    None)
         ratio = f"{r['quant_seconds'] / ref['quant_seconds']:.2f}" if ref else "n/a"
         lines.append(f"| {name} | {cdesc[r['config']]} | {r['quant_seconds']:.2f} | {ratio} | "
-                     f"{r['rel_logits_error']:.4f} | {r['kl']:.5f} | {r['ppl']:.3f} |")
+                     f"{r['quant_cpu_seconds']:.2f} | {r['rel_logits_error']:.5f} | {r['kl']:.6f} | {r['ppl']:.3f} |")
     table = "\n".join(lines)
     versions = next((r["info"].get("versions") for r in rows if r.get("tool") == "llm-compressor" and "info" in r), {})
     notes = [
@@ -402,14 +437,26 @@ def main() -> None:
         "ids from documents not used for training, tokenizer or calibration.",
         "GPTQ settings everywhere: int4 symmetric min-max scales, damp 0.01, block 128, act-order off, lm_head "
         "in full precision, calibration batch 8, quantized inputs propagated to the next block.",
-        f"Times: median of {a.repeats} fresh-process runs (RTN / sequential-off rows: 1 run), {a.threads} torch "
-        "thread(s), on a shared 2-core CPU machine. llm-compressor / GPTQModel: only oneshot() / quantize() is "
+        f"Times: median of {a.repeats} fresh-process runs, interleaved round robin, "
+        f"{a.threads} torch thread(s) per tool (GPTQModel additionally runs its own pool of 2 CPU workers), on a "
+        "2-core CPU machine shared with another job; CPU time = process user+sys time of the same call. llm-compressor / GPTQModel: only oneshot() / quantize() is "
         "timed (no imports, loading or saving). dllmq: the whole pipeline.quantize() call, which also reads the "
         "FP shards and writes the packed checkpoint.",
         "dllmq 'GPTQ' is sequential (q/k/v, then o, then gate/up, then down, each group re-calibrated on the "
         "already quantized outputs); llm-compressor's sequential pipeline collects all Hessians of a decoder "
         "layer in one pass; 'sequential off' is the dllmq equivalent of that.",
         f"dllmq vs transformers FP logits (layout check): max |diff| {layout_diff:.1e}.",
+        "Symmetric int4 scale conventions differ: dllmq uses absmax/7 (the whole range representable, codes "
+        "-7..7 used); llm-compressor and GPTQModel use absmax/7.5 (a 7% finer grid; the positive extreme is "
+        "clipped to 7/7.5 of itself). The diagnostic row runs dllmq's unchanged GPTQ with sequential off and "
+        "clip_ratio=7/7.5 (the peers' scale), i.e. configured like llm-compressor, to separate these two "
+        "choices from the GPTQ implementation itself.",
+        "Peer formats: llm-compressor stores fp32 scales (pack-quantized), like dllmq; GPTQModel stores fp16 "
+        "scales and, with static_groups left at its default (off), computes a group's scale when GPTQ reaches "
+        "the group (dllmq and llm-compressor: all group scales up front from the original weights).",
+        "The model is small and only briefly trained, so all 4-bit errors are small; perplexity differences "
+        "of a few tenths are within what any perturbation does here (RTN can land below FP). The relative "
+        "logits error and KL are the discriminating columns.",
     ]
     if versions:
         notes.append("Peer versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; main venv torch "

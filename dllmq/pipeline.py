@@ -32,6 +32,7 @@ from .models.loading import ShardReader, build_empty, load_model, load_tokenizer
 from .quantization.methods import get_method
 from .quantization.methods.base import BlockContext
 from .quantization.qweight import QuantizedWeight
+from .runtime import transforms as online_transforms
 from .ui import progress
 
 
@@ -128,6 +129,7 @@ def quantize(
     arch, config = parse(src)
     reader = ShardReader(src)
     method = get_method(qcfg.method)(qcfg, **(method_options or {}))
+    method.check(arch, config)
     ignore = compile_ignore(qcfg.ignore)
     calib = calib or CalibOptions()
 
@@ -155,10 +157,12 @@ def quantize(
     stream = BlockStream(skeleton, reader, device, dtype)
     reports: list[LayerReport] = [LayerReport(**r) for r in writer.progress.get("reports", [])]
     start_block = int(writer.progress.get("blocks_done", 0))
+    qcfg.transforms = dict(writer.progress.get("transforms", {}))
     calib_desc = writer.progress.get("calibration")
     created = writer.progress.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     with writer, progress(show_progress) as prog:
+        nonblock = _nonblock(reader, arch, config, method) if start_block == 0 else None
         batches: list[CalibBatch] = []
         cache = None
         if method.needs_calibration:
@@ -171,14 +175,14 @@ def quantize(
                 _save_batches(batches, state_file)
             cache = HiddenCache(len(batches), offload_dir)
             if start_block == 0:
-                stream.embed(batches, cache)
+                stream.embed(batches, cache, nonblock[f"{arch.embed_name}.weight"])
             else:
                 hidden = load_file(str(writer.state_dir / "hidden.safetensors"))
                 for j in range(len(batches)):
                     cache.set(j, hidden[f"h{j}"])
         if start_block == 0:
-            block_prefix = arch.blocks_path + "."
-            writer.write_shard("a-nonblock", {n: reader.get(n) for n in reader.map if not n.startswith(block_prefix)})
+            writer.write_shard("a-nonblock", nonblock)
+            del nonblock
             writer.save_progress({"blocks_done": 0, "created": created, "calibration": calib_desc, "reports": []})
 
         task = prog.add_task("quantize", total=len(targets), info="") if prog else None
@@ -209,7 +213,12 @@ def quantize(
                 return res
 
             with torch.no_grad():
-                method.transform_block(blk, BlockContext(i, prefix, arch, capture))
+                online = method.transform_block(blk, BlockContext(i, prefix, arch, config, capture))
+            for local, (tspec, tens) in online.items():
+                mod = online_transforms.build(tspec, {k: v.detach().clone() for k, v in tens.items()})
+                if mod is not None:  # later passes (statistics, outputs) see the transformed inputs
+                    online_transforms.install(blk.get_submodule(local), mod.to(device))
+                qcfg.transforms[prefix + local] = tspec
             groups = [[n for n in g if n in local_targets] for g in sequential_groups(arch)] if sequential \
                 else [local_targets]
             packed: dict[str, torch.Tensor] = {}
@@ -250,7 +259,7 @@ def quantize(
             stream.release(i)
             reader.close()
             writer.save_progress({"blocks_done": i + 1, "created": created, "calibration": calib_desc,
-                                  "reports": [asdict(r) for r in reports]})
+                                  "reports": [asdict(r) for r in reports], "transforms": qcfg.transforms})
 
         raw_out = dict(raw)
         raw_out["quantization_config"] = qcfg.to_dict()
@@ -266,6 +275,16 @@ def quantize(
         }
         writer.finalize(raw_out, src, manifest)
     return QuantizeResult(out, reports, time.time() - t_start, src, calib_desc)
+
+
+def _nonblock(reader: ShardReader, arch, config, method) -> dict[str, torch.Tensor]:
+    """Tensors outside the blocks, after the method's transform (e.g. QuaRot's rotation), in their
+    original dtypes."""
+    prefix = arch.blocks_path + "."
+    raw = {n: reader.get(n) for n in reader.map if not n.startswith(prefix)}
+    out = dict(raw)
+    method.transform_nonblock(out, arch, config)
+    return {n: t.to(raw[n].dtype).contiguous() for n, t in out.items()}
 
 
 def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenCache, stats: dict, method) -> None:

@@ -75,8 +75,10 @@ class BlockStream:
         self.model.blocks[i].to("meta")
 
     @torch.no_grad()
-    def embed(self, batches: list[CalibBatch], cache: HiddenCache) -> None:
-        wte = self.reader.get(f"{self.arch.embed_name}.weight").to(device=self.device, dtype=self.dtype)
+    def embed(self, batches: list[CalibBatch], cache: HiddenCache, wte: torch.Tensor | None = None) -> None:
+        if wte is None:
+            wte = self.reader.get(f"{self.arch.embed_name}.weight")
+        wte = wte.to(device=self.device, dtype=self.dtype)
         for j, b in enumerate(batches):
             cache.set(j, F.embedding(b.ids.to(self.device), wte))
         del wte

@@ -68,7 +68,7 @@ def _emit_json(obj) -> None:
 @app.command()
 def quantize(
     model: Optional[str] = ModelArg,
-    method: str = typer.Option("rtn", "--method", "-m", help="rtn (no calibration), gptq, or awq."),
+    method: str = typer.Option("rtn", "--method", "-m", help="rtn (no calibration), gptq, awq; weight-activation: smoothquant, quarot, duquant (need --a 8 or 4)."),
     w: int = typer.Option(4, "--w", help="Weight bits: 2, 3, 4 or 8."),
     a: int = typer.Option(16, "--a", help="Activation bits: 16 (not quantized), 8 or 4 (dynamic per token)."),
     group_size: int = typer.Option(128, "--group-size", "-g", help="Weights per scale along the input dim; -1 = one scale per output channel."),
@@ -86,7 +86,13 @@ def quantize(
     cgq: bool = typer.Option(False, "--cgq", help="Certainty-guided GPTQ: weight the Hessian's tokens by mask state and full-precision confidence."),
     cgq_masked: float = typer.Option(1.0, "--cgq-masked", help="CGQ indicator value for masked tokens."),
     cgq_visible: float = typer.Option(0.7, "--cgq-visible", help="CGQ indicator value for visible tokens."),
-    w_quantizer: str = typer.Option("rtn", "--w-quantizer", help="For awq: how weights are rounded after scaling: rtn or gptq."),
+    w_quantizer: str = typer.Option("rtn", "--w-quantizer", help="For awq, smoothquant, quarot, duquant: how the transformed weights are rounded: rtn or gptq."),
+    a_clip: float = typer.Option(1.0, "--a-clip", help="Activation clipping ratio for --a 8/4 (the papers use 0.9 for DuQuant)."),
+    w_clip: float = typer.Option(1.0, "--w-clip", help="Weight clipping ratio of the min-max range (DuQuant: 0.8)."),
+    alpha: float = typer.Option(0.5, "--alpha", help="SmoothQuant / DuQuant migration strength."),
+    ia_aq: bool = typer.Option(False, "--ia-aq", help="DLLMQuant's interaction-aware activation quantization: search the clipping of the attention output projection's input (softmax·V) to minimise its error."),
+    duquant_block: int = typer.Option(128, "--duquant-block", help="DuQuant rotation block size."),
+    duquant_steps: int = typer.Option(256, "--duquant-steps", help="DuQuant greedy rotation steps."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening, as a fraction of the mean Hessian diagonal (raised automatically if Cholesky fails)."),
     act_order: bool = typer.Option(False, "--act-order/--no-act-order", help="GPTQ: quantize columns by descending Hessian diagonal (static groups keep scales aligned)."),
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Quantize q/k/v, o, gate/up, down one group after another inside each block, each seeing the quantized outputs of the previous."),
@@ -119,16 +125,16 @@ def quantize(
     _device(device)
     wspec = WeightSpec(num_bits=w, symmetric=sym, strategy="channel" if group_size == -1 else "group",
                        group_size=None if group_size == -1 else group_size)
-    aspec = ActSpec(num_bits=a)
-    if aspec.enabled:
-        raise UserError(f"--a {a}: activation quantization arrives with the smoothquant/quarot/duquant methods; use --a 16 for now")
-    get_method(method)
+    aspec = ActSpec(num_bits=a, symmetric=True, clip_ratio=a_clip)
+    m_cls = get_method(method)
+    if m_cls.quantizes_activations and not aspec.enabled:
+        raise UserError(f"--method {method} is a weight-activation method: pass --a 8 or --a 4")
     if calib_mask not in MASK_MODES:
         raise UserError(f"--calib-mask must be one of {', '.join(MASK_MODES)}, got {calib_mask!r}")
     if w_quantizer not in ("rtn", "gptq"):
         raise UserError(f"--w-quantizer must be rtn or gptq, got {w_quantizer!r}")
-    if cgq and method != "gptq" and not (method == "awq" and w_quantizer == "gptq"):
-        raise UserError("--cgq weights the GPTQ Hessian: use --method gptq (or awq --w-quantizer gptq)")
+    if cgq and method != "gptq" and not (method != "rtn" and w_quantizer == "gptq"):
+        raise UserError("--cgq weights the GPTQ Hessian: use --method gptq, or another method with --w-quantizer gptq")
     if calib_samples <= 0 or calib_seqlen <= 0:
         raise UserError("--calib-samples and --calib-seqlen must be positive")
     if not 0 <= damp < 1:
@@ -149,7 +155,10 @@ def quantize(
     arch = arch_for(read_config(src))
     qcfg = QuantizationConfig(method=method, weights=wspec, activations=aspec, ignore=arch.default_ignore() + list(ignore))
     options = {"damp": damp, "act_order": act_order}
-    if method == "gptq" or (method == "awq" and w_quantizer == "gptq"):
+    if m_cls.quantizes_activations:
+        options.update(w_quantizer=w_quantizer, alpha=alpha, w_clip=w_clip, ia_aq=ia_aq, seed=seed,
+                       block=duquant_block, steps=duquant_steps)
+    if method == "gptq" or (method != "rtn" and w_quantizer == "gptq"):
         options.update(cgq=cgq, cgq_masked=cgq_masked, cgq_visible=cgq_visible)
     if method == "awq":
         options["w_quantizer"] = w_quantizer

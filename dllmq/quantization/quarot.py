@@ -30,7 +30,7 @@ from torch import nn
 
 from .hadamard import fast_hadamard_transform, hadamard_factor, random_signs
 
-__all__ = ["apply_online", "fuse_norms", "remove_online", "rotate_model"]
+__all__ = ["apply_online", "fuse_norms", "remove_online", "rotate_block", "rotate_model", "rotate_outer"]
 
 _CHUNK = 4096  # rows processed at a time in float64 (bounds the temporary memory on 8B models)
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -119,6 +119,75 @@ def _structure(arch) -> tuple[list[str], list[str], str | None]:
     return readers, writers, (v[0] if v else None)
 
 
+def residual_rotation(d: int, seed: int) -> Fn:
+    """x -> x @ Q with Q = H diag(signs) / sqrt(d) (random Hadamard, seeded)."""
+    signs = random_signs(d, seed)
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        return fast_hadamard_transform(x * signs.to(x.device))
+
+    return rot
+
+
+def check_sizes(arch, cfg, heads: bool = True, online_down: bool = True) -> None:
+    """Raise ValueError (saying why) before any weight changes if a size has no Hadamard here."""
+    _readers, _writers, v_name = _structure(arch)
+    hadamard_factor(cfg.hidden_size)
+    if heads and v_name is not None:
+        hadamard_factor(cfg.head_dim)
+    if online_down:
+        hadamard_factor(cfg.intermediate_size)
+
+
+@torch.no_grad()
+def rotate_block(blk: nn.Module, arch, cfg, seed: int = 0, *, heads: bool = True, online_down: bool = True,
+                 fuse: bool = True) -> dict:
+    """QuaRot on one block (norm fusion, residual rotation, per-head values, down projection).
+
+    Returns the online transforms of this block keyed by the linear's name *inside* the block."""
+    readers, writers, v_name = _structure(arch)
+    if fuse:
+        for f in arch.feeds:
+            if f.kind == "norm":
+                _fold_norm(blk.get_submodule(f.source), [blk.get_submodule(t) for t in f.targets])
+    rot = residual_rotation(cfg.hidden_size, seed)
+    for name in readers:
+        _transform_rows(blk.get_submodule(name).weight, rot)
+    for name in writers:
+        lin = blk.get_submodule(name)
+        _transform_cols(lin.weight, rot)
+        if lin.bias is not None:
+            _transform_rows(lin.bias.view(1, -1), rot)
+    if heads and v_name is not None:
+        head_fn = _per_head(cfg.head_dim)
+        v, o = blk.get_submodule(v_name), blk.get_submodule(arch.attn_out)
+        _transform_cols(v.weight, head_fn)  # v' = v per-head-transformed
+        if v.bias is not None:
+            _transform_rows(v.bias.view(1, -1), head_fn)
+        _transform_rows(o.weight, head_fn)  # o reads the transformed values
+    online: dict[str, dict] = {}
+    if online_down:
+        down = blk.get_submodule(arch.mlp_down)
+        n = down.weight.shape[1]
+        _transform_rows(down.weight, fast_hadamard_transform)  # W <- W H^T / sqrt(n)
+        online[arch.mlp_down] = {"type": "hadamard", "size": n, "location": "input"}
+    return online
+
+
+@torch.no_grad()
+def rotate_outer(embed: torch.Tensor, head: torch.Tensor | None, final_norm: torch.Tensor | None, cfg,
+                 seed: int = 0) -> None:
+    """In place on the tensors outside the blocks: fold the final norm into the LM head, rotate the
+    embedding rows and the head's input side (a tied head is rotated through the embedding)."""
+    rot = residual_rotation(cfg.hidden_size, seed)
+    if head is not None and final_norm is not None:
+        head.copy_((head.double() * final_norm.double()[None, :]).to(head.dtype))
+        final_norm.fill_(1.0)
+    _transform_rows(embed, rot)
+    if head is not None:
+        _transform_rows(head, rot)
+
+
 @torch.no_grad()
 def rotate_model(model, seed: int = 0, *, heads: bool = True, online_down: bool = True) -> dict:
     """Apply QuaRot's rotations in place (fusing norms first); returns the online transforms needed.
@@ -129,51 +198,21 @@ def rotate_model(model, seed: int = 0, *, heads: bool = True, online_down: bool 
     `online_down=False` the FFN down-projection one (then the result is {} and no hooks are needed).
     """
     arch, cfg = model.arch, model.config
-    readers, writers, v_name = _structure(arch)
-    d = cfg.hidden_size
-    # fail before touching any weight when a size has no Hadamard matrix here (ValueError says why)
-    hadamard_factor(d)
-    if heads and v_name is not None:
-        hadamard_factor(cfg.head_dim)
-    if online_down:
-        for blk in model.blocks:
+    _structure(arch)
+    check_sizes(arch, cfg, heads, online_down)
+    for blk in model.blocks:  # sizes of every block's down projection (intermediate may vary)
+        if online_down:
             hadamard_factor(blk.get_submodule(arch.mlp_down).weight.shape[1])
     fuse_norms(model)
-
-    signs = random_signs(d, seed)
-
-    def rot(x: torch.Tensor) -> torch.Tensor:  # x -> x @ Q
-        return fast_hadamard_transform(x * signs.to(x.device))
-
-    head_fn = None
-    if heads and v_name is not None:
-        head_fn = _per_head(cfg.head_dim)
-
+    rot = residual_rotation(cfg.hidden_size, seed)
     _transform_rows(model.get_submodule(arch.embed_name).weight, rot)
     head = _head_module(model)
     if head is not None:  # tied: the embedding rotation already did it
         _transform_rows(head.weight, rot)
-
     online: dict[str, dict] = {}
     for i, blk in enumerate(model.blocks):
-        for name in readers:
-            _transform_rows(blk.get_submodule(name).weight, rot)
-        for name in writers:
-            lin = blk.get_submodule(name)
-            _transform_cols(lin.weight, rot)
-            if lin.bias is not None:
-                _transform_rows(lin.bias.view(1, -1), rot)
-        if head_fn is not None:
-            v, o = blk.get_submodule(v_name), blk.get_submodule(arch.attn_out)
-            _transform_cols(v.weight, head_fn)  # v' = v per-head-transformed
-            if v.bias is not None:
-                _transform_rows(v.bias.view(1, -1), head_fn)
-            _transform_rows(o.weight, head_fn)  # o reads the transformed values
-        if online_down:
-            down = blk.get_submodule(arch.mlp_down)
-            n = down.weight.shape[1]
-            _transform_rows(down.weight, fast_hadamard_transform)  # W <- W H^T / sqrt(n)
-            online[f"{arch.blocks_path}.{i}.{arch.mlp_down}"] = {"type": "hadamard", "size": n, "location": "input"}
+        local = rotate_block(blk, arch, cfg, seed, heads=heads, online_down=online_down, fuse=False)
+        online.update({f"{arch.blocks_path}.{i}.{k}": v for k, v in local.items()})
     return online
 
 

@@ -8,6 +8,7 @@ and the remaining tensors are read from the shards straight onto the target devi
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from ..checkpoint.writer import verify_manifest
 from ..errors import UserError
 from ..models.base import DiffusionLM
 from ..models.loading import ShardReader, build_empty, load_model, parse, read_config, resolve_model_path
+from . import transforms as online_transforms
 from .qlinear import QuantLinear
 
 
@@ -48,13 +50,24 @@ def load(
         if "weight_packed" not in tensors:
             raise UserError(f"{name}.weight_packed is missing from {p}; the checkpoint is incomplete")
         bias = reader.get(f"{name}.bias").to(dtype) if f"{name}.bias" in reader else None
-        ql = QuantLinear.from_state(tensors, qcfg.weights, qcfg.activations, bias=bias)
+        tspec = qcfg.transforms.get(name, {})
+        act = qcfg.activations
+        if "act_clip" in tspec and act.enabled:  # IA-AQ: clipping chosen for this layer's input
+            act = replace(act, clip_ratio=float(tspec["act_clip"]))
+        ql = QuantLinear.from_state(tensors, qcfg.weights, act, bias=bias, name=name)
         ql.cache_dequantized = cache_dequantized
         ql.compute_dtype = dtype
         model.set_submodule(name, ql.to(device))
+    for name, tspec in qcfg.transforms.items():
+        prefix = f"{name}.{online_transforms.TENSOR_PREFIX}."
+        mod = online_transforms.build(tspec, {k[len(prefix):]: reader.get(k) for k in reader.names(prefix)})
+        if mod is not None:
+            online_transforms.install(model.get_submodule(name), mod.to(device))
+    quantized = tuple(f"{n}." for n in qcfg.quantized_layers) + tuple(
+        f"{n}.{online_transforms.TENSOR_PREFIX}." for n in qcfg.transforms)
     state = {}
     for name, param in list(model.named_parameters()) + list(model.named_buffers()):
-        if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), QuantLinear):
+        if name.startswith(quantized):
             continue
         t = reader.get(name)
         if t.shape != param.shape:

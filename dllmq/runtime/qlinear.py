@@ -114,6 +114,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight_zero_point", zp)
         self.register_buffer("weight_shape", torch.tensor([n, k], dtype=torch.int64, device=device))
         self.register_buffer("bias", torch.zeros(n, dtype=compute_dtype, device=device) if bias else None)
+        # online transform of the input (rotation / smoothing of weight-activation methods), or None
+        self.input_transform: nn.Module | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -366,6 +368,8 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
         path = self.kernel_for(x)

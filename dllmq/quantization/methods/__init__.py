@@ -7,8 +7,9 @@ from .base import Method
 from .awq import AWQ
 from .gptq import GPTQ
 from .rtn import RTN
+from .weight_act import DuQuant, QuaRot, SmoothQuant
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, AWQ)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, AWQ, SmoothQuant, QuaRot, DuQuant)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -51,7 +51,8 @@ class AWQ(Method):
                 if o.get("clip", True) and X[n].numel():
                     self._clip[full] = awq_search_clip(block.get_submodule(n).weight.detach().float(), X[n], spec,
                                                        grid=int(o.get("grid", 20)))
-        return {"awq_ratios": info}
+        self.last_ratios = info  # chosen AWQ ratio per feed, for inspection
+        return {}
 
     def new_stats(self, name: str):
         return HessianAccumulator() if self.options.get("w_quantizer", "rtn") == "gptq" else None

@@ -28,6 +28,7 @@ class BlockContext:
     index: int
     prefix: str  # full name prefix of the block, e.g. "model.transformer.blocks.3."
     arch: object
+    config: object
     capture_inputs: Callable[[list[str], int], dict[str, torch.Tensor]]  # local linear names -> X [T, K]
 
 
@@ -45,7 +46,15 @@ class Method:
         """True when statistics need the full-precision model's per-token confidence (CGQ)."""
         return False
 
+    def check(self, arch, config) -> None:
+        """Raise UserError before any work if the method cannot handle this model."""
+
+    def transform_nonblock(self, tensors: dict, arch, config) -> None:
+        """Rewrite (in place) the tensors outside the blocks: embeddings, final norm, LM head."""
+
     def transform_block(self, block: nn.Module, ctx: BlockContext) -> dict:
+        """Rewrite the block in place, function-preserving once the returned online transforms are
+        applied: {linear name inside the block: (spec dict, tensors dict)} (see runtime/transforms.py)."""
         return {}
 
     def new_stats(self, name: str):
