@@ -6,6 +6,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 for script, args in [("peak_rss.py", ["--layers", "4", "16", "32", "--d-model", "1024"]),
+                     ("kernels.py", []),
                      ("method_matrix.py", [])]:
     print(f"== {script} {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, str(HERE / script), *args], check=True)

@@ -79,3 +79,19 @@ def test_weight_act_method_requires_activation_bits(tiny_llada, tmp_path, capsys
 
     code, _, err = run_cli(["quantize", tiny_llada, "--method", "quarot", "--out", tmp_path / "o"], capsys)
     assert code == 2 and "--a 8" in err
+
+
+def test_inspect_before_after_quarot(tmp_path, capsys):
+    """QuaRot shrinks the injected down-projection outliers as the quantized layers see them."""
+    from test_cli import run_cli
+
+    from dllmq.models.tiny import write_tiny_llada
+    from dllmq.models.variants import write_outlier_variant
+
+    src = write_outlier_variant(write_tiny_llada(tmp_path / "b", d_model=64, mlp_hidden_size=192), tmp_path / "o")
+    code, out, err = run_cli(["inspect", src, "--samples", "4", "--seq-len", "32", "--method", "quarot", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    before = {r["linear"]: r for r in res["summary"]}
+    after = {r["linear"]: r for r in res["after"]["summary"]}
+    assert after["ff_out"]["channel_ratio"] < before["ff_out"]["channel_ratio"] / 2

@@ -388,6 +388,8 @@ def inspect(
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence."),
     k_sigma: float = typer.Option(10.0, "--k-sigma", help="A token carries an outlier if some |x| exceeds K x the layer's RMS."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Show every linear, not only the per-type summary."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Also show the statistics after this weight-activation transform (smoothquant, quarot, duquant), as the quantized layers see them."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG plots (max |x| per block, before/after) into this folder (needs matplotlib)."),
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -410,13 +412,43 @@ def inspect(
     noisy = random_masked(ids, maskable, m.mask_token_id, seed)
     stats = activation_stats(m, list(noisy.split(8)), k_sigma=k_sigma)
     summary = summarize_by_type(stats, m.arch)
+    after = None
+    if method:
+        import tempfile
+
+        from ..checkpoint.format import QuantizationConfig
+        from ..pipeline import CalibOptions
+        from ..pipeline import quantize as run
+        from ..quantization.methods import get_method
+        from ..quantization.spec import ActSpec, WeightSpec
+
+        if not get_method(method).quantizes_activations:
+            raise UserError(f"--method {method} does not transform activations; use smoothquant, quarot or duquant")
+        with tempfile.TemporaryDirectory() as d:
+            # W8A8 keeps the weights nearly exact; what changes is what the linears see
+            run(model, QuantizationConfig(method, WeightSpec(8, True, "channel", None), ActSpec(8),
+                                          ignore=m.arch.default_ignore()), Path(d) / "t",
+                calib=CalibOptions(mask="random", samples=samples, seq_len=seq_len, seed=seed), show_progress=False)
+            mt = load(Path(d) / "t", device=_device(device), dtype=_dtype(dtype))
+            after = activation_stats(mt, list(noisy.split(8)), k_sigma=k_sigma)
+    if plot:
+        from ..evaluation.outliers import plot_stats
+
+        files = plot_stats(stats, after, m.arch, plot, f"{Path(str(model)).name}" + (f" / {method}" if method else ""))
+        err_console.print(f"wrote {len(files)} plots to {plot}")
     if json_out:
-        _emit_json({"summary": summary, "layers": [s.to_dict() for s in stats]})
+        _emit_json({"summary": summary, "layers": [s.to_dict() for s in stats],
+                    **({"after": {"method": method, "summary": summarize_by_type(after, m.arch)}} if after else {})})
         return
-    table("Linear inputs by type (worst block for max |x|)", ["linear", "max |x|", "worst block", "top/median channel",
-                                                              "kurtosis", "outlier tokens"],
-          [[r["linear"], r["max_abs"], r["worst_block"], r["channel_ratio"], r["kurtosis"],
-            f"{100 * r['outlier_token_share']:.1f}%"] for r in summary])
+    cols = ["linear", "max |x|", "worst block", "top/median channel", "kurtosis", "outlier tokens"]
+
+    def rows(summ):
+        return [[r["linear"], r["max_abs"], r["worst_block"], r["channel_ratio"], r["kurtosis"],
+                 f"{100 * r['outlier_token_share']:.1f}%"] for r in summ]
+
+    table("Linear inputs by type (worst block for max |x|)", cols, rows(summary))
+    if after:
+        table(f"After {method} (what the quantized linears see)", cols, rows(summarize_by_type(after, m.arch)))
     if per_layer:
         table("Per layer", ["layer", "max |x|", "top channels", "top/median", "kurtosis", "outlier tokens"],
               [[s.name, s.max_abs, ",".join(map(str, s.top_channels)), s.channel_ratio, s.kurtosis,

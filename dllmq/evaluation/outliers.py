@@ -70,7 +70,13 @@ def activation_stats(model: nn.Module, batches: list[torch.Tensor], k_sigma: flo
             a.tokens += x.shape[0]
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    handles = []
+    for n, m in mods.items():
+        t = getattr(m, "input_transform", None)
+        if t is not None:  # record what the layer multiplies: its input after the online transform
+            handles.append(t.register_forward_hook(lambda mod, args, out, fn=hook(n): fn(mod, (out,))))
+        else:
+            handles.append(m.register_forward_pre_hook(hook(n)))
     try:
         for i, b in enumerate(batches):
             am = attention_masks[i] if attention_masks else None
@@ -114,3 +120,41 @@ def summarize_by_type(stats: list[LayerStats], arch) -> list[dict]:
                      "kurtosis": sum(x.kurtosis for x in s) / len(s),
                      "outlier_token_share": sum(x.outlier_token_share for x in s) / len(s)})
     return rows
+
+
+def plot_stats(before: list[LayerStats], after: list[LayerStats] | None, arch, out_dir, title: str) -> list:
+    """PNG plots like the QDLM paper's: max |x| per block for each linear input type, before/after a transform."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from ..errors import UserError
+
+        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for lin in arch.block_linears:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for label, stats in (("before", before), ("after", after)):
+            if not stats:
+                continue
+            s = sorted((x for x in stats if x.name.endswith("." + lin)),
+                       key=lambda x: int(x.name[len(arch.blocks_path) + 1:].split(".")[0]))
+            ax.plot(range(len(s)), [x.max_abs for x in s], marker="o", label=f"max |x| {label}")
+            ax.plot(range(len(s)), [x.max_abs / max(x.channel_ratio, 1e-9) for x in s], ls="--",
+                    label=f"median channel max {label}")
+        ax.set_yscale("log")
+        ax.set_xlabel("block")
+        ax.set_title(f"{title}: input of {lin}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        f = out_dir / f"{lin.replace('.', '_')}.png"
+        fig.savefig(f, dpi=110)
+        plt.close(fig)
+        files.append(f)
+    return files
