@@ -112,7 +112,7 @@ def test_unsupported_model_type(tmp_path, tiny_llada, capsys):
     bad = tmp_path / "llama"
     shutil.copytree(tiny_llada, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "gpt2"
     (bad / "config.json").write_text(json.dumps(cfg))
     code, _, err = run_cli(["quantize", bad, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "supported: " in err and "llada" in err

@@ -119,7 +119,7 @@ def test_llada_chat_template_exact(tiny_llada):
 def test_registry_rejects_unknown():
     assert {"llada", "Dream"} <= set(supported_model_types())
     with pytest.raises(UserError, match="supported: .*llada"):
-        arch_for({"model_type": "llama"})
+        arch_for({"model_type": "gpt2"})
 
 
 def test_missing_and_corrupt(tmp_path, tiny_llada):
