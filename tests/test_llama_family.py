@@ -2,28 +2,12 @@
 and `dllmq quantize --method gptq --calib-mask none` works on it."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from dllmq.cli.main import main
+from cli_helpers import run_cli
 from dllmq.models.loading import load_model
-
-
-def run_cli(args, capsys):
-    """Run `dllmq ARGS` in-process; returns (exit_code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["dllmq", *map(str, args)]
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def _write_llama(path, attention_bias: bool, tie: bool = False, seed: int = 0):

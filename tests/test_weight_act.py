@@ -75,7 +75,7 @@ def test_ia_aq_stores_clip_and_runtime_uses_it(tiny_llada, tmp_path):
 
 
 def test_weight_act_method_requires_activation_bits(tiny_llada, tmp_path, capsys):
-    from test_cli import run_cli
+    from cli_helpers import run_cli
 
     code, _, err = run_cli(["quantize", tiny_llada, "--method", "quarot", "--out", tmp_path / "o"], capsys)
     assert code == 2 and "--a 8" in err
@@ -83,7 +83,7 @@ def test_weight_act_method_requires_activation_bits(tiny_llada, tmp_path, capsys
 
 def test_inspect_before_after_quarot(tmp_path, capsys):
     """QuaRot shrinks the injected down-projection outliers as the quantized layers see them."""
-    from test_cli import run_cli
+    from cli_helpers import run_cli
 
     from dllmq.models.tiny import write_tiny_llada
     from dllmq.models.variants import write_outlier_variant

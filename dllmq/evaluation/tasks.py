@@ -14,7 +14,6 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint.packing import pack_cols, pack_rows, packed_words, unpack_cols, unpack_rows
+from ..checkpoint.packing import packed_words, unpack_cols, unpack_rows
 from ..errors import UserError
 from ..quantization.qweight import QuantizedWeight
 from ..quantization.spec import ActSpec, WeightSpec
