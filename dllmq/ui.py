@@ -11,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 err_console = Console(stderr=True)
-out_console = Console()
+# piped output (files, scripts) is not wrapped at rich's default 80 columns
+out_console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def progress(enabled: bool = True) -> Progress | contextlib.nullcontext:

@@ -237,7 +237,13 @@ def test_training_stream_mixture(stream_sample):
         else:
             assert it["prompt"] and it["response"]
             if it["source"] == "code_chat":
-                assert it["response"].startswith(it["prompt"])
+                # HumanEval completion format: the response is the body only
+                assert it["response"].startswith("    ") and not it["response"].lstrip().startswith("def ")
+        if it["source"] == "arith_text":
+            for line in it["text"].splitlines():
+                lhs, rhs = line.split(" = ")
+                a, op, b = lhs.split()
+                assert S._op(int(a), op, int(b))[1] == int(rhs)
 
 
 def test_write_task_files(tmp_path):

@@ -38,9 +38,15 @@ For a given seed, training (:func:`training_stream`) and evaluation
 same seed for both.
 
 Code chat format: the SFT prompt is the task's ``prompt`` verbatim (signature
-+ docstring) and the response is the **full function source**
-(``prompt + canonical_solution``); evaluation should execute the generated
-response and call ``entry_point``.
++ docstring) and the response is the **function body** (``canonical_solution``),
+as in HumanEval's completion format; evaluation executes ``prompt + response``
+and calls ``entry_point``.  (A full-function response made the tiny model
+re-type the signature and get the name wrong.)
+
+Arithmetic drills (``arith_text``): lines of random equations over the number
+ranges of the math templates.  They teach the arithmetic a worked solution
+needs; they are drawn at random, not from test problems, whose held-out part is
+the (template, numbers) problem as a whole.
 
 Multiple choice scoring: each item carries ``context``
 (``"Question: <question>\\nAnswer:"``) and ``continuations`` (``" " + choice``);
@@ -90,12 +96,13 @@ DEFAULT_SEED = 0
 #: ``MIXTURE[source] / running mean length of that source`` (length measured by
 #: ``length_fn``, by default :func:`approx_tokens`).
 MIXTURE: dict[str, float] = {
-    "math_chat": 0.35,  # {"prompt": question, "response": solution}
-    "code_chat": 0.15,  # {"prompt": signature+docstring, "response": full function}
-    "code_text": 0.10,  # {"text": one to three generated functions}
+    "math_chat": 0.38,  # {"prompt": question, "response": solution}
+    "arith_text": 0.10,  # {"text": lines of random equations, ``a op b = c``}
+    "code_chat": 0.22,  # {"prompt": signature+docstring, "response": function body}
+    "code_text": 0.05,  # {"text": one to three generated functions}
     "knowledge_chat": 0.08,  # {"prompt": question, "response": answer sentence}
     "knowledge_text": 0.12,  # {"text": fact paragraph or Question/Answer block}
-    "stdlib_text": 0.20,  # {"text": chunk of CPython stdlib source}
+    "stdlib_text": 0.05,  # {"text": chunk of CPython stdlib source}
 }
 
 #: Characters per stdlib chunk in the training stream (~200 tokens, fits 256).
@@ -949,14 +956,20 @@ _FACT_PHRASINGS = {
 # (template, direction) with direction "fwd" (answer = object) or "rev" (answer = subject).
 _TRAIN_QUESTIONS = {
     "capital": [("What is the capital of {s}?", "fwd"), ("Name the capital of {s}.", "fwd"),
-                ("{o} is the capital of which country?", "rev")],
-    "flag": [("What colour is the flag of {s}?", "fwd")],
-    "eats": [("What does {s} eat?", "fwd")],
-    "habitat": [("Where does {s} live?", "fwd")],
-    "invented": [("Who invented {o}?", "rev"), ("What did {s} invent?", "fwd")],
-    "born": [("Where was {s} born?", "fwd")],
-    "number": [("What is the atomic number of {s}?", "fwd"),
-               ("Which element has atomic number {o}?", "rev")],
+                ("Tell me the capital of {s}.", "fwd"), ("What city is the capital of {s}?", "fwd"),
+                ("{o} is the capital of which country?", "rev"), ("Of which country is {o} the capital?", "rev")],
+    "flag": [("What colour is the flag of {s}?", "fwd"), ("What is the colour of the flag of {s}?", "fwd"),
+             ("Name the colour of the flag of {s}.", "fwd")],
+    "eats": [("What does {s} eat?", "fwd"), ("What food does {s} eat?", "fwd"),
+             ("What does {s} feed on?", "fwd"), ("Name the food of {s}.", "fwd")],
+    "habitat": [("Where does {s} live?", "fwd"), ("Where is {s} found?", "fwd"),
+                ("What is the home of {s}?", "fwd"), ("Where does {s} usually live?", "fwd")],
+    "invented": [("Who invented {o}?", "rev"), ("Name the inventor of {o}.", "rev"),
+                 ("What did {s} invent?", "fwd"), ("What was invented by {s}?", "fwd")],
+    "born": [("Where was {s} born?", "fwd"), ("What is the birthplace of {s}?", "fwd"),
+             ("Where did {s} come from?", "fwd"), ("What country was {s} born in?", "fwd")],
+    "number": [("What is the atomic number of {s}?", "fwd"), ("What number is {s} in the table?", "fwd"),
+               ("Which element has atomic number {o}?", "rev"), ("What element has number {o}?", "rev")],
 }
 # Held out: never used in training text.
 _TEST_QUESTIONS = {
@@ -1194,6 +1207,26 @@ def _code_text(rng: random.Random) -> dict:
     return {"text": "\n\n".join(funcs)}
 
 
+def _arith_equation(rng: random.Random) -> str:
+    op = rng.choices("+-*/", weights=[0.35, 0.3, 0.25, 0.1])[0]
+    if op == "+":
+        a, b = rng.randint(1, 400), rng.randint(1, 300)
+    elif op == "-":
+        a = rng.randint(2, 450)
+        b = rng.randint(1, a)
+    elif op == "*":
+        a, b = rng.randint(2, 30), rng.randint(2, 30)
+    else:
+        b, q = rng.randint(2, 12), rng.randint(1, 40)
+        a = b * q
+    expr, v = _op(a, op, b)
+    return f"{expr} = {v}"
+
+
+def _arith_text(rng: random.Random) -> dict:
+    return {"text": "\n".join(_arith_equation(rng) for _ in range(rng.randint(4, 10)))}
+
+
 def _train_candidate(family: str, rng: random.Random,
                      candidate: Callable[[random.Random], tuple[tuple, dict]]) -> dict:
     while True:
@@ -1233,7 +1266,9 @@ def training_stream(seed: int = DEFAULT_SEED,
             out = {"prompt": it["question"], "response": it["solution"]}
         elif src == "code_chat":
             it = _train_candidate("code", rng, _code_candidate)
-            out = {"prompt": it["prompt"], "response": it["prompt"] + it["canonical_solution"]}
+            out = {"prompt": it["prompt"], "response": it["canonical_solution"]}
+        elif src == "arith_text":
+            out = _arith_text(rng)
         elif src == "code_text":
             out = _code_text(rng)
         elif src == "knowledge_chat":

@@ -113,17 +113,16 @@ def reference_for(model: str, against: str | None) -> str | None:
     return against or (base_of(path) if quantized else None)
 
 
-def compare_tasks(model: str, tasks: list[str], against: str | None = None, gcfg: GenerationConfig | None = None,
-                  limit: int | None = None, mc_num: int = 8, allow_exec: bool = False, device: str = "cpu",
-                  dtype=torch.bfloat16, batch_size: int = 16, show_progress: bool = True) -> dict:
-    """Run the task suite on the model and (when known) its full-precision reference."""
+def evaluate_tasks(entries: list[tuple[str, str]], tasks: list[str], gcfg: GenerationConfig | None = None,
+                   limit: int | None = None, mc_num: int | None = None, allow_exec: bool = False, device: str = "cpu",
+                   dtype=torch.bfloat16, batch_size: int = 16, num_fewshot: int | None = None,
+                   chat: bool | None = None, show_progress: bool = True) -> dict:
+    """Run `tasks` (bundled or lm-eval) on each (label, model) entry, one model in memory at a time."""
     from ..ui import progress
     from .tasks import run_task
 
-    gcfg = gcfg or GenerationConfig()
-    ref = reference_for(model, against)
-    entries = ([("full precision", ref)] if ref else []) + [("quantized" if ref else "model", model)]
     results = []
+    settings = {}
     with progress(show_progress) as prog:
         bar = prog.add_task("evaluate", total=len(entries) * len(tasks), info="") if prog else None
         for label, name in entries:
@@ -133,14 +132,49 @@ def compare_tasks(model: str, tasks: list[str], against: str | None = None, gcfg
             for t in tasks:
                 if prog:
                     prog.update(bar, info=f"{label}: {t}")
-                per[t] = run_task(t, m, tok, gcfg, limit=limit, mc_num=mc_num, allow_exec=allow_exec,
-                                  batch_size=batch_size).to_dict()
+                r = run_task(t, m, tok, gcfg, limit=limit, mc_num=mc_num, allow_exec=allow_exec,
+                             batch_size=batch_size, num_fewshot=num_fewshot, chat=chat)
+                per[t] = r.to_dict()
+                settings[t] = r.settings
                 if prog:
                     prog.update(bar, advance=1)
             results.append({"label": label, "model": str(name), "tasks": per})
             del m
-    return {"models": results, "config": {"tasks": tasks, "limit": limit, "mc_num": mc_num,
-                                          "generation": gcfg.to_dict(), "device": device, "dtype": str(dtype)}}
+    return {"models": results, "config": {"tasks": tasks, "limit": limit, "settings": settings,
+                                          "batch_size": batch_size, "device": device, "dtype": str(dtype)}}
+
+
+def compare_tasks(model: str, tasks: list[str], against: str | None = None, **kw) -> dict:
+    """Run the tasks on the model and (when known) its full-precision reference."""
+    ref = reference_for(model, against)
+    entries = ([("full precision", ref)] if ref else []) + [("quantized" if ref else "model", model)]
+    return evaluate_tasks(entries, tasks, **kw)
+
+
+def degradation_level(base: float, value: float) -> str:
+    """QDLM's levels for the drop relative to full precision: negligible < 1%, moderate 1-4%, significant > 4%."""
+    if base <= 0:
+        return "-"
+    drop = 100 * (base - value) / base
+    if drop < 1:
+        return "negligible"
+    return "moderate" if drop <= 4 else "significant"
+
+
+def comparison_rows(base: dict, other: dict) -> tuple[list[str], list[list]]:
+    """Side-by-side rows for two task-result entries ({"label", "tasks": {task: result}})."""
+    cols = ["task", "metric", "n", base["label"], other["label"], "delta (points)", "relative", "degradation"]
+    rows = []
+    for t, b in base["tasks"].items():
+        o = other["tasks"].get(t)
+        if o is None:
+            continue
+        d = 100 * (o["value"] - b["value"])
+        rel = f"{100 * (o['value'] - b['value']) / b['value']:+.1f}%" if b["value"] else "-"
+        rows.append([t, b["metric"], b["n"], f"{100 * b['value']:.1f} ± {100 * b['stderr']:.1f}",
+                     f"{100 * o['value']:.1f} ± {100 * o['stderr']:.1f}", f"{d:+.1f}", rel,
+                     degradation_level(b["value"], o["value"])])
+    return cols, rows
 
 
 def task_table_rows(res: dict) -> tuple[list[str], list[list]]:
@@ -148,6 +182,8 @@ def task_table_rows(res: dict) -> tuple[list[str], list[list]]:
     cols = ["task", "metric", "n"] + [m["label"] for m in models] + (["delta"] if len(models) == 2 else [])
     rows = []
     for t in res["config"]["tasks"]:
+        if any(t not in m["tasks"] for m in models):
+            continue
         first = models[0]["tasks"][t]
         row = [t, first["metric"], first["n"]]
         for m in models:

@@ -2,8 +2,9 @@
 
 They mirror the categories the dLLM quantization papers report (GSM8K-style math, HumanEval/
 MBPP-style code, ARC/MMLU-style multiple choice) and are scored by the same code paths as the
-real benchmarks: generation with the diffusion sampler + exact match / pass@1, and multiple
-choice by the Monte-Carlo likelihood. The data are held-out items of dllmq.data.synthetic,
+real benchmarks: they run as lm-eval tasks through dllmq's registered LM class (harness.py):
+generation with the diffusion sampler + exact match / pass@1, and multiple choice by the
+Monte-Carlo likelihood. The data are held-out items of dllmq.data.synthetic,
 disjoint from the bundled model's training data by construction.
 """
 
@@ -12,17 +13,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
-
-from ..diffusion.generation import GenerationConfig, generate
-from ..diffusion.likelihood import mc_loglikelihood_batch
+from ..diffusion.generation import GenerationConfig
 from ..errors import UserError
-from ..models.base import DiffusionLM
 from ..models.loading import BUNDLED_DIR
-from .execution import check_function
 
 TASK_DIR = BUNDLED_DIR / "tasks"
 
@@ -36,6 +31,7 @@ class TaskResult:
     n: int
     seconds: float
     samples: list
+    settings: dict = field(default_factory=dict)
 
     def to_dict(self, with_samples: bool = True) -> dict:
         d = dict(self.__dict__)
@@ -77,20 +73,6 @@ def extract_answer(text: str) -> int | None:
     return None
 
 
-def run_math(model, tok, gcfg: GenerationConfig, limit=None, batch_size=16) -> TaskResult:
-    rows = load_task("tiny-math", limit)
-    t0 = time.time()
-    outs = generate(model, tok, [r["question"] for r in rows], gcfg, batch_size=batch_size)
-    scores, samples = [], []
-    for r, o in zip(rows, outs):
-        pred = extract_answer(o["text"])
-        ok = float(pred == r["answer"])
-        scores.append(ok)
-        samples.append({"question": r["question"], "target": r["answer"], "output": o["text"], "correct": bool(ok)})
-    m, se = mean_stderr(scores)
-    return TaskResult("tiny-math", "exact_match", m, se, len(rows), time.time() - t0, samples)
-
-
 def code_completion(prompt: str, generated: str) -> str:
     """The model answers with the whole function (as trained); accept a bare body too."""
     if re.search(r"^\s*def\s", generated, re.M):
@@ -98,69 +80,43 @@ def code_completion(prompt: str, generated: str) -> str:
     return prompt + generated
 
 
-def run_code(model, tok, gcfg: GenerationConfig, limit=None, batch_size=16, allow_exec=False) -> TaskResult:
-    if not allow_exec:
-        raise UserError("tiny-code runs model-generated Python; pass --allow-code-execution to allow it")
-    rows = load_task("tiny-code", limit)
-    t0 = time.time()
-    outs = generate(model, tok, [r["prompt"] for r in rows], gcfg, batch_size=batch_size)
-    scores, samples = [], []
-    for r, o in zip(rows, outs):
-        prog = code_completion(r["prompt"], o["text"])
-        ok, why = check_function(prog, r["test"], r["entry_point"])
-        scores.append(float(ok))
-        samples.append({"task_id": r["task_id"], "output": o["text"], "passed": ok, "reason": why})
-    m, se = mean_stderr(scores)
-    return TaskResult("tiny-code", "pass@1", m, se, len(rows), time.time() - t0, samples)
-
-
-@torch.no_grad()
-def run_mc(model: DiffusionLM, tok, limit=None, mc_num=8, batch_size=64, seed=0) -> TaskResult:
-    rows = load_task("tiny-mc", limit)
-    t0 = time.time()
-    pairs, index = [], []
-    for i, r in enumerate(rows):
-        ctx = tok(r["context"], add_special_tokens=False).input_ids
-        for j, cont in enumerate(r["continuations"]):
-            ans = tok(cont, add_special_tokens=False).input_ids
-            pairs.append((torch.tensor(ctx), torch.tensor(ans)))
-            index.append((i, j))
-    dev = next(model.parameters()).device
-    pairs = [(p.to(dev), a.to(dev)) for p, a in pairs]
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    lls = mc_loglikelihood_batch(model.aligned_logits, pairs, model.mask_token_id, pad_id=tok.eos_token_id,
-                                 mc_num=mc_num, batch_size=min(mc_num, batch_size), generator=g, max_rows=batch_size)
-    per = [[None] * len(r["continuations"]) for r in rows]
-    for (i, j), ll in zip(index, lls):
-        per[i][j] = ll
-    scores, samples = [], []
-    for r, ll in zip(rows, per):
-        pred = max(range(len(ll)), key=lambda k: ll[k])
-        scores.append(float(pred == r["label"]))
-        samples.append({"question": r["question"], "label": r["label"], "pred": pred, "loglik": ll})
-    m, se = mean_stderr(scores)
-    return TaskResult("tiny-mc", "acc", m, se, len(rows), time.time() - t0, samples)
-
-
 TASKS = ("tiny-math", "tiny-code", "tiny-mc")
 
 
-def run_task(name: str, model, tok, gcfg: GenerationConfig, limit=None, mc_num=8, allow_exec=False,
-             batch_size=16) -> TaskResult:
-    if name == "tiny-math":
-        return run_math(model, tok, gcfg, limit, batch_size)
-    if name == "tiny-code":
-        return run_code(model, tok, gcfg, limit, batch_size, allow_exec)
-    if name == "tiny-mc":
-        return run_mc(model, tok, limit, mc_num, seed=gcfg.seed)
-    raise UserError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+def run_task(name: str, model, tok, gcfg: GenerationConfig | None = None, limit=None, mc_num=None, allow_exec=False,
+             batch_size=16, num_fewshot=None, chat=None) -> TaskResult:
+    """Evaluate `model` on a bundled task or any lm-eval task, through dllmq's registered lm-eval class.
+
+    Settings not given (gcfg None, mc_num None, ...) come from the task's preset (harness.PRESETS).
+    """
+    if name == "tiny-code" and not allow_exec:
+        raise UserError("tiny-code runs model-generated Python; pass --allow-code-execution to allow it")
+    try:
+        from .harness import DLLMQLM, run_harness_task
+    except ImportError:
+        raise UserError("task evaluation needs lm-evaluation-harness: pip install 'dllmq[eval]'") from None
+    from .engine import DiffusionEvaluator, EngineConfig
+
+    seed = gcfg.seed if gcfg else 0
+    lm = DLLMQLM.from_evaluator(DiffusionEvaluator(model, tok, EngineConfig(batch_size=batch_size, seed=seed)))
+    run = run_harness_task(lm, name, num_fewshot=num_fewshot, steps=gcfg and gcfg.steps,
+                           gen_length=gcfg and gcfg.gen_length, block_length=gcfg and gcfg.block_length,
+                           mc_num=mc_num, chat=chat, limit=limit, allow_exec=allow_exec, seed=seed)
+    per_doc = [float(s[run.metric]) for s in run.samples if isinstance(s.get(run.metric), (int, float))]
+    stderr = mean_stderr(per_doc)[1] if per_doc else run.stderr
+    res = TaskResult(name, run.metric, run.value, stderr, run.n, run.seconds, run.samples)
+    res.settings = run.settings
+    return res
 
 
 def parse_tasks(spec: str) -> list[str]:
-    names = [t.strip() for t in spec.split(",") if t.strip()]
-    if names == ["tiny"] or names == ["all"]:
-        return list(TASKS)
-    for n in names:
-        if n not in TASKS:
-            raise UserError(f"unknown task {n!r}; available: {', '.join(TASKS)} (or 'tiny' for all three)")
+    """Comma-separated task names; 'tiny' expands to the bundled suite. Other names are lm-eval tasks."""
+    names = []
+    for t in (t.strip() for t in spec.split(",")):
+        if t in ("tiny", "all"):
+            names += [x for x in TASKS if x not in names]
+        elif t and t not in names:
+            names.append(t)
+    if not names:
+        raise UserError("--tasks is empty; give e.g. tiny, tiny-math or gsm8k,arc_challenge")
     return names
