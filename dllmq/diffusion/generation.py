@@ -26,6 +26,18 @@ class GenerationConfig:
     alg: str = "entropy"  # Dream only
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
     seed: int = 0
+    # fast decoding (dllmq.diffusion.cache): approximate block KV cache and confidence-threshold commits
+    cache: str = "none"  # none | prefix | dual
+    threshold: float | None = None  # None: fixed schedule; e.g. 0.9: commit every token above it
+
+    @property
+    def fast(self) -> bool:
+        return self.cache != "none" or self.threshold is not None
+
+    @classmethod
+    def fast_defaults(cls, **kw) -> "GenerationConfig":
+        """`--fast`: dual cache + threshold 0.9, Fast-dLLM's default setting."""
+        return cls(**{"cache": "dual", "threshold": 0.9, **kw})
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -71,6 +83,14 @@ def generate_ids(model: DiffusionLM, prompt_ids: torch.Tensor, attention_mask, c
     attention_mask = attention_mask.to(dev) if attention_mask is not None else None
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     fn = model.aligned_logits
+    if cfg.fast:
+        if cfg.temperature > 0 or cfg.cfg_scale > 0:
+            raise ValueError("fast decoding (cache/threshold) is greedy and has no CFG: use temperature 0, cfg 0")
+        from .cache import fast_generate
+
+        return fast_generate(model, prompt_ids, steps=cfg.steps, gen_length=cfg.gen_length,
+                             block_length=cfg.block_length, cache=cfg.cache, threshold=cfg.threshold,
+                             attention_mask=attention_mask, on_step=on_step)
     if model.arch.family == "dream":
         return dream_generate(fn, prompt_ids, model.mask_token_id, max_new_tokens=cfg.gen_length, steps=cfg.steps,
                               temperature=cfg.temperature, alg=cfg.alg, attention_mask=attention_mask,

@@ -65,13 +65,13 @@ def preset_for(task: str) -> Preset:
 
 
 def resolve_settings(task: str, num_fewshot=None, steps=None, gen_length=None, block_length=None, mc_num=None,
-                     chat=None, seed: int = 0) -> tuple[int | None, GenerationConfig, int, bool | None]:
+                     chat=None, seed: int = 0, fast: dict | None = None) -> tuple[int | None, GenerationConfig, int, bool | None]:
     """Preset values, each overridden by an explicit option. -> (shots, generation config, mc_num, chat)."""
     p = preset_for(task)
     gen_length = gen_length or p.gen_length or DEFAULT_GEN.gen_length
     block_length = block_length or p.block_length or min(DEFAULT_GEN.block_length, gen_length)
     steps = steps or p.steps or gen_length
-    gcfg = GenerationConfig(steps=steps, gen_length=gen_length, block_length=block_length, seed=seed)
+    gcfg = GenerationConfig(steps=steps, gen_length=gen_length, block_length=block_length, seed=seed, **(fast or {}))
     shots = num_fewshot if num_fewshot is not None else p.num_fewshot
     return shots, gcfg, int(mc_num or p.mc_num or DEFAULT_MC_NUM), (chat if chat is not None else p.chat)
 
@@ -243,7 +243,7 @@ def _unreachable(task: str, err: Exception, tm) -> UserError:
 
 def run_harness_task(lm: DLLMQLM, task: str, num_fewshot=None, steps=None, gen_length=None, block_length=None,
                      mc_num=None, chat=None, limit=None, allow_exec: bool = False, seed: int = 0,
-                     task_manager=None) -> HarnessRun:
+                     task_manager=None, fast: dict | None = None) -> HarnessRun:
     """Evaluate one lm-eval task (a registered name or a bundled tiny task) with its preset."""
     import logging
 
@@ -255,7 +255,8 @@ def run_harness_task(lm: DLLMQLM, task: str, num_fewshot=None, steps=None, gen_l
     for noisy in ("lm_eval", "lm-eval", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     datasets.disable_progress_bars()  # our own bar covers the run
-    shots, gcfg, mc, use_chat = resolve_settings(task, num_fewshot, steps, gen_length, block_length, mc_num, chat, seed)
+    shots, gcfg, mc, use_chat = resolve_settings(task, num_fewshot, steps, gen_length, block_length, mc_num, chat, seed,
+                                                 fast)
     ev = lm.ev
     if use_chat is None:
         use_chat = bool(ev.tok.chat_template)

@@ -116,8 +116,11 @@ def reference_for(model: str, against: str | None) -> str | None:
 def evaluate_tasks(entries: list[tuple[str, str]], tasks: list[str], gcfg: GenerationConfig | None = None,
                    limit: int | None = None, mc_num: int | None = None, allow_exec: bool = False, device: str = "cpu",
                    dtype=torch.bfloat16, batch_size: int = 16, num_fewshot: int | None = None,
-                   chat: bool | None = None, show_progress: bool = True) -> dict:
-    """Run `tasks` (bundled or lm-eval) on each (label, model) entry, one model in memory at a time."""
+                   chat: bool | None = None, fast: dict | None = None, show_progress: bool = True) -> dict:
+    """Run `tasks` (bundled or lm-eval) on each (label, model) entry, one model in memory at a time.
+
+    fast: GenerationConfig fields of the fast sampler ({"cache": "dual", "threshold": 0.9}) or None.
+    """
     from ..ui import progress
     from .tasks import run_task
 
@@ -133,7 +136,7 @@ def evaluate_tasks(entries: list[tuple[str, str]], tasks: list[str], gcfg: Gener
                 if prog:
                     prog.update(bar, info=f"{label}: {t}")
                 r = run_task(t, m, tok, gcfg, limit=limit, mc_num=mc_num, allow_exec=allow_exec,
-                             batch_size=batch_size, num_fewshot=num_fewshot, chat=chat)
+                             batch_size=batch_size, num_fewshot=num_fewshot, chat=chat, fast=fast)
                 per[t] = r.to_dict()
                 settings[t] = r.settings
                 if prog:

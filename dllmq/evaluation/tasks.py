@@ -84,7 +84,7 @@ TASKS = ("tiny-math", "tiny-code", "tiny-mc")
 
 
 def run_task(name: str, model, tok, gcfg: GenerationConfig | None = None, limit=None, mc_num=None, allow_exec=False,
-             batch_size=16, num_fewshot=None, chat=None) -> TaskResult:
+             batch_size=16, num_fewshot=None, chat=None, fast: dict | None = None) -> TaskResult:
     """Evaluate `model` on a bundled task or any lm-eval task, through dllmq's registered lm-eval class.
 
     Settings not given (gcfg None, mc_num None, ...) come from the task's preset (harness.PRESETS).
@@ -98,10 +98,12 @@ def run_task(name: str, model, tok, gcfg: GenerationConfig | None = None, limit=
     from .engine import DiffusionEvaluator, EngineConfig
 
     seed = gcfg.seed if gcfg else 0
+    if fast is None and gcfg is not None and gcfg.fast:
+        fast = {"cache": gcfg.cache, "threshold": gcfg.threshold}
     lm = DLLMQLM.from_evaluator(DiffusionEvaluator(model, tok, EngineConfig(batch_size=batch_size, seed=seed)))
     run = run_harness_task(lm, name, num_fewshot=num_fewshot, steps=gcfg and gcfg.steps,
                            gen_length=gcfg and gcfg.gen_length, block_length=gcfg and gcfg.block_length,
-                           mc_num=mc_num, chat=chat, limit=limit, allow_exec=allow_exec, seed=seed)
+                           mc_num=mc_num, chat=chat, limit=limit, allow_exec=allow_exec, seed=seed, fast=fast)
     per_doc = [float(s[run.metric]) for s in run.samples if isinstance(s.get(run.metric), (int, float))]
     stderr = mean_stderr(per_doc)[1] if per_doc else run.stderr
     res = TaskResult(name, run.metric, run.value, stderr, run.n, run.seconds, run.samples)

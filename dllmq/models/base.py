@@ -129,6 +129,26 @@ class DiffusionLM(nn.Module):
             h = block(h, **ctx)
         return self.head(h)
 
+    def window_logits(self, input_ids: torch.Tensor, start: int, end: int,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Aligned logits of positions [start, end) from a forward over that window only.
+
+        Keys and values of the other positions must come from a KV cache (dllmq.diffusion.cache); rotary
+        tables and the padding key mask are built for the whole sequence, so positions stay absolute.
+        """
+        ws = start - 1 if self.arch.logits_shifted else start  # shifted logits: position i is predicted at i-1
+        ws = max(ws, 0)
+        ctx = self.block_context(input_ids, attention_mask)
+        cos, sin = ctx["rope"]
+        ctx["rope"] = (cos[:, :, ws:end], sin[:, :, ws:end])
+        h = self.embed(input_ids[:, ws:end])
+        for block in self.blocks:
+            h = block(h, **ctx)
+        logits = self.head(h)
+        if self.arch.logits_shifted:
+            return logits[:, :-1] if start > 0 else torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
     def aligned_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         logits = self(input_ids, attention_mask)
         if self.arch.logits_shifted:

@@ -80,6 +80,9 @@ class AttentionCore(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.is_causal = is_causal
         self.value_out: nn.Module = nn.Identity()
+        # Set by dllmq.diffusion.cache while a cached sampler runs: stores this layer's keys/values on a
+        # full forward and splices the window's fresh keys/values into them on a window forward.
+        self.kv_cache = None
 
     def forward(self, q, k, v, rope, bias) -> torch.Tensor:
         B, L, _ = q.shape
@@ -88,6 +91,8 @@ class AttentionCore(nn.Module):
         v = v.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(self, k, v)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)
@@ -101,4 +106,5 @@ class AttentionCore(nn.Module):
                 eye = torch.eye(L, dtype=torch.bool, device=q.device)
                 bias = (bias & tri) | eye  # a padding query sees itself: no all-masked row (NaN)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
+        # (with a cache, q covers the window and k/v the whole sequence; bias masks keys, so it still applies)
         return self.value_out(out).transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)
