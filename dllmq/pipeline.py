@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .calibration.blocks import BlockStream, HiddenCache
+from .calibration.blocks import StopBlock, BlockStream, HiddenCache
 from .calibration.states import CalibBatch, CalibrationSet, TMASConfig
 from .checkpoint.format import QuantizationConfig
 from .checkpoint.serialize import packed_tensors
@@ -195,11 +195,17 @@ def quantize(
 
             def capture(names: list[str], max_tokens: int = 4096, blk=blk, prefix=prefix) -> dict[str, torch.Tensor]:
                 got = {n: [] for n in names}
-                hs = [blk.get_submodule(n).register_forward_pre_hook(
-                    lambda m, a, n=n: got[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).float().cpu()))
-                      for n in names]
+                seen: set[str] = set()
+
+                def grab(n, a):
+                    got[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).float().cpu())
+                    seen.add(n)
+                    if len(seen) == len(names):  # the rest of the block is not needed
+                        raise StopBlock
+
+                hs = [blk.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: grab(n, a)) for n in names]
                 try:
-                    stream.run(blk, batches, cache)
+                    stream.run(blk, batches, cache, on_batch=lambda j: seen.clear())
                 finally:
                     for h in hs:
                         h.remove()
@@ -288,24 +294,54 @@ def _nonblock(reader: ShardReader, arch, config, method) -> dict[str, torch.Tens
 
 
 def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenCache, stats: dict, method) -> None:
-    """Run the batches through the block, feeding each targeted linear's input to its stats."""
-    cur = {"w": None}
+    """Run the batches through the block, feeding each targeted linear's input to its stats.
+
+    Two savings that leave the statistics unchanged:
+    * the forward stops (StopBlock) once every hooked linear has seen its input, so collecting the
+      inputs of q/k/v costs a norm, not a whole block;
+    * linears fed the very same tensor (q/k/v, gate/up) share one accumulator when the stats say
+      they may (`shareable`, e.g. a GPTQ Hessian), so XᵀX is computed once per input, not per linear.
+    """
+    cur = {"w": None, "seen": set(), "inputs": []}
     weights = [getattr(method, "token_weights", lambda b: None)(b) for b in batches]
+    hooked = [n for n, s in stats.items() if s is not None]
+    alias: dict[str, str] = {}  # linear -> linear whose accumulator it shares (decided on batch 0)
 
     def hook(n):
         def fn(mod, args):
-            x = args[0].detach()
-            tw = cur["w"]
-            stats[n].add(x.reshape(-1, x.shape[-1]), None if tw is None else tw.reshape(-1).to(x.device))
+            x = args[0]
+            # the same tensor object (kept alive below, so identity cannot be a reused address)
+            first = next((m for t, m in cur["inputs"] if t is x), None)
+            if cur["j"] == 0 and first is not None and getattr(stats[n], "shareable", False) \
+                    and type(stats[first]) is type(stats[n]):
+                alias[n] = first
+            if n in alias:
+                if alias[n] != first:
+                    raise RuntimeError(f"{n}: its input is no longer shared with {alias[n]}")
+            else:
+                tw = cur["w"]
+                xd = x.detach()
+                stats[n].add(xd.reshape(-1, xd.shape[-1]), None if tw is None else tw.reshape(-1).to(xd.device))
+                if first is None:  # only the latest input is kept: linears sharing one run back to back
+                    cur["inputs"] = [(x, n)]
+            cur["seen"].add(n)
+            if len(cur["seen"]) == len(hooked):
+                raise StopBlock
+
         return fn
 
-    hs = [blk.get_submodule(n).register_forward_pre_hook(hook(n)) for n, s in stats.items() if s is not None]
+    def on_batch(j):
+        cur.update(w=weights[j], j=j, seen=set(), inputs=[])
+
+    hs = [blk.get_submodule(n).register_forward_pre_hook(hook(n)) for n in hooked]
     try:
         with torch.no_grad():
-            stream.run(blk, batches, cache, on_batch=lambda j: cur.__setitem__("w", weights[j]))
+            stream.run(blk, batches, cache, on_batch=on_batch)
     finally:
         for h in hs:
             h.remove()
+    for n, first in alias.items():
+        stats[n] = stats[first]
 
 
 def _build_calibration(src: Path, arch, calib: CalibOptions, want_conf: bool, device: str, prog) -> CalibrationSet:

@@ -92,6 +92,34 @@ def test_offload_dir_gives_identical_checkpoint(tiny_llada, tmp_path):
     assert any((tmp_path / "off").rglob("*.safetensors"))
 
 
+@pytest.mark.parametrize("opts", [{}, {"cgq": True}])
+def test_early_stop_and_shared_hessians_change_nothing(tiny_llada, tmp_path, monkeypatch, opts):
+    """The statistics pass stops blocks early and shares q/k/v and gate/up Hessians; a plain pass
+    (whole block, one accumulator per linear) must give the same checkpoint, bit for bit."""
+    import dllmq.pipeline as pl
+
+    fast = _q(tiny_llada, tmp_path / "fast", "gptq", "tmas", opts=opts)
+    calls = {"n": 0}
+
+    def plain_collect(stream, blk, batches, cache, stats, method):
+        weights = [method.token_weights(b) for b in batches]
+        cur = {}
+        hs = [blk.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: stats[n].add(a[0].reshape(-1, a[0].shape[-1]),
+                                           None if cur["w"] is None else cur["w"].reshape(-1)))
+              for n, s in stats.items() if s is not None]
+        with torch.no_grad():
+            stream.run(blk, batches, cache, on_batch=lambda j: cur.__setitem__("w", weights[j]))
+        for h in hs:
+            h.remove()
+        calls["n"] += 1
+
+    monkeypatch.setattr(pl, "_collect", plain_collect)
+    plain = _q(tiny_llada, tmp_path / "plain", "gptq", "tmas", opts=opts)
+    assert calls["n"] > 0
+    assert _shards(fast.out) == _shards(plain.out)
+
+
 def test_killed_run_resumes_byte_identical(tmp_path):
     from dllmq.models.tiny import write_tiny_llada
 

@@ -49,6 +49,22 @@ class HiddenCache:
         return t
 
 
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so resident memory after a
+    block is released does not creep up with depth. A no-op where malloc_trim does not exist."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class StopBlock(Exception):
+    """Raised by a forward hook to end a block's forward early: statistics passes only need the
+    inputs of some linears, not the block's output (the rest of the block is skipped)."""
+
+
 class BlockStream:
     """A model skeleton on the meta device plus a shard reader that fills one block at a time."""
 
@@ -73,6 +89,7 @@ class BlockStream:
 
     def release(self, i: int) -> None:
         self.model.blocks[i].to("meta")
+        _return_freed_memory()
 
     @torch.no_grad()
     def embed(self, batches: list[CalibBatch], cache: HiddenCache, wte: torch.Tensor | None = None) -> None:
@@ -95,6 +112,11 @@ class BlockStream:
         for j, b in enumerate(batches):
             if on_batch:
                 on_batch(j)
-            h = blk(cache.get(j).to(self.device), **self.context(b))
+            try:
+                h = blk(cache.get(j).to(self.device), **self.context(b))
+            except StopBlock:  # a statistics hook has everything it needs from this batch
+                if out is not None:
+                    raise RuntimeError("StopBlock raised during a pass whose outputs are needed") from None
+                continue
             if out is not None:
                 out.set(j, h)

@@ -39,6 +39,11 @@ def check_target(out: Path, overwrite: bool) -> None:
         raise UserError(f"output folder {out} already exists; pass --overwrite to replace it or choose another --out")
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} is a file; choose a folder path with --out")
+    check_parent_writable(out)
+
+
+def check_parent_writable(out: Path) -> None:
+    """Create the folder that will hold `out` and check it is writable, with a one-line error if not."""
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,12 @@ import typer
 
 from ..errors import UserError
 from ..ui import err_console, human_bytes, out_console, table
+from .options import (  # noqa: F401  (re-exported for tests and plugins)
+    DTYPES, ModelArg, DeviceOpt, DtypeOpt, JsonOpt, SeedOpt, StepsOpt, GenLenOpt, BlockLenOpt,
+    RevisionOpt, FastOpt, CacheOpt, ThresholdOpt, _fast_settings, _dtype, _device, _emit_json,
+)
+from .export import export as export_cmd
+from .push import push as push_cmd
 
 app = typer.Typer(
     name="dllmq",
@@ -27,42 +33,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-
-DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-          "float32": "float32", "fp32": "float32"}
-
-# Shared options: the same flag means the same thing in every command.
-ModelArg = typer.Argument(None, help="Model folder, Hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or 'tiny' (bundled default).")
-DeviceOpt = typer.Option("cpu", "--device", help="Compute device: cpu, cuda, cuda:1 ...")
-DtypeOpt = typer.Option("bfloat16", "--dtype", help="Activation/compute dtype: bfloat16, float16 or float32.")
-JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout instead of tables.")
-SeedOpt = typer.Option(0, "--seed", help="Random seed for sampling and Monte-Carlo estimates.")
-StepsOpt = typer.Option(64, "--steps", help="Denoising steps (one full forward each).")
-GenLenOpt = typer.Option(64, "--gen-length", help="Number of tokens to generate.")
-BlockLenOpt = typer.Option(32, "--block-length", help="Semi-autoregressive block length (LLaDA); must divide --gen-length.")
-RevisionOpt = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) when MODEL is a Hub id.")
-
-
-def _dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise UserError(f"--dtype must be one of bfloat16, float16, float32; got {name!r}")
-    return getattr(torch, DTYPES[name])
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available in this torch build; use --device cpu")
-    if not (name == "cpu" or name.startswith("cuda") or name == "mps"):
-        raise UserError(f"--device must be cpu, cuda, cuda:N or mps; got {name!r}")
-    return name
-
-
-def _emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 @app.command()
@@ -238,6 +208,9 @@ def generate(
     remasking: str = typer.Option("low_confidence", "--remasking", help="LLaDA: low_confidence or random."),
     alg: str = typer.Option("entropy", "--alg", help="Dream: origin, maskgit_plus, topk_margin or entropy."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Wrap the prompt in the chat template (default: when the tokenizer has one)."),
+    fast: bool = FastOpt,
+    cache: Optional[str] = CacheOpt,
+    threshold: Optional[float] = ThresholdOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -246,6 +219,7 @@ def generate(
     """Generate text by iterative unmasking.
 
     Example: [bold]dllmq generate tiny "What is 12 + 30?" --steps 64 --gen-length 64 --block-length 32[/bold]
+    Fast:    [bold]dllmq generate tiny "What is 12 + 30?" --fast[/bold]
     """
     from ..diffusion.generation import GenerationConfig, generate as gen
     from ..models.loading import load_tokenizer
@@ -258,8 +232,11 @@ def generate(
     _check_sampler(steps, gen_length, block_length)
     m = load(model, device=_device(device), dtype=_dtype(dtype))
     tok = load_tokenizer(m.source_path)
+    fs = _fast_settings(fast, cache, threshold)
+    if fs and (temperature > 0):
+        raise UserError("--fast/--cache/--threshold decode greedily: drop --temperature")
     cfg = GenerationConfig(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
-                           remasking=remasking, alg=alg, chat=chat, seed=seed)
+                           remasking=remasking, alg=alg, chat=chat, seed=seed, **fs)
     t0 = time.time()
     res = gen(m, tok, list(prompt), cfg)
     dt = time.time() - t0
@@ -284,65 +261,128 @@ def _check_sampler(steps: int, gen_length: int, block_length: int) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument(..., help="A dllmq checkpoint, a model folder, a Hub id, or 'tiny'."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated tasks: tiny-math, tiny-code, tiny-mc, or 'tiny' for all. Without it: NLL and agreement."),
+    models: List[str] = typer.Argument(..., help="A dllmq checkpoint, a model folder, a Hub id or 'tiny'; with --compare: BASE and CHECKPOINT (models or results files from --output)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated tasks: the bundled tiny-math, tiny-code, tiny-mc ('tiny' = all three) and any lm-eval task (gsm8k, arc_challenge, mmlu ...). Without it: masked-token NLL and agreement."),
+    compare: bool = typer.Option(False, "--compare", help="Side-by-side table of two models or two results files, with the delta per task and QDLM's degradation level."),
     against: Optional[str] = typer.Option(None, "--against", help="Full-precision reference (default: the checkpoint's base model)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task."),
-    allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="Allow running model-generated code (tiny-code) in a sandboxed subprocess."),
-    mc_num: int = typer.Option(8, "--mc-num", help="Monte-Carlo mask draws per likelihood (multiple choice) or per NLL window."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples (default: the task's preset, e.g. gsm8k 4, mmlu 5)."),
+    allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="Allow running model-generated code (tiny-code, humaneval, mbpp) in a subprocess with a timeout."),
+    apply_chat_template: Optional[bool] = typer.Option(None, "--apply-chat-template/--no-chat-template", help="Wrap prompts in the tokenizer's chat template (Instruct models). Default: on for the tiny tasks, off for lm-eval tasks."),
+    mc_num: Optional[int] = typer.Option(None, "--mc-num", help="Monte-Carlo mask draws per likelihood (default: the task's preset, 128 for ARC/HellaSwag/PIQA/WinoGrande, 1 for MMLU; 8 for the NLL)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: the task's preset, e.g. gsm8k 256)."),
+    gen_length: Optional[int] = typer.Option(None, "--gen-length", help="Tokens to generate (default: the task's preset)."),
+    block_length: Optional[int] = typer.Option(None, "--block-length", help="Semi-autoregressive block length (default: the task's preset)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generation batch / requests per likelihood batch."),
+    fast: bool = FastOpt,
+    cache: Optional[str] = CacheOpt,
+    threshold: Optional[float] = ThresholdOpt,
     text: Optional[Path] = typer.Option(None, "--text", help="Text file for the masked-token NLL (default: bundled held-out text)."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per NLL window."),
     max_seqs: int = typer.Option(16, "--max-seqs", help="Number of NLL windows."),
     prompts: int = typer.Option(8, "--prompts", help="Number of prompts for the agreement check (0 = skip)."),
-    steps: int = StepsOpt,
-    gen_length: int = GenLenOpt,
-    block_length: int = BlockLenOpt,
-    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generation batch."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Also write the full results (config, samples) to this JSON file."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Also write the full results (metrics, settings, versions, timings, sample outputs) to this JSON file."),
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     json_out: bool = JsonOpt,
 ):
-    """Evaluate MODEL against its full-precision base: task accuracy, or masked-token NLL and agreement.
+    """Evaluate a model or checkpoint: task accuracy through lm-evaluation-harness, or NLL and agreement.
 
     Examples:
       [bold]dllmq eval ./tiny-w4 --tasks tiny --allow-code-execution[/bold]
-      [bold]dllmq eval ./llada-w4 --prompts 8 --steps 64 --gen-length 64[/bold]
+      [bold]dllmq eval ./llada-w4 --tasks gsm8k,arc_challenge --limit 100 --output w4.json[/bold]
+      [bold]dllmq eval --compare GSAI-ML/LLaDA-8B-Instruct ./llada-w4 --tasks gsm8k[/bold]
+      [bold]dllmq eval --compare fp.json w4.json[/bold]
     """
     from ..diffusion.generation import GenerationConfig
-    from ..evaluation.report import compare_models, compare_tasks, task_table_rows
+    from ..evaluation.report import compare_models, compare_tasks, comparison_rows, evaluate_tasks, task_table_rows
     from ..evaluation.tasks import parse_tasks
 
-    _check_sampler(steps, gen_length, block_length)
+    if compare and len(models) != 2:
+        raise UserError("--compare takes two arguments: BASE and CHECKPOINT (models or results files)")
+    if not compare and len(models) != 1:
+        raise UserError(f"eval takes one model (got {len(models)}); to compare two, add --compare")
     if text is not None and not text.is_file():
         raise UserError(f"--text {text}: no such file")
     if limit is not None and limit <= 0:
         raise UserError("--limit must be a positive number of examples")
-    gcfg = GenerationConfig(steps=steps, gen_length=gen_length, block_length=block_length, seed=seed)
-    if tasks:
-        names = parse_tasks(tasks)
-        if "tiny-code" in names and not allow_code_execution:
-            raise UserError("tiny-code runs model-generated Python; pass --allow-code-execution to allow it")
-        res = compare_tasks(model, names, against=against, gcfg=gcfg, limit=limit, mc_num=mc_num,
-                            allow_exec=allow_code_execution, device=_device(device), dtype=_dtype(dtype),
-                            batch_size=batch_size, show_progress=not json_out)
+    for flag, v in (("--mc-num", mc_num), ("--steps", steps), ("--gen-length", gen_length),
+                    ("--block-length", block_length), ("--batch-size", batch_size)):
+        if v is not None and v <= 0:
+            raise UserError(f"{flag} must be positive, got {v}")
+    if gen_length and block_length and gen_length % block_length:
+        raise UserError(f"--block-length {block_length} must divide --gen-length {gen_length}")
+    gcfg = None
+    fs = _fast_settings(fast, cache, threshold)
+    if steps or gen_length or block_length:
+        g = GenerationConfig()
+        gl = gen_length or g.gen_length
+        gcfg = GenerationConfig(steps=steps or gl, gen_length=gl, block_length=block_length or min(g.block_length, gl),
+                                seed=seed, **fs)
+        _check_sampler(gcfg.steps, gcfg.gen_length, gcfg.block_length)
+    names = parse_tasks(tasks) if tasks else None
+    if names and not allow_code_execution:
+        code = [t for t in names if t in ("tiny-code", "humaneval", "mbpp") or t.startswith(("humaneval", "mbpp"))]
+        if code:
+            raise UserError(f"{', '.join(code)} run model-generated Python; pass --allow-code-execution to allow it")
+    kw = dict(gcfg=gcfg, limit=limit, mc_num=mc_num, allow_exec=allow_code_execution, device=_device(device),
+              dtype=_dtype(dtype), batch_size=batch_size, num_fewshot=num_fewshot, chat=apply_chat_template,
+              fast=fs or None, show_progress=not json_out)
+
+    if compare:
+        entries = [_compare_entry(m, names, kw) for m in models]
+        res = {"models": entries, "config": {"tasks": list(entries[0]["tasks"]), "compare": models}}
+        _write_output(output, res)
+        if json_out:
+            _emit_json(_strip_samples(res))
+            return
+        cols, rows = comparison_rows(entries[0], entries[1])
+        if not rows:
+            raise UserError("the two results have no task in common; evaluate both on the same --tasks")
+        table("Base vs checkpoint (score %, ± standard error; degradation relative to base, as in QDLM)", cols, rows)
+        return
+    model = models[0]
+    if names:
+        res = compare_tasks(model, names, against=against, **kw)
         _write_output(output, res)
         if json_out:
             _emit_json(_strip_samples(res))
             return
         cols, rows = task_table_rows(res)
-        table("Task suite (accuracy %, ± standard error)", cols, rows)
+        table("Tasks (score %, ± standard error)", cols, rows)
         return
+    g = gcfg or GenerationConfig()
     res = compare_models(model, against=against, text_file=text, seq_len=seq_len, max_seqs=max_seqs,
-                         mc_num=mc_num, n_prompts=prompts, steps=steps, gen_length=gen_length,
-                         block_length=block_length, seed=seed, device=_device(device), dtype=_dtype(dtype),
+                         mc_num=mc_num or 8, n_prompts=prompts, steps=g.steps, gen_length=g.gen_length,
+                         block_length=g.block_length, seed=seed, device=_device(device), dtype=_dtype(dtype),
                          show_progress=not json_out)
     _write_output(output, res)
     if json_out:
         _emit_json(res)
         return
     _print_comparison(res)
+
+
+def _compare_entry(arg: str, names: Optional[List[str]], kw: dict) -> dict:
+    """One side of --compare: the last model of a results file, or a fresh evaluation of a model."""
+    from ..evaluation.report import evaluate_tasks
+
+    p = Path(arg)
+    if p.is_file() and p.suffix == ".json":
+        try:
+            doc = json.loads(p.read_text())
+            entry = doc["models"][-1]
+            entry["tasks"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise UserError(f"{arg} is not a results file from `dllmq eval --tasks ... --output`") from None
+        if names:
+            entry = dict(entry, tasks={t: r for t, r in entry["tasks"].items() if t in names})
+        return dict(entry, label=f"{entry.get('label', 'model')} ({p.name})" if entry.get("label") else p.name)
+    if not names:
+        raise UserError(f"{arg} is a model: give --tasks to evaluate it (or pass results files from --output)")
+    res = evaluate_tasks([(Path(arg).name or arg, arg)], names, **kw)
+    return res["models"][0]
 
 
 def _strip_samples(res: dict) -> dict:
@@ -456,6 +496,73 @@ def inspect(
 
 
 @app.command()
+def bench(
+    model: str = typer.Argument(..., help="A dllmq checkpoint (or any model folder / Hub id / 'tiny')."),
+    against: Optional[str] = typer.Option(None, "--against", help="Full-precision reference (default: the checkpoint's base model)."),
+    batch: int = typer.Option(1, "--batch", help="Sequences per denoising step / generation batch."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence in the denoising-step timing."),
+    rows: int = typer.Option(256, "--rows", help="Input rows for the per-layer GEMM timings."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed runs per measurement (medians are reported)."),
+    steps: int = StepsOpt,
+    gen_length: int = GenLenOpt,
+    block_length: int = BlockLenOpt,
+    fast: bool = typer.Option(True, "--fast/--no-fast", help="Also time the fast sampler (dual KV cache + threshold 0.9)."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (CPU: a fresh subprocess per model)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    json_out: bool = JsonOpt,
+):
+    """Speed and memory of MODEL against its full-precision base, measured in one run (alternating, medians).
+
+    Example: [bold]dllmq bench ./tiny-w8a8 --seq-len 256 --rows 512[/bold]
+    """
+    from ..evaluation.speed import bench as run_bench
+
+    for flag, v in (("--batch", batch), ("--seq-len", seq_len), ("--rows", rows), ("--repeats", repeats)):
+        if v <= 0:
+            raise UserError(f"{flag} must be positive, got {v}")
+    _check_sampler(steps, gen_length, block_length)
+    with_progress = not json_out and sys.stderr.isatty()
+
+    def say(what):
+        if with_progress:
+            err_console.print(f"[dim]timing {what} ...[/dim]")
+
+    res = run_bench(model, against=against, batch=batch, seq_len=seq_len, gen_length=gen_length, steps=steps,
+                    block_length=block_length, rows=rows, repeats=repeats, fast=fast, memory=memory,
+                    device=_device(device), dtype=_dtype(dtype), progress=say)
+    if json_out:
+        _emit_json(res)
+        return
+    names = list(res["models"])
+    r = res["ratios"]
+    rows_out = [["denoising step (ms)"] + [f"{res['step_ms'][k]:.2f}" for k in names] + [_ratio(r.get("step_time"))]]
+    rows_out.append(["generation (tok/s)"] + [f"{res['generation_tok_s'][k]:.1f}" for k in names]
+                    + [_ratio(r.get("generation_tok_s"))])
+    if any(f"{k} --fast" in res["generation_tok_s"] for k in names):
+        rows_out.append(["generation --fast (tok/s)"] + [f"{res['generation_tok_s'][k + ' --fast']:.1f}" for k in names]
+                        + ["-"])
+    rows_out.append(["resident weights"] + [human_bytes(res["resident_weight_bytes"][k]) for k in names]
+                    + [_ratio(r.get("resident_weight_bytes"))])
+    if res.get("peak_bytes"):
+        rows_out.append(["peak memory (step)"] + [human_bytes(res["peak_bytes"][k]) if res["peak_bytes"].get(k) else "-"
+                                                  for k in names] + [_ratio(r.get("peak_bytes"))])
+    table(f"Speed and memory ({res['config']['device']}, batch {batch}, seq {seq_len}; medians of {repeats})",
+          ["measure"] + names + ["ratio q/fp"], rows_out)
+    if "fast_vs_plain_quantized" in r:
+        out_console.print(f"--fast vs plain sampler (quantized): {r['fast_vs_plain_quantized']:.2f}x tokens/s")
+    if res.get("layers"):
+        table(f"Per layer type ({rows} rows)", ["layer", "shape", "kernel", "full precision (ms)", "quantized (ms)",
+                                                 "ratio q/fp"],
+              [[x["layer"], x["shape"], x["kernel"], f"{x['fp_ms']:.3f}", f"{x['q_ms']:.3f}", _ratio(x["ratio"])]
+               for x in res["layers"]])
+
+
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("out/tiny-w4a16-rtn"), "--out", "-o", help="Where to write the quantized demo checkpoint."),
     method: str = typer.Option("rtn", "--method", "-m", help="Method for the demo: rtn, gptq or awq."),
@@ -495,6 +602,10 @@ def demo(
     table(f"Bundled model: full precision vs {method.upper()} W{w} g{group_size} (accuracy %, ± standard error)",
           cols, rows)
     _print_comparison(quality)
+
+
+app.command("export")(export_cmd)
+app.command("push")(push_cmd)
 
 
 def main() -> None:

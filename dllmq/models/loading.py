@@ -33,9 +33,14 @@ def resolve_model_path(name_or_path: str | os.PathLike | None, revision: str | N
         # the bundled model with function-preserving injected outliers, built once into the cache
         from .variants import cache_dir, write_outlier_variant
 
-        out = cache_dir() / "tiny-outliers"
+        import hashlib
+
+        base = resolve_model_path("tiny")
+        # keyed on the bundled weights, so a retrained bundled model never meets a stale variant
+        digest = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()[:12]
+        out = cache_dir() / f"tiny-outliers-{digest}"
         if not (out / "config.json").exists():
-            write_outlier_variant(resolve_model_path("tiny"), out)
+            write_outlier_variant(base, out)
         return out
     if name in BUNDLED_MODELS:
         path = BUNDLED_MODELS[name]

@@ -57,6 +57,8 @@ class HessianAccumulator:
     With weights whose mean over the counted tokens is 1 the scale of H matches plain GPTQ.
     """
 
+    shareable = True  # linears fed the same tensor (q/k/v, gate/up) may share one accumulator
+
     def __init__(
         self,
         in_features: int | None = None,

@@ -16,6 +16,10 @@ Paths and their limits (checked by the ``supports_*`` predicates, measured on to
 * int8 x int8 -> int32 (``_int_mm``) for W8A8 / W4A8 / W4A4 with dynamic per-token
   activation scales. On CUDA it needs M > 16 (padded here), K % 8 == 0 and N % 8 == 0
   (otherwise an exact-enough fp32 emulation is used).
+* Triton (``triton_kernels.py``, optional): per-token activation quantization (optionally
+  fused with the SmoothQuant division) and a W4A8 GEMM that unpacks the packed int4 words in
+  registers, both matching ``quantize_per_token`` / ``int8_linear``. Status: tested only under
+  TRITON_INTERPRET=1 on CPU; not yet run on a GPU; not used by QuantLinear's dispatch.
 
 tinygemm convention (both int4 kernels): ``w = (code - 8) * scale + zero`` per group, with
 ``code`` in [0, 15]. Our signed codes are ``q = code - 8`` and ``w = (q - zp) * scale``,

@@ -1,0 +1,64 @@
+"""Options and helpers shared by every `dllmq` command: the same flag means the same thing everywhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from ..errors import UserError
+
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+          "float32": "float32", "fp32": "float32"}
+
+# Shared options: the same flag means the same thing in every command.
+ModelArg = typer.Argument(None, help="Model folder, Hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or 'tiny' (bundled default).")
+DeviceOpt = typer.Option("cpu", "--device", help="Compute device: cpu, cuda, cuda:1 ...")
+DtypeOpt = typer.Option("bfloat16", "--dtype", help="Activation/compute dtype: bfloat16, float16 or float32.")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout instead of tables.")
+SeedOpt = typer.Option(0, "--seed", help="Random seed for sampling and Monte-Carlo estimates.")
+StepsOpt = typer.Option(64, "--steps", help="Denoising steps (one full forward each).")
+GenLenOpt = typer.Option(64, "--gen-length", help="Number of tokens to generate.")
+BlockLenOpt = typer.Option(32, "--block-length", help="Semi-autoregressive block length (LLaDA); must divide --gen-length.")
+RevisionOpt = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) when MODEL is a Hub id.")
+FastOpt = typer.Option(False, "--fast", help="Fast decoding: dual block KV cache + confidence-threshold parallel decoding (= --cache dual --threshold 0.9).")
+CacheOpt = typer.Option(None, "--cache", help="Approximate block KV cache: none, prefix or dual (refreshed at each block start).")
+ThresholdOpt = typer.Option(None, "--threshold", help="Parallel decoding: commit every masked token of the block whose confidence exceeds this (e.g. 0.9).")
+
+
+def _fast_settings(fast: bool, cache: Optional[str], threshold: Optional[float]) -> dict:
+    """--fast/--cache/--threshold -> GenerationConfig fields (explicit options win over --fast)."""
+    if cache is not None and cache not in ("none", "prefix", "dual"):
+        raise UserError(f"--cache must be none, prefix or dual, got {cache!r}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold must be in [0, 1], got {threshold}")
+    out = {"cache": "dual", "threshold": 0.9} if fast else {}
+    if cache is not None:
+        out["cache"] = cache
+    if threshold is not None:
+        out["threshold"] = threshold
+    return out
+
+
+def _dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"--dtype must be one of bfloat16, float16, float32; got {name!r}")
+    return getattr(torch, DTYPES[name])
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available in this torch build; use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda") or name == "mps"):
+        raise UserError(f"--device must be cpu, cuda, cuda:N or mps; got {name!r}")
+    return name
+
+
+def _emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
