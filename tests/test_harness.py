@@ -168,6 +168,7 @@ def test_eval_output_and_compare(tmp_path, capsys):
     code, _, err = run_cli(["eval", "tiny", "--tasks", "tiny-mc", "--limit", "8", "--mc-num", "2",
                             "--output", a], capsys)
     assert code == 0, err
+    assert "%|" not in err and "fatal" not in err  # lm-eval's tqdm bars and git probe stay quiet
     doc = json.loads(a.read_text())
     t = doc["models"][0]["tasks"]["tiny-mc"]
     assert t["n"] == 8 and "stderr" in t and len(t["samples"]) == 8 and t["settings"]["mc_num"] == 2

@@ -14,6 +14,7 @@ sampler's settings, so the per-task settings (shots, gen_length, steps, block_le
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -241,6 +242,28 @@ def _unreachable(task: str, err: Exception, tm) -> UserError:
                      f"~/.cache/huggingface to this one ({type(err).__name__})")
 
 
+def _quiet_git_hash() -> str | None:
+    """lm-eval records `git describe` of the working folder; its version lets git's "fatal: not a git
+    repository" reach the user's terminal. Same result, stderr silenced."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _quiet_lm_eval() -> None:
+    """Our rich bar covers a run: silence lm-eval's git probe and its per-task "building contexts" bar."""
+    import functools
+
+    import lm_eval.api.task as lm_task
+    import lm_eval.evaluator as lm_evaluator
+    from tqdm import tqdm
+
+    lm_evaluator.get_git_commit_hash = _quiet_git_hash
+    lm_task.tqdm = functools.partial(tqdm, disable=True)
+
+
 def run_harness_task(lm: DLLMQLM, task: str, num_fewshot=None, steps=None, gen_length=None, block_length=None,
                      mc_num=None, chat=None, limit=None, allow_exec: bool = False, seed: int = 0,
                      task_manager=None, fast: dict | None = None) -> HarnessRun:
@@ -254,6 +277,7 @@ def run_harness_task(lm: DLLMQLM, task: str, num_fewshot=None, steps=None, gen_l
 
     for noisy in ("lm_eval", "lm-eval", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_lm_eval()
     datasets.disable_progress_bars()  # our own bar covers the run
     shots, gcfg, mc, use_chat = resolve_settings(task, num_fewshot, steps, gen_length, block_length, mc_num, chat, seed,
                                                  fast)
