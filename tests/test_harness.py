@@ -187,3 +187,37 @@ def test_eval_output_and_compare(tmp_path, capsys):
     assert code == 2 and "two arguments" in err
     code, _, err = run_cli(["eval", "--compare", a, tmp_path / "nope.json"], capsys)
     assert code == 2 and "--tasks" in err and "Traceback" not in err
+
+
+def test_lm_eval_own_cli_finds_our_class(tmp_path):
+    """`dllmq-lm-eval` is lm-eval's CLI with the dllmq class registered (plain `lm_eval` cannot import it)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps({"q": f"What is {i} + 1?", "choices": [str(i + 1), "zero"], "label": 0})
+                              for i in range(2)))
+    (tmp_path / "cli_mc.yaml").write_text(f"""task: cli_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{q}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+metadata:
+  version: 1.0
+""")
+    out = tmp_path / "res"
+    p = subprocess.run([sys.executable, "-m", "dllmq.evaluation.lm_eval_cli", "--model", "dllmq", "--model_args",
+                        "pretrained=tiny,mc_num=2", "--tasks", "cli_mc", "--include_path", str(tmp_path),
+                        "--output_path", str(out)], capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(next(out.rglob("results*.json")).read_text())
+    assert res["results"]["cli_mc"]["acc,none"] in (0.0, 0.5, 1.0)
+    assert res["config"]["model"] == "dllmq"

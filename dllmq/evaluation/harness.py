@@ -3,8 +3,8 @@
 `DLLMQLM` is registered with lm-eval as ``dllmq``, so both of these work:
 
     dllmq eval ./llada-w4 --tasks gsm8k,arc_challenge
-    lm_eval --model dllmq --model_args pretrained=./llada-w4,mc_num=128 --tasks arc_easy
-    accelerate launch -m lm_eval --model dllmq --model_args pretrained=./llada-w4 --tasks gsm8k   # data parallel
+    dllmq-lm-eval --model dllmq --model_args pretrained=./llada-w4,mc_num=128 --tasks arc_easy
+    accelerate launch -m dllmq.evaluation.lm_eval_cli --model dllmq --model_args pretrained=./llada-w4 --tasks gsm8k   # data parallel
 
 The class adapts lm-eval's requests to `DiffusionEvaluator` (engine.py). lm-eval has no notion of a diffusion
 sampler's settings, so the per-task settings (shots, gen_length, steps, block_length, mc_num) come from
@@ -90,8 +90,15 @@ class DLLMQLM(LM):
             from ..models.loading import load_tokenizer
             from ..runtime.loader import load
 
+            device = str(device or "cpu")
             if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device == "cpu" and torch.cuda.is_available():
                 device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval's own CLI passes --device cuda by default; run where we can rather than fail
+                import logging
+
+                logging.getLogger(__name__).warning("CUDA is not available; evaluating on the CPU")
+                device = "cpu"
             torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[str(dtype)]
             model = load(str(pretrained), device=device, dtype=torch_dtype)
             tok = load_tokenizer(model.source_path)
@@ -108,7 +115,7 @@ class DLLMQLM(LM):
     def from_evaluator(cls, evaluator: DiffusionEvaluator) -> "DLLMQLM":
         return cls(evaluator=evaluator)
 
-    # -- data parallel through accelerate (`accelerate launch -m lm_eval --model dllmq ...`): lm-eval gives each
+    # -- data parallel through accelerate (`accelerate launch -m dllmq.evaluation.lm_eval_cli --model dllmq ...`): lm-eval gives each
     # rank its share of the documents and gathers the results itself; it needs rank, world_size and the
     # collectives below.
     def _setup_data_parallel(self) -> None:
