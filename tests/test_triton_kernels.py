@@ -230,6 +230,24 @@ def test_linear_on_a_quantlinear_checkpoint_layer():
     torch.testing.assert_close(y.float(), ref.float(), **BF16_TOL)
 
 
+@pytest.mark.parametrize("bits,strategy,gs,abits", [(4, "group", 32, 8), (3, "channel", None, 8), (4, "group", 64, 4)])
+def test_quantlinear_dispatches_to_the_triton_kernel(bits, strategy, gs, abits):
+    """QuantLinear's `triton_w4a8` path (chosen automatically on CUDA) equals its int8_act path."""
+    n, k = 24, 128
+    qw = rtn_quantize(torch.randn(n, k, generator=gen(21)) * 0.05, WeightSpec(bits, True, strategy, gs))
+    layer = QuantLinear.from_quantized(qw, torch.randn(n, generator=gen(22)) * 0.1, act_spec=ActSpec(abits))
+    x = torch.randn(5, k, generator=gen(23)).to(torch.bfloat16)
+    with force_kernel("int8_act"):
+        ref = layer(x)
+    with force_kernel("triton_w4a8"):
+        assert layer.kernel_for(x) == "triton_w4a8"
+        y = layer(x)
+    torch.testing.assert_close(y.float(), ref.float(), **BF16_TOL)
+    weight_only = QuantLinear.from_quantized(qw)
+    with force_kernel("triton_w4a8"), pytest.raises(RuntimeError, match="cannot run"):
+        weight_only(x)
+
+
 # ----------------------------------------------------------------------------- import behaviour
 
 

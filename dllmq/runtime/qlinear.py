@@ -33,7 +33,7 @@ INT8PACK_CPU_MAX_ROWS = 4
 # tinygemm on CUDA has no measured cut-off yet; None = use it for any number of rows.
 INT4_CUDA_MAX_ROWS: int | None = None
 
-KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "int8_act")
+KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "int8_act", "triton_w4a8")
 
 _FORCED: str | None = None
 
@@ -261,6 +261,13 @@ class QuantLinear(nn.Module):
             return True
         if path == "int8_act":
             return self.act_spec.enabled
+        if path == "triton_w4a8":
+            # packed <=4-bit symmetric weights, per-token int activations; CUDA, or CPU under TRITON_INTERPRET=1
+            from . import triton_kernels as T
+
+            return (self.act_spec.enabled and self.act_spec.symmetric and spec.num_bits <= 4 and spec.symmetric
+                    and spec.strategy in ("group", "channel") and T.triton_available()
+                    and (x.device.type == "cuda" or T._interpreting()))
         if path == "int4_cpu":
             return wo and x.device.type == "cpu" and x.dtype == torch.bfloat16 and K.supports_int4_cpu(n, k, spec)
         if path == "int8pack_cpu":
@@ -288,7 +295,10 @@ class QuantLinear(nn.Module):
                 )
             return _FORCED
         if self.act_spec.enabled:
-            # Activation quantization changes the numerics, so it must apply at every size.
+            # Activation quantization changes the numerics, so it must apply at every size. On CUDA the
+            # Triton kernel keeps 4-bit weights packed and unpacks them inside the int8 GEMM.
+            if x.device.type == "cuda" and self._supported("triton_w4a8", x):
+                return "triton_w4a8"
             return "int8_act"
         rows = x.numel() // self.in_features
         if rows <= INT4_CPU_MAX_ROWS and self._supported("int4_cpu", x):
@@ -381,6 +391,13 @@ class QuantLinear(nn.Module):
                 xq, xs = K.quantize_per_token(x2, self.act_spec)
                 x2 = (xq.float() * xs).to(x.dtype)
             y = F.linear(x2, self._dense(x), None if bias is None else bias.to(x.dtype))
+        elif path == "triton_w4a8":
+            from . import triton_kernels as T
+
+            packed = self._cached(("triton_w4", x.device), lambda: (
+                self.weight_packed if self.spec.num_bits == 4 else T.pack_w4_for_triton(self.codes())).to(x.device))
+            y = T.w4a8_linear_triton(x2, packed, self._scale_f32().to(x.device), K._group_len(self.spec, self.in_features),
+                                     bias, qmax=self.act_spec.qmax, clip_ratio=self.act_spec.clip_ratio)
         elif path == "int8_act":
             xq, xs = K.quantize_per_token(x2, self.act_spec)
             w, ws, wzp = self._int8_act_state(x.device)
