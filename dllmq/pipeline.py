@@ -235,7 +235,10 @@ def quantize(
                 for n in group:
                     t0 = time.time()
                     lin = blk.get_submodule(n)
-                    w = lin.weight.detach().float()
+                    if method.rewrites_weights or stream.src_dtypes.get(f"{prefix}{n}.weight") == lin.weight.dtype:
+                        w = lin.weight.detach().float()
+                    else:  # the block computes in a lower precision than the stored weights: quantize those
+                        w = reader.get(f"{prefix}{n}.weight").float().to(lin.weight.device)
                     qw: QuantizedWeight = method.quantize_linear(prefix + n, w, stats[n])
                     wh = qw.dequantize(torch.float32)
                     H = getattr(stats[n], "hessian", None)
@@ -252,7 +255,10 @@ def quantize(
                 layer, leaf = n.rsplit(".", 1)
                 if layer in local_targets and leaf == "weight":
                     continue
-                tensors[prefix + n] = t.to(stream.src_dtypes.get(prefix + n, t.dtype))
+                if not method.rewrites_weights and stream.src_dtypes.get(prefix + n, t.dtype) != t.dtype:
+                    tensors[prefix + n] = reader.get(prefix + n)  # untouched: the stored tensor, not a rounded copy
+                else:
+                    tensors[prefix + n] = t.to(stream.src_dtypes.get(prefix + n, t.dtype))
             tensors.update(packed)
             writer.write_shard(f"block-{i:05d}", tensors)
             if method.needs_calibration:

@@ -120,6 +120,30 @@ def test_early_stop_and_shared_hessians_change_nothing(tiny_llada, tmp_path, mon
     assert _shards(fast.out) == _shards(plain.out)
 
 
+def test_low_precision_calibration_quantizes_the_stored_weights(tiny_llada, tmp_path):
+    """With --dtype bfloat16 on an fp32 checkpoint, GPTQ/RTN still quantize the fp32 weights on disk
+    (only the calibration forwards run in bf16): RTN, which ignores activations, is unchanged."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "fp32"
+    shutil.copytree(tiny_llada, src)
+    for f in src.glob("*.safetensors"):
+        g = torch.Generator().manual_seed(0)  # fp32 values that bf16 cannot hold exactly
+        save_file({k: v.float() * (1 + 1e-3 * torch.randn(v.shape, generator=g)) for k, v in load_file(str(f)).items()},
+                  str(f), metadata={"format": "pt"})
+    qcfg = QuantizationConfig("rtn", WeightSpec(4, True, "group", 32), ignore=[r"model\.transformer\.ff_out"])
+    a = quantize(src, qcfg, tmp_path / "f32", dtype=torch.float32, show_progress=False)
+    b = quantize(src, qcfg, tmp_path / "bf16", dtype=torch.bfloat16, show_progress=False)
+    ta = {k: v for f in sorted(a.out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    tb = {k: v for f in sorted(b.out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert ta.keys() == tb.keys()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta if k.endswith(("weight_packed", "weight_scale")))
+    g = _q(src, tmp_path / "gptq-bf16", "gptq", "random", dtype=torch.bfloat16)
+    assert all(r.rel_error < 0.5 for r in g.layers)
+
+
 def test_killed_run_resumes_byte_identical(tmp_path):
     from dllmq.models.tiny import write_tiny_llada
 

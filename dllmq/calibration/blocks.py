@@ -84,7 +84,11 @@ class BlockStream:
         p = self.prefix(i)
         raw = {n: self.reader.get(p + n) for n in blk.state_dict()}
         self.src_dtypes = {p + n: t.dtype for n, t in raw.items()}  # written back in the original dtype
-        blk.load_state_dict({n: t.to(self.dtype) for n, t in raw.items()}, strict=True)
+        # assign=True: the block really computes in self.dtype (copying into the skeleton's fp32
+        # parameters would only round the weights and keep fp32 compute); copy=True: never alias the
+        # reader's tensors, which methods then modify in place
+        blk.load_state_dict({n: t.to(device=self.device, dtype=self.dtype, copy=True) for n, t in raw.items()}, strict=True,
+                            assign=True)
         return blk.eval()
 
     def release(self, i: int) -> None:

@@ -72,7 +72,7 @@ def quantize(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: ./<model>-w<W>a<A>-<method>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     device: str = DeviceOpt,
-    dtype: str = typer.Option("float32", "--dtype", help="Dtype of the block computations during calibration: float32 (default), bfloat16 or float16."),
+    dtype: str = typer.Option("float32", "--dtype", help="Dtype of the block computations during calibration: float32 (default), bfloat16 (AMX/tensor cores: faster) or float16. RTN and GPTQ still quantize the weights as stored; AWQ/SmoothQuant/QuaRot/DuQuant transform them in this dtype."),
     revision: Optional[str] = RevisionOpt,
     json_out: bool = JsonOpt,
 ):

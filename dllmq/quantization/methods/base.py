@@ -35,6 +35,9 @@ class BlockContext:
 class Method:
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = False
+    # False when transform_block never touches the weights: the pipeline then quantizes the weights
+    # as stored on disk, even when the block runs in a lower-precision calibration dtype.
+    rewrites_weights: ClassVar[bool] = True
     quantizes_activations: ClassVar[bool] = False
 
     def __init__(self, qcfg: QuantizationConfig, **options):

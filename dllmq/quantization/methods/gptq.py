@@ -17,6 +17,7 @@ class GPTQ(Method):
 
     name = "gptq"
     needs_calibration = True
+    rewrites_weights = False
 
     @property
     def wants_confidence(self) -> bool:

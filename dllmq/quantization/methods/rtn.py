@@ -10,6 +10,7 @@ from .base import Method
 
 
 class RTN(Method):
+    rewrites_weights = False
     name = "rtn"
 
     def quantize_linear(self, name: str, weight: torch.Tensor, stats: dict | None = None) -> QuantizedWeight:
