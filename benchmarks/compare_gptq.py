@@ -22,7 +22,8 @@ What it does (everything cached under benchmarks/.cache/, which ignores itself f
        sequential on, calib-mask none, batch 8). The SAME ids are fed in-process: this script
        replaces `dllmq.pipeline._build_calibration` in the worker with a function returning a
        CalibrationSet of those ids (mask none), so no text round trip is involved.
-       Extra reference rows: dllmq GPTQ with sequential off (one Hessian pass per block, as
+       Extra reference rows: dllmq GPTQ with the calibration forwards in bf16 (`--dtype bfloat16`:
+       AMX on this CPU; the fp32 weights are still what GPTQ quantizes), dllmq GPTQ with sequential off (one Hessian pass per block, as
        llm-compressor's layer-wise pipeline does), dllmq RTN (no calibration), and a diagnostic
        dllmq GPTQ configured like llm-compressor: sequential off AND the peers' symmetric scale
        (absmax/7.5 instead of dllmq's absmax/7; done by wrapping dllmq's gptq_quantize with
@@ -234,7 +235,7 @@ def worker_dllmq(a) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     res = pl.quantize(a.model, qcfg, a.out, overwrite=True, method_options=opts,
                       calib=pl.CalibOptions(calib="ids", samples=n, seq_len=L, mask="none", batch_size=a.batch_size),
-                      sequential=bool(a.sequential), show_progress=False)
+                      sequential=bool(a.sequential), show_progress=False, dtype=getattr(torch, a.dtype))
     quant_s, quant_cpu = time.perf_counter() - t0, time.process_time() - c0
     print("RESULT " + json.dumps({"tool": "dllmq", "quant_seconds": quant_s, "quant_cpu_seconds": quant_cpu,
                                   "save_seconds": 0.0, "clip_ratio": a.clip_ratio,
@@ -255,11 +256,13 @@ def run_tool(tool: str, variant: str, model_dir: Path, ids_file: Path, gs: int, 
         py = ensure_venv("gptqmodel")
         return _run([str(py), str(PEERS / "gptqmodel_gptq.py"), *common, "--damp", "0.01", "--batch-size", "8",
                      *dense_arg], env_extra={"GPTQMODEL_CPU_WORKERS": "2"}, threads=a.threads)
-    method, seq, clip = {"gptq": ("gptq", 1, 1.0), "gptq-nonseq": ("gptq", 0, 1.0), "rtn": ("rtn", 1, 1.0),
-                         "gptq-matched": ("gptq", 0, 7 / 7.5)}[variant]
+    method, seq, clip, dtype = {"gptq": ("gptq", 1, 1.0, "float32"), "gptq-nonseq": ("gptq", 0, 1.0, "float32"),
+                                "rtn": ("rtn", 1, 1.0, "float32"), "gptq-matched": ("gptq", 0, 7 / 7.5, "float32"),
+                                "gptq-bf16": ("gptq", 1, 1.0, "bfloat16"),
+                                "gptq-nonseq-bf16": ("gptq", 0, 1.0, "bfloat16")}[variant]
     return _run([sys.executable, str(Path(__file__).resolve()), "worker-dllmq", *common, "--method", method,
-                 "--sequential", str(seq), "--damp", "0.01", "--batch-size", "8", "--clip-ratio", repr(clip)],
-                threads=a.threads)
+                 "--sequential", str(seq), "--damp", "0.01", "--batch-size", "8", "--clip-ratio", repr(clip),
+                 "--dtype", dtype], threads=a.threads)
 
 
 # --------------------------------------------------------------------------------------- metrics
@@ -312,6 +315,7 @@ def main() -> None:
             ap.add_argument(k, type=int, default=d)
         ap.add_argument("--damp", type=float, default=0.01)
         ap.add_argument("--clip-ratio", type=float, default=1.0)
+        ap.add_argument("--dtype", default="float32", help="calibration compute dtype (weights quantized as stored)")
         return worker_dllmq(ap.parse_args(sys.argv[2:]))
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -353,8 +357,8 @@ def main() -> None:
     del ours_fp
     log(f"FP ppl {fp_metrics['ppl']:.3f}; dllmq-vs-transformers FP max |logit diff| {layout_diff:.2e}")
 
-    tools = [("llm-compressor", "gptq"), ("dllmq", "gptq"), ("dllmq", "gptq-nonseq"), ("dllmq", "gptq-matched"),
-             ("dllmq", "rtn")]
+    tools = [("llm-compressor", "gptq"), ("dllmq", "gptq"), ("dllmq", "gptq-nonseq"), ("dllmq", "gptq-bf16"),
+             ("dllmq", "gptq-nonseq-bf16"), ("dllmq", "gptq-matched"), ("dllmq", "rtn")]
     if not a.no_gptqmodel:
         tools.insert(1, ("GPTQModel", "gptq"))
     single: set[str] = set()  # variants run once (none by default)
@@ -412,7 +416,8 @@ def main() -> None:
 
     # ---- table
     label = {"gptq": "GPTQ", "gptq-nonseq": "GPTQ, sequential off", "rtn": "RTN (no calibration)",
-             "gptq-matched": "GPTQ, sequential off + peers' scale absmax/7.5 (diagnostic)"}
+             "gptq-matched": "GPTQ, sequential off + peers' scale absmax/7.5 (diagnostic)",
+             "gptq-bf16": "GPTQ, bf16 calibration compute (AMX)", "gptq-nonseq-bf16": "GPTQ, sequential off, bf16 compute"}
     cdesc = {"g128": "W4A16 sym, group 128", "g64": "W4A16 sym, group 64", "channel": "W4A16 sym, per channel"}
     lines = ["| tool | config | quant wall time (s) | time ratio vs llm-compressor | quant CPU time (s) | "
              "rel. logits error | KL (mean/token) | ppl |",
