@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="tiny-math,tiny-mc")
     ap.add_argument("--only", nargs="*", default=None, help="precisions to run, e.g. W4A4 W4A8")
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-mask", default="none", help="none (clean text, QDLM's setting), random or tmas")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "wa_matrix")
     args = ap.parse_args()
     tasks = args.tasks.split(",")
@@ -73,7 +74,7 @@ def main() -> None:
             out = Path(d) / f"c{i}"
             t0 = time.time()
             cli("quantize", args.model, *extra, "--group-size", "-1", "--calib-samples", str(args.calib_samples),
-                "--out", str(out))
+                "--calib-mask", args.calib_mask, "--out", str(out))
             qs = time.time() - t0
             rows.append({"precision": prec, "label": label, "seconds": qs, "args": extra,
                          "tasks": scores(str(out), tasks)})
@@ -83,7 +84,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"model": args.model, "tasks": tasks, "rows": rows}, indent=2))
     fp = rows[0]["tasks"]
-    lines = [f"Model: {args.model}. Accuracy % ± standard error; Δ in points against full precision, same run.", "",
+    lines = [f"Model: {args.model}; calibration: {args.calib_samples} samples, mask {args.calib_mask}. Accuracy % ± "
+             "standard error; Δ in points against full precision, same run.", "",
              "| precision | method | " + " | ".join(tasks) + " | " + " | ".join(f"Δ {t}" for t in tasks)
              + " | quantize (s) |", "|" + "---|" * (2 * len(tasks) + 3)]
     for r in rows:
