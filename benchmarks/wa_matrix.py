@@ -46,6 +46,15 @@ def cli(*args: str) -> dict:
     return json.loads(p.stdout)
 
 
+def nll_agreement(model: str) -> dict:
+    """`dllmq eval CHECKPOINT` without tasks: masked-token NLL (same masks as full precision) and the share of
+    greedy generated tokens equal to full precision's."""
+    from dllmq.evaluation.report import compare_models
+
+    f, q = compare_models(model, max_seqs=16, mc_num=4, n_prompts=8, show_progress=False)["models"]
+    return {"nll": q["nll"], "fp_nll": f["nll"], "agreement": q.get("agreement")}
+
+
 def scores(model: str, tasks: list[str]) -> dict:
     """`dllmq eval MODEL --tasks ...` for this model only (the CLI would add the FP reference each time)."""
     from dllmq.evaluation.report import evaluate_tasks
@@ -57,15 +66,15 @@ def scores(model: str, tasks: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--tasks", default="tiny-math,tiny-mc")
+    ap.add_argument("--tasks", default="tiny-math,tiny-mc", help="comma list; '' = NLL and agreement only")
     ap.add_argument("--only", nargs="*", default=None, help="precisions to run, e.g. W4A4 W4A8")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-mask", default="none", help="none (clean text, QDLM's setting), random or tmas")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "wa_matrix")
     args = ap.parse_args()
-    tasks = args.tasks.split(",")
+    tasks = [t for t in args.tasks.split(",") if t]
     rows = [{"precision": "W16A16", "label": "full precision", "seconds": 0.0,
-             "tasks": scores(args.model, tasks)}]
+             "tasks": scores(args.model, tasks) if tasks else {}, "nll": None, "agreement": 1.0}]
     print(json.dumps(rows[-1]), flush=True)
     with tempfile.TemporaryDirectory() as d:
         for i, (prec, label, extra) in enumerate(CONFIGS):
@@ -77,7 +86,7 @@ def main() -> None:
                 "--calib-mask", args.calib_mask, "--out", str(out))
             qs = time.time() - t0
             rows.append({"precision": prec, "label": label, "seconds": qs, "args": extra,
-                         "tasks": scores(str(out), tasks)})
+                         "tasks": scores(str(out), tasks) if tasks else {}, **nll_agreement(str(out))})
             print(json.dumps(rows[-1]), flush=True)
     suffix = "" if args.model == "tiny" else "-" + args.model.replace("/", "_")
     out = args.out.with_name(args.out.name + suffix)
@@ -86,12 +95,14 @@ def main() -> None:
     fp = rows[0]["tasks"]
     lines = [f"Model: {args.model}; calibration: {args.calib_samples} samples, mask {args.calib_mask}. Accuracy % ± "
              "standard error; Δ in points against full precision, same run.", "",
-             "| precision | method | " + " | ".join(tasks) + " | " + " | ".join(f"Δ {t}" for t in tasks)
-             + " | quantize (s) |", "|" + "---|" * (2 * len(tasks) + 3)]
+             "| precision | method | " + "".join(f"{t} | " for t in tasks) + "".join(f"Δ {t} | " for t in tasks)
+             + "Δ NLL vs FP | agreement | quantize (s) |", "|" + "---|" * (2 * len(tasks) + 5)]
     for r in rows:
         cells = [f"{100 * r['tasks'][t]['value']:.1f} ± {100 * r['tasks'][t]['stderr']:.1f}" for t in tasks]
         deltas = [f"{100 * (r['tasks'][t]['value'] - fp[t]['value']):+.1f}" for t in tasks]
-        lines.append(f"| {r['precision']} | {r['label']} | " + " | ".join(cells + deltas) + f" | {r['seconds']:.0f} |")
+        dn = "-" if r.get("nll") is None else f"{r['nll'] - r['fp_nll']:+.4f}"
+        lines.append(f"| {r['precision']} | {r['label']} | " + "".join(f"{c} | " for c in cells + deltas)
+                     + f"{dn} | {r['agreement']:.3f} | {r['seconds']:.0f} |")
     md = "\n".join(lines)
     out.with_suffix(".md").write_text(md + "\n")
     print(md)
