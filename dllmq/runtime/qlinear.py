@@ -25,10 +25,11 @@ from ..quantization.qweight import QuantizedWeight
 from ..quantization.spec import ActSpec, WeightSpec
 from . import kernels as K
 
-# Measured on a 2-core AMX CPU (4096x4096, bf16): the int4 / int8 weight-only kernels beat
-# the AMX bf16 GEMM only up to ~4 rows (1 row: 0.56 / 0.82 ms vs 2.8 ms; 8 rows: 3.2 / 3.6 ms
-# vs 2.8 ms). Beyond that, dequantize once (cached) and let the dense GEMM run.
-INT4_CPU_MAX_ROWS = 4
+# Measured on a 2-core AMX CPU (benchmarks/kernels.py, LLaDA-8B layer shapes, bf16): the int4 kernel
+# takes 0.25-0.27x the AMX bf16 GEMM's time at 1 row, 0.5x at 4, 0.87-0.93x at 8 and 1.3-1.4x at 16.
+# With a cached dequantized copy the dense GEMM wins from 16 rows on; without one (the default, to
+# save memory) dequantizing per call costs 12x at 256 rows, so the int4 kernel is used at any size.
+INT4_CPU_MAX_ROWS = 8
 INT8PACK_CPU_MAX_ROWS = 4
 # tinygemm on CUDA has no measured cut-off yet; None = use it for any number of rows.
 INT4_CUDA_MAX_ROWS: int | None = None
@@ -301,7 +302,7 @@ class QuantLinear(nn.Module):
                 return "triton_w4a8"
             return "int8_act"
         rows = x.numel() // self.in_features
-        if rows <= INT4_CPU_MAX_ROWS and self._supported("int4_cpu", x):
+        if (rows <= INT4_CPU_MAX_ROWS or not self.cache_dequantized) and self._supported("int4_cpu", x):
             return "int4_cpu"
         if rows <= INT8PACK_CPU_MAX_ROWS and self._supported("int8pack_cpu", x):
             return "int8pack_cpu"
