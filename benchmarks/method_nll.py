@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--max-seqs", type=int, default=32)
     ap.add_argument("--mc-num", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: all of method_matrix's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "method_nll")
     args = ap.parse_args()
     src = resolve_model_path(args.model)
@@ -41,6 +42,8 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         for bits in args.bits:
             for label, method, mask, opts in CONFIGS:
+                if args.only and label not in args.only:
+                    continue
                 qcfg = QuantizationConfig(method, WeightSpec(bits, True, "group", args.group_size),
                                           ignore=[r"model\.transformer\.ff_out", "lm_head"])
                 out = Path(d) / f"{method}-{bits}-{len(rows)}"
