@@ -36,6 +36,16 @@ CONFIGS = [  # label, method, calibration mask, options
 QUICK = {"RTN", "GPTQ, clean calibration (QDLM)", "GPTQ, TMAS", "GPTQ, TMAS + CGQ"}
 
 
+def quantize_config(src, out, method, bits, group_size, mask, opts, samples):
+    """One row's checkpoint (LM head kept in full precision) -> (QuantizeResult, seconds)."""
+    qcfg = QuantizationConfig(method, WeightSpec(bits, True, "group", group_size),
+                              ignore=[r"model\.transformer\.ff_out", "lm_head"])
+    t0 = time.time()
+    res = quantize(src, qcfg, out, calib=CalibOptions(mask=mask, samples=samples), method_options=opts,
+                   show_progress=False)
+    return res, time.time() - t0
+
+
 def evaluate(path, tasks, gcfg, mc_num):
     m = load(path, dtype=None)
     tok = load_tokenizer(m.source_path)
@@ -63,13 +73,8 @@ def main():
             for label, method, mask, opts in CONFIGS:
                 if args.quick and label not in QUICK:
                     continue
-                qcfg = QuantizationConfig(method, WeightSpec(bits, True, "group", args.group_size),
-                                          ignore=[r"model\.transformer\.ff_out", "lm_head"])
                 out = Path(d) / f"{method}-{bits}-{len(rows)}"
-                t0 = time.time()
-                res = quantize(src, qcfg, out, calib=CalibOptions(mask=mask, samples=args.samples),
-                               method_options=opts, show_progress=False)
-                qs = time.time() - t0
+                res, qs = quantize_config(src, out, method, bits, args.group_size, mask, opts, args.samples)
                 err = sum(r.rel_error for r in res.layers) / len(res.layers)
                 rows.append({"label": label, "bits": bits, "quant_seconds": qs, "mean_layer_error": err,
                              "tasks": evaluate(out, args.tasks, gcfg, args.mc_num)})

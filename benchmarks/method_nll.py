@@ -13,16 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
-from method_matrix import CONFIGS
+from method_matrix import CONFIGS, quantize_config
 
-from dllmq.checkpoint.format import QuantizationConfig
 from dllmq.evaluation.report import compare_models
 from dllmq.models.loading import resolve_model_path
-from dllmq.pipeline import CalibOptions, quantize
-from dllmq.quantization.spec import WeightSpec
 
 
 def main():
@@ -44,13 +40,8 @@ def main():
             for label, method, mask, opts in CONFIGS:
                 if args.only and label not in args.only:
                     continue
-                qcfg = QuantizationConfig(method, WeightSpec(bits, True, "group", args.group_size),
-                                          ignore=[r"model\.transformer\.ff_out", "lm_head"])
                 out = Path(d) / f"{method}-{bits}-{len(rows)}"
-                t0 = time.time()
-                quantize(src, qcfg, out, calib=CalibOptions(mask=mask, samples=args.samples), method_options=opts,
-                         show_progress=False)
-                qs = time.time() - t0
+                _, qs = quantize_config(src, out, method, bits, args.group_size, mask, opts, args.samples)
                 res = compare_models(str(out), max_seqs=args.max_seqs, mc_num=args.mc_num, n_prompts=args.prompts,
                                      show_progress=False)
                 f, q = res["models"]

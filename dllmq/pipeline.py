@@ -235,10 +235,9 @@ def quantize(
                 for n in group:
                     t0 = time.time()
                     lin = blk.get_submodule(n)
-                    if method.rewrites_weights or stream.src_dtypes.get(f"{prefix}{n}.weight") == lin.weight.dtype:
-                        w = lin.weight.detach().float()
-                    else:  # the block computes in a lower precision than the stored weights: quantize those
-                        w = reader.get(f"{prefix}{n}.weight").float().to(lin.weight.device)
+                    w = lin.weight.detach() if method.rewrites_weights else \
+                        stream.stored(f"{prefix}{n}.weight", lin.weight.detach(), rewritten=False)
+                    w = w.float().to(lin.weight.device)
                     qw: QuantizedWeight = method.quantize_linear(prefix + n, w, stats[n])
                     wh = qw.dequantize(torch.float32)
                     H = getattr(stats[n], "hessian", None)
@@ -255,10 +254,7 @@ def quantize(
                 layer, leaf = n.rsplit(".", 1)
                 if layer in local_targets and leaf == "weight":
                     continue
-                if not method.rewrites_weights and stream.src_dtypes.get(prefix + n, t.dtype) != t.dtype:
-                    tensors[prefix + n] = reader.get(prefix + n)  # untouched: the stored tensor, not a rounded copy
-                else:
-                    tensors[prefix + n] = t.to(stream.src_dtypes.get(prefix + n, t.dtype))
+                tensors[prefix + n] = stream.stored(prefix + n, t, method.rewrites_weights)
             tensors.update(packed)
             writer.write_shard(f"block-{i:05d}", tensors)
             if method.needs_calibration:
@@ -308,7 +304,7 @@ def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenC
     * linears fed the very same tensor (q/k/v, gate/up) share one accumulator when the stats say
       they may (`shareable`, e.g. a GPTQ Hessian), so XᵀX is computed once per input, not per linear.
     """
-    cur = {"w": None, "seen": set(), "inputs": []}
+    cur = {"w": None, "seen": set(), "last": None}
     weights = [getattr(method, "token_weights", lambda b: None)(b) for b in batches]
     hooked = [n for n, s in stats.items() if s is not None]
     alias: dict[str, str] = {}  # linear -> linear whose accumulator it shares (decided on batch 0)
@@ -316,8 +312,9 @@ def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenC
     def hook(n):
         def fn(mod, args):
             x = args[0]
-            # the same tensor object (kept alive below, so identity cannot be a reused address)
-            first = next((m for t, m in cur["inputs"] if t is x), None)
+            # the same tensor object as the previous linear's input (kept alive in cur["last"], so identity
+            # cannot be a reused address); linears sharing an input run back to back
+            first = cur["last"][1] if cur["last"] is not None and cur["last"][0] is x else None
             if cur["j"] == 0 and first is not None and getattr(stats[n], "shareable", False) \
                     and type(stats[first]) is type(stats[n]):
                 alias[n] = first
@@ -328,8 +325,8 @@ def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenC
                 tw = cur["w"]
                 xd = x.detach()
                 stats[n].add(xd.reshape(-1, xd.shape[-1]), None if tw is None else tw.reshape(-1).to(xd.device))
-                if first is None:  # only the latest input is kept: linears sharing one run back to back
-                    cur["inputs"] = [(x, n)]
+                if first is None:
+                    cur["last"] = (x, n)
             cur["seen"].add(n)
             if len(cur["seen"]) == len(hooked):
                 raise StopBlock
@@ -337,7 +334,7 @@ def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenC
         return fn
 
     def on_batch(j):
-        cur.update(w=weights[j], j=j, seen=set(), inputs=[])
+        cur.update(w=weights[j], j=j, seen=set(), last=None)
 
     hs = [blk.get_submodule(n).register_forward_pre_hook(hook(n)) for n in hooked]
     try:

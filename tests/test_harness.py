@@ -89,15 +89,16 @@ def test_multiple_choice_is_the_mc_elbo(bundled):
     assert res.samples[0]["loglik"][0] == pytest.approx(direct, rel=1e-4)
 
 
-def test_lm_eval_task_with_local_data(bundled, tmp_path):
-    """A plain lm-eval YAML task over a local jsonl runs through our class (loglikelihood + generate_until)."""
-    from lm_eval.tasks import TaskManager
-
-    m, tok = bundled
+def _qa_data(tmp_path, n):
     data = tmp_path / "qa.jsonl"
     data.write_text("\n".join(json.dumps({"q": f"What is {i} + 1?", "a": str(i + 1), "choices": [str(i + 1), "zero"],
-                                          "label": 0}) for i in range(4)))
-    (tmp_path / "local_mc.yaml").write_text(f"""task: local_mc
+                                          "label": 0}) for i in range(n)))
+    return data
+
+
+def _write_mc_task(tmp_path, name, data):
+    """A plain lm-eval multiple-choice YAML task over a local jsonl file."""
+    (tmp_path / f"{name}.yaml").write_text(f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -112,6 +113,15 @@ metric_list:
 metadata:
   version: 1.0
 """)
+
+
+def test_lm_eval_task_with_local_data(bundled, tmp_path):
+    """A plain lm-eval YAML task over a local jsonl runs through our class (loglikelihood + generate_until)."""
+    from lm_eval.tasks import TaskManager
+
+    m, tok = bundled
+    data = _qa_data(tmp_path, 4)
+    _write_mc_task(tmp_path, "local_mc", data)
     (tmp_path / "local_gen.yaml").write_text(f"""task: local_gen
 dataset_path: json
 dataset_kwargs:
@@ -194,24 +204,7 @@ def test_lm_eval_own_cli_finds_our_class(tmp_path):
     import subprocess
     import sys
 
-    data = tmp_path / "qa.jsonl"
-    data.write_text("\n".join(json.dumps({"q": f"What is {i} + 1?", "choices": [str(i + 1), "zero"], "label": 0})
-                              for i in range(2)))
-    (tmp_path / "cli_mc.yaml").write_text(f"""task: cli_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{q}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-metadata:
-  version: 1.0
-""")
+    _write_mc_task(tmp_path, "cli_mc", _qa_data(tmp_path, 2))
     out = tmp_path / "res"
     p = subprocess.run([sys.executable, "-m", "dllmq.evaluation.lm_eval_cli", "--model", "dllmq", "--model_args",
                         "pretrained=tiny,mc_num=2", "--tasks", "cli_mc", "--include_path", str(tmp_path),

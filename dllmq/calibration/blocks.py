@@ -91,6 +91,15 @@ class BlockStream:
                             assign=True)
         return blk.eval()
 
+    def stored(self, name: str, t: torch.Tensor, rewritten: bool) -> torch.Tensor:
+        """Tensor `name` of the current block as it goes to the checkpoint, in its stored dtype. When the
+        method did not rewrite the block and the block computes in a lower precision than the shards, the
+        shard's own tensor is returned, not a rounded copy."""
+        src = self.src_dtypes.get(name, t.dtype)
+        if not rewritten and src != t.dtype:
+            return self.reader.get(name)
+        return t.to(src)
+
     def release(self, i: int) -> None:
         self.model.blocks[i].to("meta")
         _return_freed_memory()

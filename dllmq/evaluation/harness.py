@@ -13,6 +13,7 @@ sampler's settings, so the per-task settings (shots, gen_length, steps, block_le
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -256,13 +257,14 @@ def _quiet_git_hash() -> str | None:
         out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
+@functools.cache  # patch once per process
 def _quiet_lm_eval() -> None:
     """Our rich bar covers a run: silence lm-eval's git probe and its per-task "building contexts" bar."""
-    import functools
-
     import lm_eval.api.task as lm_task
     import lm_eval.evaluator as lm_evaluator
     from tqdm import tqdm
