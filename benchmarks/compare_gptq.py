@@ -22,12 +22,11 @@ What it does (everything cached under benchmarks/.cache/, which ignores itself f
        sequential on, calib-mask none, batch 8). The SAME ids are fed in-process: this script
        replaces `dllmq.pipeline._build_calibration` in the worker with a function returning a
        CalibrationSet of those ids (mask none), so no text round trip is involved.
-       Extra reference rows: dllmq GPTQ with the calibration forwards in bf16 (`--dtype bfloat16`:
-       AMX on this CPU; the fp32 weights are still what GPTQ quantizes), dllmq GPTQ with sequential off (one Hessian pass per block, as
-       llm-compressor's layer-wise pipeline does), dllmq RTN (no calibration), and a diagnostic
-       dllmq GPTQ configured like llm-compressor: sequential off AND the peers' symmetric scale
-       (absmax/7.5 instead of dllmq's absmax/7; done by wrapping dllmq's gptq_quantize with
-       clip_ratio=7/7.5 in the worker).
+       dllmq's GPTQ chooses each group's scale by a clipping search (scale_search "mse", its
+       default); extra reference rows: the calibration forwards in bf16 (`--dtype bfloat16`:
+       AMX on this CPU; the fp32 weights are still what GPTQ quantizes), sequential off (one
+       Hessian pass per block, as llm-compressor's layer-wise pipeline does), min-max scales
+       (scale_search "minmax", as the peers), and RTN (no calibration).
    (c) GPTQModel (optional): GPTQModel.load + quantize(batch 8, desc_act off, damp 0.01);
        benchmarks/peers/gptqmodel_gptq.py.
    Timed: the quantization call only. llm-compressor / GPTQModel: oneshot() / model.quantize()
@@ -220,25 +219,18 @@ def worker_dllmq(a) -> None:
                                         "source": "pre-tokenized ids (benchmarks/compare_gptq.py)"})
 
     pl._build_calibration = fixed_calibration
-    if a.clip_ratio != 1.0:
-        # Diagnostic only: dllmq's symmetric scale is absmax / 7 (int4, range fully representable);
-        # llm-compressor and GPTQModel use absmax / 7.5 (finer grid, the positive max clipped to 7/7.5).
-        # clip_ratio = 7 / 7.5 reproduces their scale inside dllmq's unchanged GPTQ.
-        import dllmq.quantization.methods.gptq as method_gptq
-
-        orig = method_gptq.gptq_quantize
-        method_gptq.gptq_quantize = lambda *args, **kw: orig(*args, **{**kw, "clip_ratio": a.clip_ratio})
     spec = WeightSpec(a.bits, True, "channel", None) if a.group_size == -1 else WeightSpec(a.bits, True, "group",
                                                                                              a.group_size)
     qcfg = QuantizationConfig(a.method, spec, ignore=[r"lm_head"])
-    opts = {"damp": a.damp, "act_order": False, "block_size": 128} if a.method == "gptq" else {}
+    opts = ({"damp": a.damp, "act_order": False, "block_size": 128, "scale_search": a.scale_search}
+            if a.method == "gptq" else {})
     t0, c0 = time.perf_counter(), time.process_time()
     res = pl.quantize(a.model, qcfg, a.out, overwrite=True, method_options=opts,
                       calib=pl.CalibOptions(calib="ids", samples=n, seq_len=L, mask="none", batch_size=a.batch_size),
                       sequential=bool(a.sequential), show_progress=False, dtype=getattr(torch, a.dtype))
     quant_s, quant_cpu = time.perf_counter() - t0, time.process_time() - c0
     print("RESULT " + json.dumps({"tool": "dllmq", "quant_seconds": quant_s, "quant_cpu_seconds": quant_cpu,
-                                  "save_seconds": 0.0, "clip_ratio": a.clip_ratio,
+                                  "save_seconds": 0.0, "scale_search": a.scale_search,
                                   "layer_seconds": sum(r.seconds for r in res.layers), "threads": a.threads,
                                   "mean_layer_rel_error": sum(r.rel_error for r in res.layers) / len(res.layers)}),
           flush=True)
@@ -256,12 +248,13 @@ def run_tool(tool: str, variant: str, model_dir: Path, ids_file: Path, gs: int, 
         py = ensure_venv("gptqmodel")
         return _run([str(py), str(PEERS / "gptqmodel_gptq.py"), *common, "--damp", "0.01", "--batch-size", "8",
                      *dense_arg], env_extra={"GPTQMODEL_CPU_WORKERS": "2"}, threads=a.threads)
-    method, seq, clip, dtype = {"gptq": ("gptq", 1, 1.0, "float32"), "gptq-nonseq": ("gptq", 0, 1.0, "float32"),
-                                "rtn": ("rtn", 1, 1.0, "float32"), "gptq-matched": ("gptq", 0, 7 / 7.5, "float32"),
-                                "gptq-bf16": ("gptq", 1, 1.0, "bfloat16"),
-                                "gptq-nonseq-bf16": ("gptq", 0, 1.0, "bfloat16")}[variant]
+    method, seq, search, dtype = {"gptq": ("gptq", 1, "mse", "float32"), "gptq-nonseq": ("gptq", 0, "mse", "float32"),
+                                  "rtn": ("rtn", 1, "minmax", "float32"),
+                                  "gptq-minmax": ("gptq", 0, "minmax", "float32"),
+                                  "gptq-bf16": ("gptq", 1, "mse", "bfloat16"),
+                                  "gptq-nonseq-bf16": ("gptq", 0, "mse", "bfloat16")}[variant]
     return _run([sys.executable, str(Path(__file__).resolve()), "worker-dllmq", *common, "--method", method,
-                 "--sequential", str(seq), "--damp", "0.01", "--batch-size", "8", "--clip-ratio", repr(clip),
+                 "--sequential", str(seq), "--damp", "0.01", "--batch-size", "8", "--scale-search", search,
                  "--dtype", dtype], threads=a.threads)
 
 
@@ -314,7 +307,7 @@ def main() -> None:
                      ("--bits", 4)):
             ap.add_argument(k, type=int, default=d)
         ap.add_argument("--damp", type=float, default=0.01)
-        ap.add_argument("--clip-ratio", type=float, default=1.0)
+        ap.add_argument("--scale-search", default="mse")
         ap.add_argument("--dtype", default="float32", help="calibration compute dtype (weights quantized as stored)")
         return worker_dllmq(ap.parse_args(sys.argv[2:]))
 
@@ -358,7 +351,7 @@ def main() -> None:
     log(f"FP ppl {fp_metrics['ppl']:.3f}; dllmq-vs-transformers FP max |logit diff| {layout_diff:.2e}")
 
     tools = [("llm-compressor", "gptq"), ("dllmq", "gptq"), ("dllmq", "gptq-nonseq"), ("dllmq", "gptq-bf16"),
-             ("dllmq", "gptq-nonseq-bf16"), ("dllmq", "gptq-matched"), ("dllmq", "rtn")]
+             ("dllmq", "gptq-nonseq-bf16"), ("dllmq", "gptq-minmax"), ("dllmq", "rtn")]
     if not a.no_gptqmodel:
         tools.insert(1, ("GPTQModel", "gptq"))
     single: set[str] = set()  # variants run once (none by default)
@@ -416,7 +409,7 @@ def main() -> None:
 
     # ---- table
     label = {"gptq": "GPTQ", "gptq-nonseq": "GPTQ, sequential off", "rtn": "RTN (no calibration)",
-             "gptq-matched": "GPTQ, sequential off + peers' scale absmax/7.5 (diagnostic)",
+             "gptq-minmax": "GPTQ, sequential off, min-max scales (as the peers)",
              "gptq-bf16": "GPTQ, bf16 calibration compute (AMX)", "gptq-nonseq-bf16": "GPTQ, sequential off, bf16 compute"}
     cdesc = {"g128": "W4A16 sym, group 128", "g64": "W4A16 sym, group 64", "channel": "W4A16 sym, per channel"}
     lines = ["| tool | config | quant wall time (s) | time ratio vs llm-compressor | quant CPU time (s) | "
@@ -440,7 +433,7 @@ def main() -> None:
         f"(byte-level BPE, vocab {DATA_SPEC['vocab']}). Calibration: {DATA_SPEC['n_calib']} x {DATA_SPEC['seq_len']} "
         f"token ids, identical for every tool; metrics on {DATA_SPEC['n_heldout']} x {DATA_SPEC['seq_len']} held-out "
         "ids from documents not used for training, tokenizer or calibration.",
-        "GPTQ settings everywhere: int4 symmetric min-max scales, damp 0.01, block 128, act-order off, lm_head "
+        "GPTQ settings everywhere: int4 symmetric, damp 0.01, block 128, act-order off, lm_head "
         "in full precision, calibration batch 8, quantized inputs propagated to the next block.",
         f"Times: median of {a.repeats} fresh-process runs, interleaved round robin, "
         f"{a.threads} torch thread(s) per tool (GPTQModel additionally runs its own pool of 2 CPU workers), on a "
@@ -451,11 +444,10 @@ def main() -> None:
         "already quantized outputs); llm-compressor's sequential pipeline collects all Hessians of a decoder "
         "layer in one pass; 'sequential off' is the dllmq equivalent of that.",
         f"dllmq vs transformers FP logits (layout check): max |diff| {layout_diff:.1e}.",
-        "Symmetric int4 scale conventions differ: dllmq uses absmax/7 (the whole range representable, codes "
-        "-7..7 used); llm-compressor and GPTQModel use absmax/7.5 (a 7% finer grid; the positive extreme is "
-        "clipped to 7/7.5 of itself). The diagnostic row runs dllmq's unchanged GPTQ with sequential off and "
-        "clip_ratio=7/7.5 (the peers' scale), i.e. configured like llm-compressor, to separate these two "
-        "choices from the GPTQ implementation itself.",
+        "Scales: llm-compressor and GPTQModel use min-max scales absmax/7.5 (the positive extreme clipped to "
+        "7/7.5 of itself); dllmq's min-max scale is absmax/7 (codes -7..7, nothing clipped) and its GPTQ default "
+        "searches each group's clipping (ratios 1.0 down to 0.5, 20 steps, minimising sum |w - q(w)|^2.4) on the "
+        "original weights before GPTQ runs. The min-max row shows dllmq's GPTQ without that search.",
         "Peer formats: llm-compressor stores fp32 scales (pack-quantized), like dllmq; GPTQModel stores fp16 "
         "scales and, with static_groups left at its default (off), computes a group's scale when GPTQ reaches "
         "the group (dllmq and llm-compressor: all group scales up front from the original weights).",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -100,7 +99,7 @@ def main() -> None:
     wall = time.time() - t1
     if p.returncode != 0:
         sys.exit(f"quantize failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MiB, the quantize process
+    peak = json.loads(p.stdout)["peak_rss_bytes"] / 2**20  # MiB, the quantize process's own peak
     qsize = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
     row = {"layers": args.layers, "parameters": params, "model_gib": size / 2**30, "method": args.method,
            "quantized_gib": qsize / 2**30, "peak_rss_gib": peak / 1024, "quantize_seconds": wall,

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from dllmq.checkpoint.format import QuantizationConfig
 from dllmq.pipeline import CalibOptions, quantize
 from dllmq.quantization.spec import WeightSpec
@@ -24,7 +24,8 @@ src, out = sys.argv[1], sys.argv[2]
 t = time.time()
 quantize(src, QuantizationConfig("gptq", WeightSpec(4, True, "group", 128), ignore=[r"model\.transformer\.ff_out"]), out,
          calib=CalibOptions(mask="random", samples=16, seq_len=128), show_progress=False)
-print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": time.time() - t}))
+from dllmq.runtime.memory import peak_rss_bytes  # this process's own peak (not ru_maxrss: see there)
+print(json.dumps({"peak_rss_mib": peak_rss_bytes() / 2**20, "seconds": time.time() - t}))
 """
 
 

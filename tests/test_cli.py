@@ -78,6 +78,7 @@ BAD = [
     (["quantize", "{nope}"], "not found"),
     (["generate", "{src}", "hi", "--gen-length", "10", "--block-length", "4"], "must divide"),
     (["quantize", "{src}", "--dtype", "int3"], "--dtype"),
+    (["quantize", "{src}", "--method", "gptq", "--scale-search", "p99"], "--scale-search"),
 ]
 
 

@@ -258,3 +258,43 @@ def test_cgq_token_weights_valid_mask():
     assert w[0, :3].mean().item() == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError):
         token_weights(masked, conf[:, :2])
+
+
+@pytest.mark.parametrize("spec", [WeightSpec(4, True, "group", 16), WeightSpec(3, False, "group", 32),
+                                  WeightSpec(4, True, "channel", None), WeightSpec(8, True, "tensor", None)])
+def test_mse_scale_search_picks_a_grid_ratio_per_group_and_never_loses_to_minmax(spec):
+    from dllmq.quantization.rtn import _grouped, mse_qparams
+
+    w, _ = _layer(3)
+    w[:, 5] *= 6  # a few large weights per row: min-max wastes steps on them
+    s, z = mse_qparams(w, spec, grid=11, min_ratio=0.5)
+    s0, z0 = compute_qparams(w, spec)
+    assert s.shape == s0.shape and (z is None) == (z0 is None)
+
+    def group_err(scale, zp):
+        return _grouped((dequantize(quantize(w, scale, zp, spec), scale, zp, spec) - w) ** 2, spec).sum(-1)
+
+    e, e0 = group_err(s, z), group_err(s0, z0)
+    assert (e <= e0 + 1e-12).all()
+    if spec.num_bits <= 4:  # at 8 bits the steps are fine already; clipping rarely pays
+        assert e.sum() < 0.95 * e0.sum()  # the search does find better clippings here
+    # every group's parameters are exactly compute_qparams' at one of the grid's ratios
+    cands = [compute_qparams(w, spec, 1.0 - 0.05 * i) for i in range(11)]
+    hit = torch.zeros_like(s, dtype=torch.bool)
+    for cs, cz in cands:
+        hit |= (cs == s) & (True if z is None else (cz == z))
+    assert hit.all()
+
+
+def test_gptq_with_mse_scales_lowers_output_error():
+    w, x = _layer(4, n=64, k=128, t=512)
+    w[:, 7] *= 5
+    h = _hessian(x)
+    spec = WeightSpec(4, True, "group", 32)
+    errs = {}
+    for search in ("minmax", "mse"):
+        qw, _ = gptq_quantize(w, h, spec, scale_search=search)
+        errs[search] = _out_err(x, w, dequantize(qw.q, qw.scale, qw.zero_point, spec))
+    assert errs["mse"] < errs["minmax"]
+    with pytest.raises(ValueError, match="scale_search"):
+        gptq_quantize(w, h, spec, scale_search="percentile")

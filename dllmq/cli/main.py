@@ -63,6 +63,7 @@ def quantize(
     ia_aq: bool = typer.Option(False, "--ia-aq", help="DLLMQuant's interaction-aware activation quantization: search the clipping of the attention output projection's input (softmax·V) to minimise its error."),
     duquant_block: int = typer.Option(128, "--duquant-block", help="DuQuant rotation block size."),
     duquant_steps: int = typer.Option(256, "--duquant-steps", help="DuQuant greedy rotation steps."),
+    scale_search: Optional[str] = typer.Option(None, "--scale-search", help="How weight scales are chosen: minmax (each group's range) or mse (each group's clipping searched to minimise the rounding error). Default: mse for gptq, minmax for the others (RTN stays the papers' baseline)."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening, as a fraction of the mean Hessian diagonal (raised automatically if Cholesky fails)."),
     act_order: bool = typer.Option(False, "--act-order/--no-act-order", help="GPTQ: quantize columns by descending Hessian diagonal (static groups keep scales aligned)."),
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Quantize q/k/v, o, gate/up, down one group after another inside each block, each seeing the quantized outputs of the previous."),
@@ -89,6 +90,8 @@ def quantize(
     from ..pipeline import CalibOptions
     from ..pipeline import quantize as run
     from ..quantization.methods import get_method
+    from ..quantization.rtn import SCALE_SEARCHES
+    from ..runtime.memory import peak_rss_bytes
     from ..quantization.spec import ActSpec, WeightSpec
 
     tdtype = _dtype(dtype)
@@ -107,6 +110,8 @@ def quantize(
         raise UserError("--cgq weights the GPTQ Hessian: use --method gptq, or another method with --w-quantizer gptq")
     if calib_samples <= 0 or calib_seqlen <= 0:
         raise UserError("--calib-samples and --calib-seqlen must be positive")
+    if scale_search is not None and scale_search not in SCALE_SEARCHES:
+        raise UserError(f"--scale-search must be one of {', '.join(SCALE_SEARCHES)}, got {scale_search!r}")
     if not 0 <= damp < 1:
         raise UserError(f"--damp must be in [0, 1), got {damp}")
     try:
@@ -124,7 +129,8 @@ def quantize(
     src = resolve_model_path(name, revision)
     arch = arch_for(read_config(src))
     qcfg = QuantizationConfig(method=method, weights=wspec, activations=aspec, ignore=arch.default_ignore() + list(ignore))
-    options = {"damp": damp, "act_order": act_order}
+    options = {"damp": damp, "act_order": act_order,
+               "scale_search": scale_search or ("mse" if method == "gptq" else "minmax")}
     if m_cls.quantizes_activations:
         options.update(w_quantizer=w_quantizer, alpha=alpha, w_clip=w_clip, ia_aq=ia_aq, seed=seed,
                        block=duquant_block, steps=duquant_steps)
@@ -145,7 +151,7 @@ def quantize(
         "out": str(res.out), "method": method, "weights": wspec.describe(), "activations": a,
         "layers": len(res.layers), "seconds": round(res.seconds, 2), "bytes": size, "source_bytes": src_size,
         "mean_rel_error": sum(r.rel_error for r in res.layers) / max(1, len(res.layers)),
-        "calibration": res.calibration,
+        "calibration": res.calibration, "peak_rss_bytes": peak_rss_bytes(),
     }
     if json_out:
         _emit_json({**summary, "per_layer": [r.__dict__ for r in res.layers]})
@@ -155,7 +161,7 @@ def quantize(
           [[r.name, "x".join(map(str, r.shape)), r.rel_error, r.seconds] for r in res.layers])
     out_console.print(
         f"[green]wrote[/green] {res.out}  ({human_bytes(size)} vs {human_bytes(src_size)} full precision, "
-        f"{len(res.layers)} layers, {res.seconds:.1f} s)"
+        f"{len(res.layers)} layers, {res.seconds:.1f} s, peak memory {human_bytes(summary['peak_rss_bytes'])})"
     )
 
 

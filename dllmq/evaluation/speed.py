@@ -85,12 +85,13 @@ def layer_timings(q, fp, rows: int, repeats: int, device: str, dtype) -> list[di
 
 def peak_rss_subprocess(model: str, device: str, dtype: str, batch: int, seq_len: int) -> int | None:
     """Peak RSS (bytes) of a fresh process that loads `model` and runs one denoising step; None on failure."""
-    code = ("import resource, sys, torch; from dllmq.runtime.loader import load; "
+    code = ("import sys, torch; from dllmq.runtime.loader import load; "
+            "from dllmq.runtime.memory import peak_rss_bytes; "
             "from dllmq.evaluation.speed import step_inputs; "
             f"m = load({model!r}, device={device!r}, dtype=getattr(torch, {dtype!r})); "
             f"x = step_inputs(m, {batch}, {seq_len}).to({device!r}); "
             "torch.no_grad()(m.aligned_logits)(x); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+            "print(peak_rss_bytes())")
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
         return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None

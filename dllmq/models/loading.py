@@ -7,6 +7,7 @@ trust prompt appears.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -153,9 +154,27 @@ class ShardReader:
         return [k for k in self.map if k.startswith(prefix)]
 
 
+_INIT_FNS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+             "xavier_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def _skip_weight_init():
+    """Module constructors initialise their weights; on meta tensors that is pure waste, and torch routes
+    meta ``normal_`` through its Python reference, which imports torch._dynamo (seconds on a small CPU)."""
+    saved = {n: getattr(torch.nn.init, n) for n in _INIT_FNS}
+    try:
+        for n in _INIT_FNS:
+            setattr(torch.nn.init, n, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 def build_empty(arch: ArchSpec, config: DLLMConfig) -> DiffusionLM:
     """The module tree with no storage allocated (meta device); loaders fill it tensor by tensor."""
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_weight_init():
         return arch.build(config)
 
 

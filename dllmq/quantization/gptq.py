@@ -43,7 +43,7 @@ import warnings
 import torch
 
 from .qweight import QuantizedWeight
-from .rtn import compute_qparams, dequantize, quantize
+from .rtn import choose_qparams
 from .spec import WeightSpec
 
 _MAX_DAMP = 100.0
@@ -147,12 +147,15 @@ def gptq_quantize(
     static_groups: bool = True,
     clip_ratio: float = 1.0,
     name: str = "layer",
+    scale_search: str = "minmax",
 ) -> tuple[QuantizedWeight, dict]:
     """Quantize ``W`` [N, K] with GPTQ given the Hessian ``H`` [K, K] of its inputs.
 
     Returns the QuantizedWeight (original column order) and
     ``{"damp": damp used, "loss": Σ (w - q)² / U_jj², "seconds": wall time, "rtn_fallback": bool}``.
-    ``clip_ratio`` < 1 shrinks the min/max range of every scale (as in `compute_qparams`).
+    ``clip_ratio`` < 1 shrinks the min/max range of every scale (as in `compute_qparams`);
+    ``scale_search="mse"`` searches each group's clipping below it (`rtn.mse_qparams`), on the
+    original weights for static groups and on the error-updated ones for dynamic groups.
     """
     t0 = time.perf_counter()
     if W.dim() != 2:
@@ -189,7 +192,7 @@ def gptq_quantize(
         scale = torch.empty(n, k // gs, dtype=torch.float32, device=device)
         zp = None if spec.symmetric else torch.empty(n, k // gs, dtype=torch.int32, device=device)
     else:
-        scale, zp = compute_qparams(W, spec, clip_ratio)
+        scale, zp = choose_qparams(W, spec, clip_ratio, scale_search)
 
     perm = None
     if act_order:
@@ -213,38 +216,55 @@ def gptq_quantize(
     Q = torch.empty(n, k, dtype=torch.int32, device=device)
     loss = torch.zeros((), dtype=torch.float64, device=device)
 
-    def params(g: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if spec.strategy == "tensor":
-            s = scale.expand(n, 1)
-            z = None if zp is None else zp.expand(n, 1)
-            return s, z
-        return scale[:, g : g + 1], (None if zp is None else zp[:, g : g + 1])
+    # Per-column scale / zero point in processing order, as floats (the column loop is Python: keep each
+    # step to a handful of vector ops; the arithmetic is exactly rtn.quantize / rtn.dequantize's).
+    col_idx = torch.tensor(col_group, device=device)
+    if dynamic_groups:
+        S = torch.empty(n, k, dtype=torch.float32, device=device)
+        Z = None if zp is None else torch.empty(n, k, dtype=torch.float32, device=device)
+    else:
+        S = scale.float().expand(n, -1)[:, col_idx] if spec.strategy != "tensor" else scale.float().expand(n, k)
+        Z = None if zp is None else (zp.float().expand(n, -1)[:, col_idx] if spec.strategy != "tensor"
+                                     else zp.float().expand(n, k))
+    qmin, qmax = float(spec.qmin), float(spec.qmax)
+    St = S.t().contiguous() if not dynamic_groups else S.t()
+    Zt = None if Z is None else (Z.t().contiguous() if not dynamic_groups else Z.t())
 
+    # Work on Wᵀ: a column of W is then a contiguous row, and the rank-1 updates below touch a
+    # contiguous slab (several times faster than strided column slices).
+    Wt = W.t().contiguous()
+    del W
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
+        Q1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             c = i1 + i
             if dynamic_groups and c % gs == 0:
-                s_g, z_g = compute_qparams(W1[:, i : i + gs], spec, clip_ratio)
+                s_g, z_g = choose_qparams(W1[i : i + gs].t(), spec, clip_ratio, scale_search)
                 scale[:, c // gs] = s_g[:, 0]
+                S[:, c : c + gs] = s_g
                 if zp is not None:
                     zp[:, c // gs] = z_g[:, 0]  # type: ignore[index]
-            s, z = params(col_group[c])
-            w = W1[:, i : i + 1]
-            q = quantize(w, s, z, spec)
-            wq = dequantize(q, s, z, spec)
-            Q[:, c : c + 1] = q
-            d = U1[i, i]
-            err = (w - wq) / d
-            loss += (err.double() ** 2).sum()
-            Err1[:, i : i + 1] = err
+                    Z[:, c : c + gs] = z_g.float()  # type: ignore[index]
+            w = W1[i]
+            s = St[c]
+            x = w / s
+            if Zt is not None:
+                x = x + Zt[c]
+            q = torch.round(x).clamp_(qmin, qmax)
+            Q1[i] = q
+            wq = (q - Zt[c]) * s if Zt is not None else q * s
+            err = (w - wq) / U1[i, i]
+            Err1[i] = err
             if i + 1 < i2 - i1:
-                W1[:, i + 1 :].addmm_(err, U1[i : i + 1, i + 1 :], alpha=-1)
+                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1)
+        Q[:, i1:i2] = Q1.t().to(torch.int32)
+        loss += (Err1.double() ** 2).sum()
         if i2 < k:
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]

@@ -8,7 +8,7 @@ import torch
 from ..awq import apply_clip, awq_search_clip, awq_search_scales, fold_scales
 from ..gptq import HessianAccumulator, gptq_quantize
 from ..qweight import QuantizedWeight
-from ..rtn import compute_qparams, quantize
+from ..rtn import choose_qparams, quantize
 from .base import BlockContext, Method
 
 
@@ -61,11 +61,12 @@ class AWQ(Method):
         spec = self.qcfg.weights
         w = weight.float()
         clip = self._clip.pop(name, None)
+        search = str(self.options.get("scale_search", "minmax"))  # after AWQ's own clipping search
         if clip is not None:
             w = apply_clip(w, clip, spec)
         if self.options.get("w_quantizer", "rtn") == "gptq" and stats is not None and stats.n_tokens:
             qw, _ = gptq_quantize(w, stats.hessian.to(w.device), spec, damp=float(self.options.get("damp", 0.01)),
-                                  name=name)
+                                  name=name, scale_search=search)
             return qw
-        scale, zp = compute_qparams(w, spec)
+        scale, zp = choose_qparams(w, spec, scale_search=search)
         return QuantizedWeight(quantize(w, scale, zp, spec), scale, zp, spec)

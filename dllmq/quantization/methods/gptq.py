@@ -13,7 +13,8 @@ from .base import Method
 class GPTQ(Method):
     """Options: damp (0.01), block_size (128), act_order (False; static groups keep scales aligned),
     cgq (False), cgq_masked (1.0) / cgq_visible (0.7): the indicator values for masked / visible
-    tokens, cgq_conf_power (0.5: the square root of confidence)."""
+    tokens, cgq_conf_power (0.5: the square root of confidence), scale_search ('mse': each group's
+    clipping searched, see rtn.mse_qparams; 'minmax': the plain range)."""
 
     name = "gptq"
     needs_calibration = True
@@ -39,5 +40,6 @@ class GPTQ(Method):
         H = stats.hessian if stats is not None and stats.n_tokens else torch.eye(weight.shape[1])
         qw, _info = gptq_quantize(weight.float(), H.to(weight.device), self.qcfg.weights,
                                   block_size=int(o.get("block_size", 128)), damp=float(o.get("damp", 0.01)),
-                                  act_order=bool(o.get("act_order", False)), name=name)
+                                  act_order=bool(o.get("act_order", False)), name=name,
+                                  scale_search=str(o.get("scale_search", "mse")))
         return qw

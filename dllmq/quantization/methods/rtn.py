@@ -1,4 +1,5 @@
-"""Round-to-nearest: min-max scales per group/channel/tensor, no calibration."""
+"""Round-to-nearest, no calibration: min-max scales per group/channel/tensor (option scale_search='mse'
+searches each group's clipping instead)."""
 
 from __future__ import annotations
 
@@ -14,4 +15,5 @@ class RTN(Method):
     name = "rtn"
 
     def quantize_linear(self, name: str, weight: torch.Tensor, stats: dict | None = None) -> QuantizedWeight:
-        return rtn_quantize(weight.float(), self.qcfg.weights)
+        return rtn_quantize(weight.float(), self.qcfg.weights,
+                            scale_search=str(self.options.get("scale_search", "minmax")))

@@ -25,7 +25,7 @@ from ...errors import UserError
 from ..awq import fold_scales
 from ..gptq import HessianAccumulator, gptq_quantize
 from ..qweight import QuantizedWeight
-from ..rtn import compute_qparams, quantize
+from ..rtn import choose_qparams, quantize
 from ..smoothquant import fake_quant_act, smooth_scales
 from .base import BlockContext, Method
 
@@ -50,11 +50,13 @@ class _WeightAct(Method):
         spec = self.qcfg.weights
         w = weight.float()
         clip = float(self.options.get("w_clip", 1.0))
+        search = str(self.options.get("scale_search", "minmax"))
         if self.options.get("w_quantizer", "rtn") == "gptq" and stats is not None and stats.n_tokens:
             qw, _ = gptq_quantize(w, stats.hessian.to(w.device), spec, damp=float(self.options.get("damp", 0.01)),
-                                  act_order=bool(self.options.get("act_order", False)), clip_ratio=clip, name=name)
+                                  act_order=bool(self.options.get("act_order", False)), clip_ratio=clip, name=name,
+                                  scale_search=search)
             return qw
-        scale, zp = compute_qparams(w, spec, clip_ratio=clip)
+        scale, zp = choose_qparams(w, spec, clip, search)
         return QuantizedWeight(quantize(w, scale, zp, spec), scale, zp, spec)
 
     # -- shared pieces --------------------------------------------------------------------
