@@ -267,15 +267,17 @@ def test_mse_scale_search_picks_a_grid_ratio_per_group_and_never_loses_to_minmax
 
     w, _ = _layer(3)
     w[:, 5] *= 6  # a few large weights per row: min-max wastes steps on them
-    s, z = mse_qparams(w, spec, grid=11, min_ratio=0.5)
+    s, z = mse_qparams(w, spec, grid=11, min_ratio=0.5, norm=2.0)
     s0, z0 = compute_qparams(w, spec)
     assert s.shape == s0.shape and (z is None) == (z0 is None)
 
-    def group_err(scale, zp):
-        return _grouped((dequantize(quantize(w, scale, zp, spec), scale, zp, spec) - w) ** 2, spec).sum(-1)
+    def group_err(scale, zp, p=2.0):
+        return _grouped((dequantize(quantize(w, scale, zp, spec), scale, zp, spec) - w).abs() ** p, spec).sum(-1)
 
     e, e0 = group_err(s, z), group_err(s0, z0)
     assert (e <= e0 + 1e-12).all()
+    s24, z24 = mse_qparams(w, spec, grid=11, min_ratio=0.5)  # default exponent 2.4: optimal in its own norm
+    assert (group_err(s24, z24, 2.4) <= group_err(s0, z0, 2.4) * (1 + 1e-6) + 1e-12).all()
     if spec.num_bits <= 4:  # at 8 bits the steps are fine already; clipping rarely pays
         assert e.sum() < 0.95 * e0.sum()  # the search does find better clippings here
     # every group's parameters are exactly compute_qparams' at one of the grid's ratios
