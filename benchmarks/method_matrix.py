@@ -52,14 +52,19 @@ def evaluate(path, tasks, gcfg, mc_num):
     return {t: run_task(t, m, tok, gcfg, mc_num=mc_num).to_dict(with_samples=False) for t in tasks}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """Options every weight-only method benchmark shares (also used by method_nll.py)."""
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--tasks", nargs="+", default=["tiny-math", "tiny-mc"])
     ap.add_argument("--mc-num", type=int, default=8)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--tasks", nargs="+", default=["tiny-math", "tiny-mc"])
     ap.add_argument("--quick", action="store_true", help="only RTN, GPTQ clean, GPTQ TMAS, GPTQ TMAS+CGQ")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "method_matrix")
     args = ap.parse_args()

@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from method_matrix import CONFIGS, quantize_config
+from method_matrix import CONFIGS, add_common_args, quantize_config
 
 from dllmq.evaluation.report import compare_models
 from dllmq.models.loading import resolve_model_path
@@ -23,12 +23,8 @@ from dllmq.models.loading import resolve_model_path
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--samples", type=int, default=32)
+    add_common_args(ap)
     ap.add_argument("--max-seqs", type=int, default=32)
-    ap.add_argument("--mc-num", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: all of method_matrix's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "method_nll")

@@ -91,8 +91,8 @@ def quantize(
     from ..pipeline import quantize as run
     from ..quantization.methods import get_method
     from ..quantization.rtn import SCALE_SEARCHES
-    from ..runtime.memory import peak_rss_bytes
     from ..quantization.spec import ActSpec, WeightSpec
+    from ..runtime.memory import peak_rss_bytes
 
     tdtype = _dtype(dtype)
     _device(device)
@@ -130,7 +130,7 @@ def quantize(
     arch = arch_for(read_config(src))
     qcfg = QuantizationConfig(method=method, weights=wspec, activations=aspec, ignore=arch.default_ignore() + list(ignore))
     options = {"damp": damp, "act_order": act_order,
-               "scale_search": scale_search or ("mse" if method == "gptq" else "minmax")}
+               "scale_search": scale_search or m_cls.default_scale_search}
     if m_cls.quantizes_activations:
         options.update(w_quantizer=w_quantizer, alpha=alpha, w_clip=w_clip, ia_aq=ia_aq, seed=seed,
                        block=duquant_block, steps=duquant_steps)

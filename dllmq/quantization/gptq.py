@@ -209,26 +209,22 @@ def gptq_quantize(
 
     # Column (in processing order) -> group index in the original order.
     orig_col = perm if perm is not None else torch.arange(k, device=device)
-    col_group = (orig_col // gs).tolist() if grouped else [0] * k
+    col_group = orig_col // gs if grouped else torch.zeros(k, dtype=torch.long, device=device)
 
     if dynamic_groups:
         block_size = -(-block_size // gs) * gs  # whole groups per block
     Q = torch.empty(n, k, dtype=torch.int32, device=device)
     loss = torch.zeros((), dtype=torch.float64, device=device)
 
-    # Per-column scale / zero point in processing order, as floats (the column loop is Python: keep each
-    # step to a handful of vector ops; the arithmetic is exactly rtn.quantize / rtn.dequantize's).
-    col_idx = torch.tensor(col_group, device=device)
-    if dynamic_groups:
-        S = torch.empty(n, k, dtype=torch.float32, device=device)
-        Z = None if zp is None else torch.empty(n, k, dtype=torch.float32, device=device)
-    else:
-        S = scale.float().expand(n, -1)[:, col_idx] if spec.strategy != "tensor" else scale.float().expand(n, k)
-        Z = None if zp is None else (zp.float().expand(n, -1)[:, col_idx] if spec.strategy != "tensor"
-                                     else zp.float().expand(n, k))
+    # Per-column scale / zero point as floats, one row per column in processing order (the column
+    # loop is Python: keep each step to a handful of vector ops; the arithmetic is rtn.quantize's).
+    if dynamic_groups:  # filled group by group as GPTQ reaches them
+        St = torch.empty(k, n, dtype=torch.float32, device=device)
+        Zt = None if zp is None else torch.empty(k, n, dtype=torch.float32, device=device)
+    else:  # [N, G] (or [N, 1] / [1, 1]) -> [K, N] through each column's group
+        St = scale.float().expand(n, -1)[:, col_group].t().contiguous()
+        Zt = None if zp is None else zp.float().expand(n, -1)[:, col_group].t().contiguous()
     qmin, qmax = float(spec.qmin), float(spec.qmax)
-    St = S.t().contiguous() if not dynamic_groups else S.t()
-    Zt = None if Z is None else (Z.t().contiguous() if not dynamic_groups else Z.t())
 
     # Work on Wᵀ: a column of W is then a contiguous row, and the rank-1 updates below touch a
     # contiguous slab (several times faster than strided column slices).
@@ -245,10 +241,10 @@ def gptq_quantize(
             if dynamic_groups and c % gs == 0:
                 s_g, z_g = choose_qparams(W1[i : i + gs].t(), spec, clip_ratio, scale_search)
                 scale[:, c // gs] = s_g[:, 0]
-                S[:, c : c + gs] = s_g
+                St[c : c + gs] = s_g.t()
                 if zp is not None:
                     zp[:, c // gs] = z_g[:, 0]  # type: ignore[index]
-                    Z[:, c : c + gs] = z_g.float()  # type: ignore[index]
+                    Zt[c : c + gs] = z_g.t().float()  # type: ignore[index]
             w = W1[i]
             s = St[c]
             x = w / s

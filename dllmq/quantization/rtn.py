@@ -43,19 +43,21 @@ def compute_qparams(
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     g = _grouped(w.float(), spec)
     if spec.symmetric:
-        amax = g.abs().amax(dim=-1) * clip_ratio
-        scale = amax / spec.qmax
-        # An all-zero group would give scale 0 and 0/0 later; any scale reconstructs it exactly.
-        scale = torch.where(amax > 0, scale.clamp_min(_MIN_SCALE), torch.ones_like(scale))
-        return scale.contiguous(), None
+        return _sym_scale(g.abs().amax(dim=-1) * clip_ratio, spec).contiguous(), None
     # Keep 0 inside the range so that zero (padding, pruned weights) stays exactly representable.
-    mn = g.amin(dim=-1).clamp_max(0) * clip_ratio
-    mx = g.amax(dim=-1).clamp_min(0) * clip_ratio
-    rng = mx - mn
-    scale = rng / (spec.qmax - spec.qmin)
-    scale = torch.where(rng > 0, scale.clamp_min(_MIN_SCALE), torch.ones_like(scale))
-    zp = torch.round(spec.qmin - mn / scale).clamp(spec.qmin, spec.qmax).to(torch.int32)
+    scale, zp = _asym_params(g.amin(dim=-1).clamp_max(0) * clip_ratio, g.amax(dim=-1).clamp_min(0) * clip_ratio, spec)
     return scale.contiguous(), zp.contiguous()
+
+
+def _sym_scale(amax: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    # An all-zero group would give scale 0 and 0/0 later; any scale reconstructs it exactly.
+    return torch.where(amax > 0, (amax / spec.qmax).clamp_min(_MIN_SCALE), torch.ones_like(amax))
+
+
+def _asym_params(mn: torch.Tensor, mx: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = mx - mn
+    scale = torch.where(rng > 0, (rng / (spec.qmax - spec.qmin)).clamp_min(_MIN_SCALE), torch.ones_like(rng))
+    return scale, torch.round(spec.qmin - mn / scale).clamp(spec.qmin, spec.qmax).to(torch.int32)
 
 
 def _expand(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -138,12 +140,13 @@ def mse_qparams(
     A min-max range spends grid steps on the one or two largest weights of a group; clipping them
     a little gives every other weight a finer step. The exponent 2.4 (as in the GPTQ authors'
     optional grid search) weighs large errors a little more than squared error, so outliers are not
-    clipped too far (on the peer-comparison model: output error 0.00539 with 2.4, 0.00560 with 2). Returns the same shapes as :func:`compute_qparams`; ratio 1 is in the grid, so the
-    error is never above min-max's.
+    clipped too far (on the peer-comparison model: output error 0.00539 with 2.4, 0.00560 with 2).
+    Returns the same shapes as :func:`compute_qparams`; ratio 1 is in the grid, so the error is
+    never above min-max's.
     """
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
-    g = _grouped(w.float(), spec)  # [rows, G, len]; the arithmetic below is compute_qparams / quantize's
+    g = _grouped(w.float(), spec)  # [rows, G, len]; same parameters as compute_qparams, same rounding as quantize
     if spec.symmetric:
         amax0 = g.abs().amax(dim=-1)
     else:
@@ -152,16 +155,11 @@ def mse_qparams(
     for i in range(grid):
         r = max_ratio - (max_ratio - min_ratio) * i / max(grid - 1, 1)
         if spec.symmetric:
-            amax = amax0 * r
-            s = torch.where(amax > 0, (amax / spec.qmax).clamp_min(_MIN_SCALE), torch.ones_like(amax))
-            z = None
+            s, z = _sym_scale(amax0 * r, spec), None
             q = torch.round(g / s[..., None]).clamp_(spec.qmin, spec.qmax)
             e = _err_sum(q * s[..., None] - g, norm)
         else:
-            mn, mx = mn0 * r, mx0 * r
-            rng = mx - mn
-            s = torch.where(rng > 0, (rng / (spec.qmax - spec.qmin)).clamp_min(_MIN_SCALE), torch.ones_like(rng))
-            z = torch.round(spec.qmin - mn / s).clamp(spec.qmin, spec.qmax).to(torch.int32)
+            s, z = _asym_params(mn0 * r, mx0 * r, spec)
             zf = z.float()[..., None]
             q = torch.round(g / s[..., None] + zf).clamp_(spec.qmin, spec.qmax)
             e = _err_sum((q - zf) * s[..., None] - g, norm)

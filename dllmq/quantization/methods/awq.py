@@ -61,12 +61,11 @@ class AWQ(Method):
         spec = self.qcfg.weights
         w = weight.float()
         clip = self._clip.pop(name, None)
-        search = str(self.options.get("scale_search", "minmax"))  # after AWQ's own clipping search
         if clip is not None:
             w = apply_clip(w, clip, spec)
         if self.options.get("w_quantizer", "rtn") == "gptq" and stats is not None and stats.n_tokens:
             qw, _ = gptq_quantize(w, stats.hessian.to(w.device), spec, damp=float(self.options.get("damp", 0.01)),
-                                  name=name, scale_search=search)
+                                  name=name, scale_search=self.scale_search)
             return qw
-        scale, zp = choose_qparams(w, spec, scale_search=search)
+        scale, zp = choose_qparams(w, spec, scale_search=self.scale_search)  # after AWQ's own clip search
         return QuantizedWeight(quantize(w, scale, zp, spec), scale, zp, spec)

@@ -39,10 +39,16 @@ class Method:
     # as stored on disk, even when the block runs in a lower-precision calibration dtype.
     rewrites_weights: ClassVar[bool] = True
     quantizes_activations: ClassVar[bool] = False
+    # How weight scales are chosen unless option scale_search says otherwise (rtn.SCALE_SEARCHES).
+    default_scale_search: ClassVar[str] = "minmax"
 
     def __init__(self, qcfg: QuantizationConfig, **options):
         self.qcfg = qcfg
         self.options = options
+
+    @property
+    def scale_search(self) -> str:
+        return str(self.options.get("scale_search", self.default_scale_search))
 
     @property
     def wants_confidence(self) -> bool:

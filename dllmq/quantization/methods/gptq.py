@@ -19,6 +19,7 @@ class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
     rewrites_weights = False
+    default_scale_search = "mse"
 
     @property
     def wants_confidence(self) -> bool:
@@ -41,5 +42,5 @@ class GPTQ(Method):
         qw, _info = gptq_quantize(weight.float(), H.to(weight.device), self.qcfg.weights,
                                   block_size=int(o.get("block_size", 128)), damp=float(o.get("damp", 0.01)),
                                   act_order=bool(o.get("act_order", False)), name=name,
-                                  scale_search=str(o.get("scale_search", "mse")))
+                                  scale_search=self.scale_search)
         return qw

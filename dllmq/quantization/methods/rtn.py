@@ -16,4 +16,4 @@ class RTN(Method):
 
     def quantize_linear(self, name: str, weight: torch.Tensor, stats: dict | None = None) -> QuantizedWeight:
         return rtn_quantize(weight.float(), self.qcfg.weights,
-                            scale_search=str(self.options.get("scale_search", "minmax")))
+                            scale_search=self.scale_search)

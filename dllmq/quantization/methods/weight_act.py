@@ -50,13 +50,12 @@ class _WeightAct(Method):
         spec = self.qcfg.weights
         w = weight.float()
         clip = float(self.options.get("w_clip", 1.0))
-        search = str(self.options.get("scale_search", "minmax"))
         if self.options.get("w_quantizer", "rtn") == "gptq" and stats is not None and stats.n_tokens:
             qw, _ = gptq_quantize(w, stats.hessian.to(w.device), spec, damp=float(self.options.get("damp", 0.01)),
                                   act_order=bool(self.options.get("act_order", False)), clip_ratio=clip, name=name,
-                                  scale_search=search)
+                                  scale_search=self.scale_search)
             return qw
-        scale, zp = choose_qparams(w, spec, clip, search)
+        scale, zp = choose_qparams(w, spec, clip, self.scale_search)
         return QuantizedWeight(quantize(w, scale, zp, spec), scale, zp, spec)
 
     # -- shared pieces --------------------------------------------------------------------
