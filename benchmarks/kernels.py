@@ -30,7 +30,10 @@ def crossovers(layers: list[dict]) -> list[str]:
     out = []
     for label in dict.fromkeys(r["layer"] for r in layers):
         rs = [r for r in layers if r["layer"] == label]
-        for col in [c for c in rs[0] if c not in ("layer", "rows", "bf16 F.linear ms")]:
+        cols = dict.fromkeys(c for r in rs for c in r)
+        for col in [c for c in cols if c not in ("layer", "rows", "bf16 F.linear ms")]:
+            if any(isinstance(r.get(col), str) for r in rs):
+                continue  # kernel-name columns
             fast = [r["rows"] for r in rs if r.get(col) is not None and r[col] < 1.0]
             slow = [r["rows"] for r in rs if r.get(col) is not None and r[col] >= 1.0]
             out.append(f"{label}, {col}: faster than bf16 at rows {fast or 'none'}; slower at {slow or 'none'}")
@@ -42,30 +45,76 @@ def median_ms(fn, min_time: float) -> float:
     return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time).median * 1e3
 
 
-def layer_rows(shapes, rows, min_time):
+def paired_ratio(base, fn, min_time: float) -> float:
+    """median(fn) / median(base), the two timed in alternation (A B A B ...) so load drift hits both."""
+    import statistics
+    import time
+
+    base(), fn()
+    tb, tf, t_end = [], [], time.perf_counter() + 2 * min_time
+    while len(tb) < 3 or time.perf_counter() < t_end:
+        for f, acc in ((base, tb), (fn, tf)):
+            t0 = time.perf_counter()
+            f()
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(tf) / statistics.median(tb)
+
+
+def _ql(w, spec, act=ActSpec(), cache=True):
+    return QuantLinear.from_quantized(rtn_quantize(w, spec), act_spec=act, cache_dequantized=cache)
+
+
+def layer_variants(w) -> list[tuple[str, QuantLinear, str | None, int | None]]:
+    """(label, layer, forced kernel or None = automatic dispatch, max rows or None)."""
+    g128, ch = WeightSpec(4, True, "group", 128), WeightSpec(4, True, "channel", None)
+    w8 = WeightSpec(8, True, "channel", None)
+    w4a16, w4a16_lean = _ql(w, g128), _ql(w, g128, cache=False)
+    w8a8, w4a8 = _ql(w, w8, ActSpec(8), cache=False), _ql(w, ch, ActSpec(8), cache=False)
+    g_cached, g_lean = _ql(w, g128, ActSpec(8), cache=True), _ql(w, g128, ActSpec(8), cache=False)
+    return [
+        # automatic dispatch; "lean" = dllmq.load's default cache_dequantized=False (no dense bf16 copy)
+        ("W4A16 g128 auto", w4a16, None, None),
+        ("W4A16 g128 auto lean", w4a16_lean, None, None),
+        ("W8A8 ch auto", w8a8, None, None),
+        ("W4A8 ch auto", w4a8, None, None),
+        ("W4A8 g128 auto", g_cached, None, None),
+        ("W4A8 g128 auto lean", g_lean, None, None),
+        # each path forced
+        ("W4A16 int4 kernel", w4a16, "int4_cpu", 64),
+        ("W8A8 ch int8_act", w8a8, "int8_act", None),
+        ("W8A8 ch int8pack_cpu_act", w8a8, "int8pack_cpu_act", 64),
+        ("W4A8 ch int8_act", w4a8, "int8_act", None),
+        ("W4A8 ch int4_cpu_act", w4a8, "int4_cpu_act", 64),
+        ("W4A8 g128 int8_act", g_cached, "int8_act", None),
+        ("W4A8 g128 fold_bf16", g_cached, "fold_bf16", None),
+        ("W4A8 g128 int4_cpu_act", g_cached, "int4_cpu_act", 64),
+    ]
+
+
+def layer_rows(shapes, rows, min_time, before=False):
     out = []
     for label, (n, k) in shapes.items():
         w = torch.randn(n, k) * 0.02
         wb = w.to(torch.bfloat16)
-        variants = {
-            "W8A8 int8 GEMM": QuantLinear.from_quantized(rtn_quantize(w, WeightSpec(8, True, "channel", None)),
-                                                         act_spec=ActSpec(8), cache_dequantized=True),
-            "W4A8 int8 GEMM": QuantLinear.from_quantized(rtn_quantize(w, WeightSpec(4, True, "channel", None)),
-                                                         act_spec=ActSpec(8), cache_dequantized=True),
-            "W4A16 dequant+bf16 (cached)": QuantLinear.from_quantized(
-                rtn_quantize(w, WeightSpec(4, True, "group", 128)), cache_dequantized=True),
-            "W4A16 dequant per call": QuantLinear.from_quantized(
-                rtn_quantize(w, WeightSpec(4, True, "group", 128)), cache_dequantized=False),
-        }
+        variants = layer_variants(w)
         for m in rows:
             x = torch.randn(m, k, dtype=torch.bfloat16)
-            base = median_ms(lambda: F.linear(x, wb), min_time)
-            row = {"layer": label, "rows": m, "bf16 F.linear ms": base}
-            for name, ql in variants.items():
-                row[name] = median_ms(lambda ql=ql: ql(x), min_time) / base
-            with force_kernel("int4_cpu"):
-                ql = variants["W4A16 dequant+bf16 (cached)"]
-                row["W4A16 int4 kernel"] = median_ms(lambda: ql(x), min_time) / base if m <= 64 else None
+            base = lambda: F.linear(x, wb)  # noqa: E731
+            row = {"layer": label, "rows": m, "bf16 F.linear ms": median_ms(base, min_time)}
+            for name, ql, force, max_rows in variants:
+                if max_rows is not None and m > max_rows:
+                    row[name] = None
+                    continue
+                with force_kernel(force):
+                    if force is None:
+                        row[name + " kernel"] = ql.kernel_for(x)
+                    row[name] = paired_ratio(base, lambda ql=ql: ql(x), min_time)
+            if before and m <= 256:
+                # the pre-fix behaviour of the default load: int8 weights rebuilt on every call
+                ql = variants[5][1]
+                with force_kernel("int8_act"):
+                    row["W4A8 g128 int8_act rebuilt per call (before)"] = paired_ratio(
+                        base, lambda: (ql.clear_cache(), ql(x)), min_time)
             out.append(row)
             print(json.dumps(row), flush=True)
     return out
@@ -97,9 +146,10 @@ def denoising_step(model, batch, seq_len, min_time, tmp, vocab):
         base = median_ms(lambda: fp(x), min_time)
     del fp
     res = {"fp bf16 ms": base}
-    for label, w, a in [("W8A8 int8 GEMM", 8, 8), ("W4A8 int8 GEMM", 4, 8), ("W4A16 g128", 4, 16)]:
+    for label, w, a, gs in [("W8A8 int8 GEMM", 8, 8, None), ("W4A8 int8 GEMM", 4, 8, None),
+                            ("W4A8 g128", 4, 8, 128), ("W4A16 g128", 4, 16, 128)]:
         out = Path(tmp) / label.replace(" ", "-")
-        qcfg = QuantizationConfig("rtn", WeightSpec(w, True, "channel" if a < 16 else "group", None if a < 16 else 128),
+        qcfg = QuantizationConfig("rtn", WeightSpec(w, True, "channel" if gs is None else "group", gs),
                                   ActSpec(a), ignore=[r"model\.transformer\.ff_out"])
         quantize(model, qcfg, out, overwrite=True, show_progress=False)
         m = dllmq.load(out, dtype=torch.bfloat16, cache_dequantized=True)
@@ -118,24 +168,40 @@ def main():
     ap.add_argument("--step-batch", type=int, default=16)
     ap.add_argument("--step-seq", type=int, default=256)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels")
+    ap.add_argument("--no-step", action="store_true", help="layers only, skip the denoising-step models")
+    ap.add_argument("--before", action="store_true",
+                    help="also time W4A8 g128 int8_act with its int8 weight rebuilt on every call (the old default)")
     args = ap.parse_args()
     import tempfile
 
     shapes = {k: v for i, (k, v) in enumerate(LLADA_8B.items()) if not args.quick or i == 0}
-    layers = layer_rows(shapes, args.rows, args.min_time)
-    with tempfile.TemporaryDirectory() as d:
-        steps = {"bundled tiny (d 256)": denoising_step("tiny", args.step_batch, args.step_seq, args.min_time, d, 4000),
-                 "LLaDA-8B block shapes (d 4096, 2 blocks)": denoising_step(
-                     str(wide_model(d)), 1, args.step_seq, args.min_time, d, 4000)}
+    layers = layer_rows(shapes, args.rows, args.min_time, before=args.before)
+    steps = {}
+    if not args.no_step:
+        with tempfile.TemporaryDirectory() as d:
+            steps = {"bundled tiny (d 256)": denoising_step("tiny", args.step_batch, args.step_seq, args.min_time,
+                                                            d, 4000),
+                     "LLaDA-8B block shapes (d 4096, 2 blocks)": denoising_step(
+                         str(wide_model(d)), 1, args.step_seq, args.min_time, d, 4000)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"layers": layers, "denoising_step": steps,
                                                          "torch": torch.__version__,
                                                          "threads": torch.get_num_threads()}, indent=2))
-    cols = [c for c in layers[0] if c not in ("layer", "rows")]
-    lines = ["| layer | rows | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
-    for r in layers:
-        cells = [f"{r[c]:.2f}" if isinstance(r[c], float) else "-" for c in cols]
-        lines.append(f"| {r['layer']} | {r['rows']} | " + " | ".join(cells) + " |")
+    # one row per (layer, variant), one column per row count: time / bf16 F.linear [kernel picked]
+    all_rows = list(dict.fromkeys(r["rows"] for r in layers))
+    lines = ["| layer | variant | " + " | ".join(f"{m} rows" for m in all_rows) + " |",
+             "|" + "---|" * (len(all_rows) + 2)]
+    for lab in dict.fromkeys(r["layer"] for r in layers):
+        rs = {r["rows"]: r for r in layers if r["layer"] == lab}
+        names = [c for c in dict.fromkeys(c for r in rs.values() for c in r)
+                 if c not in ("layer", "rows") and not c.endswith(" kernel")]
+        for c in names:
+            cells = []
+            for m in all_rows:
+                v, kern = rs.get(m, {}).get(c), rs.get(m, {}).get(c + " kernel")
+                cell = (f"{v:.1f} ms" if c == "bf16 F.linear ms" else f"{v:.2f}") if isinstance(v, float) else "-"
+                cells.append(f"{cell} [{kern}]" if kern else cell)
+            lines.append(f"| {lab} | {c} | " + " | ".join(cells) + " |")
     for name, step in steps.items():
         lines += ["", f"Denoising step, {name}: bf16 = {step['fp bf16 ms']:.1f} ms; ratios (lower is faster):", ""]
         lines += ["| variant | time / bf16 |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in step.items()

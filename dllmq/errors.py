@@ -9,3 +9,9 @@ class UserError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
 
     exit_code = 2
+
+
+class Interrupted(UserError):
+    """Ctrl-C: the message says what was kept and how to continue; the CLI exits with 130."""
+
+    exit_code = 130

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .calibration.block_transform import make_capture, transform_block
 from .calibration.blocks import StopBlock, BlockStream, HiddenCache
 from .calibration.states import CalibBatch, CalibrationSet, TMASConfig
 from .checkpoint.format import QuantizationConfig
@@ -30,7 +31,6 @@ from .checkpoint.writer import CheckpointWriter, check_target
 from .errors import UserError
 from .models.loading import ShardReader, build_empty, load_model, load_tokenizer, parse, read_config, resolve_model_path
 from .quantization.methods import get_method
-from .quantization.methods.base import BlockContext
 from .quantization.qweight import QuantizedWeight
 from .runtime import transforms as online_transforms
 from .ui import progress
@@ -193,38 +193,10 @@ def quantize(
             blk = stream.materialize(i)
             local_targets = [n for n in arch.block_linears if prefix + n in target_set]
 
-            def capture(names: list[str], max_tokens: int = 4096, blk=blk, prefix=prefix) -> dict[str, torch.Tensor]:
-                got = {n: [] for n in names}
-                seen: set[str] = set()
-
-                def grab(n, a):
-                    got[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).float().cpu())
-                    seen.add(n)
-                    if len(seen) == len(names):  # the rest of the block is not needed
-                        raise StopBlock
-
-                hs = [blk.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: grab(n, a)) for n in names]
-                try:
-                    stream.run(blk, batches, cache, on_batch=lambda j: seen.clear())
-                finally:
-                    for h in hs:
-                        h.remove()
-                res = {}
-                for n, xs in got.items():
-                    x = torch.cat(xs) if xs else torch.empty(0)
-                    if x.shape[0] > max_tokens:
-                        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(i))[:max_tokens]
-                        x = x[idx]
-                    res[n] = x
-                return res
-
-            with torch.no_grad():
-                online = method.transform_block(blk, BlockContext(i, prefix, arch, config, capture))
-            for local, (tspec, tens) in online.items():
-                mod = online_transforms.build(tspec, {k: v.detach().clone() for k, v in tens.items()})
-                if mod is not None:  # later passes (statistics, outputs) see the transformed inputs
-                    online_transforms.install(blk.get_submodule(local), mod.to(device))
-                qcfg.transforms[prefix + local] = tspec
+            capture = make_capture(blk, lambda on_batch, blk=blk: stream.run(blk, batches, cache, on_batch=on_batch),
+                                   lambda j: _valid_rows(batches[j]), seed=i)
+            specs, shared = transform_block(method, blk, i, prefix, arch, config, capture, device)
+            qcfg.transforms.update({prefix + n: s for n, s in specs.items()})
             groups = [[n for n in g if n in local_targets] for g in sequential_groups(arch)] if sequential \
                 else [local_targets]
             packed: dict[str, torch.Tensor] = {}
@@ -254,6 +226,8 @@ def quantize(
                 layer, leaf = n.rsplit(".", 1)
                 if layer in local_targets and leaf == "weight":
                     continue
+                if n.split(f".{online_transforms.TENSOR_PREFIX}.")[0] in shared:
+                    continue  # a shared transform is stored once, with its owner
                 tensors[prefix + n] = stream.stored(prefix + n, t, method.rewrites_weights)
             tensors.update(packed)
             writer.write_shard(f"block-{i:05d}", tensors)
@@ -304,7 +278,7 @@ def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenC
     * linears fed the very same tensor (q/k/v, gate/up) share one accumulator when the stats say
       they may (`shareable`, e.g. a GPTQ Hessian), so XᵀX is computed once per input, not per linear.
     """
-    cur = {"w": None, "seen": set(), "last": None}
+    cur = {"w": None, "seen": set(), "last": None, "valid": None}
     weights = [getattr(method, "token_weights", lambda b: None)(b) for b in batches]
     hooked = [n for n, s in stats.items() if s is not None]
     alias: dict[str, str] = {}  # linear -> linear whose accumulator it shares (decided on batch 0)
@@ -323,8 +297,12 @@ def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenC
                     raise RuntimeError(f"{n}: its input is no longer shared with {alias[n]}")
             else:
                 tw = cur["w"]
-                xd = x.detach()
-                stats[n].add(xd.reshape(-1, xd.shape[-1]), None if tw is None else tw.reshape(-1).to(xd.device))
+                xd = x.detach().reshape(-1, x.shape[-1])
+                tw = None if tw is None else tw.reshape(-1).to(xd.device)
+                if cur["valid"] is not None:  # padding never enters the statistics
+                    v = cur["valid"].to(xd.device)
+                    xd, tw = xd[v], (None if tw is None else tw[v])
+                stats[n].add(xd, tw)
                 if first is None:
                     cur["last"] = (x, n)
             cur["seen"].add(n)
@@ -334,7 +312,7 @@ def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenC
         return fn
 
     def on_batch(j):
-        cur.update(w=weights[j], j=j, seen=set(), last=None)
+        cur.update(w=weights[j], j=j, seen=set(), last=None, valid=_valid_rows(batches[j]))
 
     hs = [blk.get_submodule(n).register_forward_pre_hook(hook(n)) for n in hooked]
     try:
@@ -347,12 +325,23 @@ def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenC
         stats[n] = stats[first]
 
 
+def _valid_rows(b: CalibBatch) -> torch.Tensor | None:
+    """Flat bool [B*L] of the real tokens of a batch (None: all real). Padding, i.e. positions the
+    calibration source marks invalid or the attention mask hides, never enters statistics."""
+    v = getattr(b, "valid", None)
+    if v is None and b.attention_mask is not None:
+        v = b.attention_mask.bool()
+    if v is None or bool(v.all()):
+        return None
+    return v.reshape(-1).bool()
+
+
 def _build_calibration(src: Path, arch, calib: CalibOptions, want_conf: bool, device: str, prog) -> CalibrationSet:
     from .calibration.sources import load_items
     from .calibration.states import build
 
     tok = load_tokenizer(src)
-    items = load_items(calib.calib, calib.samples, calib.seed)
+    items = load_items(calib.calib, calib.samples, calib.seed, seq_len=calib.seq_len)
     fp = None
     if calib.mask == "tmas" or want_conf:
         # TMAS runs the model's own sampler, CGQ needs its confidences: the full-precision model
@@ -377,11 +366,17 @@ def _save_batches(batches: list[CalibBatch], f: Path) -> None:
             t[f"am{j}"] = b.attention_mask
         if b.confidence is not None:
             t[f"conf{j}"] = b.confidence.float()
+        if getattr(b, "valid", None) is not None:
+            t[f"valid{j}"] = b.valid
     save_file({k: v.contiguous().clone() for k, v in t.items()}, str(f))  # batches may be views of one tensor
 
 
 def _load_batches(f: Path) -> list[CalibBatch]:
     t = load_file(str(f))
     n = sum(1 for k in t if k.startswith("ids"))
-    return [CalibBatch(ids=t[f"ids{j}"], attention_mask=t.get(f"am{j}"), masked=t[f"masked{j}"],
-                       confidence=t.get(f"conf{j}")) for j in range(n)]
+    out = [CalibBatch(ids=t[f"ids{j}"], attention_mask=t.get(f"am{j}"), masked=t[f"masked{j}"],
+                      confidence=t.get(f"conf{j}")) for j in range(n)]
+    for j, b in enumerate(out):
+        if f"valid{j}" in t:
+            b.valid = t[f"valid{j}"]
+    return out

@@ -225,7 +225,10 @@ def test_dispatch_by_rows_device_and_dtype():
     odd, _ = make_layer(WeightSpec(4, True, "group", 128), n=40)  # N % 16 != 0
     assert odd.kernel_for(make_x(1, 256)) == "dequant"
     act, _ = make_layer(WeightSpec(4, True, "group", 128), act=ActSpec(8))
-    assert act.kernel_for(make_x(1, 256)) == act.kernel_for(make_x(64, 256)) == "int8_act"
+    # W4A8 on CPU: int4 kernel on the activation codes for few rows; group-wise scales at many rows use the
+    # bf16 fold when a dense copy may be cached, else one int GEMM per group (see test_act_dispatch_* below)
+    assert act.kernel_for(make_x(1, 256)) == "int4_cpu_act"
+    assert act.kernel_for(make_x(64, 256)) == "fold_bf16"
 
 
 def test_forced_dispatch():
@@ -351,3 +354,117 @@ def test_checkpoint_tensors_reload_identically(spec):
     for shape in [(1, 256), (2, 9, 256)]:
         x = make_x(*shape)
         assert torch.equal(fresh(x), loaded(x))
+
+
+# ----------------------------------------------------------------------------- W?A8 on CPU: prepared int8 weight,
+# float GEMMs on integer activation codes (int4_cpu_act / int8pack_cpu_act / fold_bf16)
+
+
+def act_reference(layer, x):
+    """float64 ``x_hat @ w_hat.T + bias`` with x_hat the per-token (affine when asymmetric) rounding of x."""
+    x2 = x.reshape(-1, layer.in_features)
+    xq, xs, xz = K.quantize_per_token_affine(x2, layer.act_spec)
+    xd = xq.double() if xz is None else xq.double() - xz.double()
+    y = (xd * xs.double()) @ layer.dequantized_weight(torch.float64).t()
+    if layer.bias is not None:
+        y = y + layer.bias.double()
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+ACT_CODE_CASES = [
+    # (spec, act, forced path)
+    (WeightSpec(4, True, "group", 128), ActSpec(8), "fold_bf16"),  # DuQuant / QuaRot W4A8 default
+    (WeightSpec(4, False, "group", 64), ActSpec(8, symmetric=False), "fold_bf16"),
+    (WeightSpec(8, True, "channel"), ActSpec(8), "fold_bf16"),
+    (WeightSpec(4, True, "group", 128), ActSpec(8), "int4_cpu_act"),
+    (WeightSpec(4, False, "group", 32), ActSpec(8, symmetric=False), "int4_cpu_act"),
+    (WeightSpec(4, True, "channel"), ActSpec(4, clip_ratio=0.9), "int4_cpu_act"),  # W4A4
+    (WeightSpec(8, True, "channel"), ActSpec(8), "int8pack_cpu_act"),
+    (WeightSpec(4, True, "channel"), ActSpec(8, symmetric=False), "int8pack_cpu_act"),
+]
+
+
+@pytest.mark.parametrize("spec,act,path", ACT_CODE_CASES, ids=lambda v: str(getattr(v, "num_bits", v)))
+@pytest.mark.parametrize("shape", [(1, 256), (2, 3, 256), (2, 40, 256)])
+def test_act_code_paths_match_dequantized_reference(spec, act, path, shape):
+    layer, _ = make_layer(spec, act=act)
+    x = make_x(*shape)
+    with force_kernel(path):
+        assert layer.kernel_for(x) == path
+        y = layer(x)
+    assert y.shape == (*shape[:-1], 64) and y.dtype == torch.bfloat16
+    ref = act_reference(layer, x)
+    assert rel_err(y, ref) < 5e-3  # bf16 output / weight rounding only: the activation codes are exact
+    with force_kernel("int8_act"):  # the true integer GEMM, same rounding of x
+        assert rel_err(layer(x), ref) < 5e-3
+
+
+def test_act_code_paths_agree_with_integer_gemm_on_large_values():
+    # codes up to +-127 (and q - zp up to 255 when asymmetric) must stay exact when fed as bf16
+    for act in (ActSpec(8), ActSpec(8, symmetric=False)):
+        layer, _ = make_layer(WeightSpec(4, True, "group", 128), n=128, k=512, act=act)
+        x = make_x(5, 512) * 30 + 3
+        with force_kernel("int8_act"):
+            y_int = layer(x).double()
+        for path in ("fold_bf16", "int4_cpu_act"):
+            with force_kernel(path):
+                assert rel_err(layer(x), y_int) < 5e-3, path
+
+
+def test_int8_act_weight_prepared_once():
+    # the int8 weight (and the zero-point sums) are built on the first call and reused, even without a dense copy
+    for act in (ActSpec(8), ActSpec(8, symmetric=False)):
+        layer, _ = make_layer(WeightSpec(4, True, "group", 128), act=act, cache_dequantized=False)
+        builds = []
+        codes = layer.codes
+        layer.codes = lambda: builds.append(1) or codes()
+        x = make_x(40, 256)
+        with force_kernel("int8_act"):
+            y1 = layer(x)
+            state = layer._cache[("int8_act", x.device)]
+            y2 = layer(x)
+        assert layer._cache[("int8_act", x.device)] is state and len(builds) == 1
+        assert torch.equal(y1, y2)
+        assert not any(key[0] == "dequant" for key in layer._cache)  # no dense copy
+        # int8 copy of an int4 weight: 1 B/weight = 2x the packed weight (plus the fp32 scales, shared)
+        assert state[0].dtype == torch.int8 and state[0].numel() == 64 * 256
+        assert layer.cache_nbytes() >= 64 * 256 and state[0].nbytes == 2 * layer.weight_packed.nbytes
+    # 8-bit per-channel weights: the stored int8 buffer is used as is, no copy
+    w8, _ = make_layer(WeightSpec(8, True, "channel"), act=ActSpec(8), cache_dequantized=False)
+    with force_kernel("int8_act"):
+        w8(make_x(40, 256))
+    assert w8._cache[("int8_act", torch.device("cpu"))][0] is w8.weight_packed and w8.cache_nbytes() < 64 * 256
+
+
+def test_fold_bf16_builds_dense_copy_once_when_cached():
+    layer, _ = make_layer(WeightSpec(4, True, "group", 128), act=ActSpec(8))
+    x = make_x(40, 256)
+    assert layer.kernel_for(x) == "fold_bf16"
+    layer(x)
+    dense = layer._cache[("dequant", x.device, torch.bfloat16)]
+    layer(x)
+    assert layer._cache[("dequant", x.device, torch.bfloat16)] is dense
+    lean, _ = make_layer(WeightSpec(4, True, "group", 128), act=ActSpec(8), cache_dequantized=False)
+    with force_kernel("fold_bf16"):  # allowed when forced, but the dense copy is not kept
+        torch.testing.assert_close(lean(x).float(), layer(x).float())
+    assert not any(key[0] == "dequant" for key in lean._cache)
+
+
+def test_act_dispatch_on_cpu():
+    g128, ch, w8 = WeightSpec(4, True, "group", 128), WeightSpec(4, True, "channel"), WeightSpec(8, True, "channel")
+    cached, _ = make_layer(g128, act=ActSpec(8))
+    lean, _ = make_layer(g128, act=ActSpec(8), cache_dequantized=False)
+    for layer in (cached, lean):
+        assert layer.kernel_for(make_x(1, 256)) == layer.kernel_for(make_x(2, 4, 256)) == "int4_cpu_act"
+        assert layer.kernel_for(make_x(1, 256, dtype=torch.float32)) == "int8_act"  # bf16-only kernels
+    assert cached.kernel_for(make_x(9, 256)) == "fold_bf16"
+    assert lean.kernel_for(make_x(9, 256)) == "int8_act"  # no dense copy allowed: one int GEMM per group
+    pc, _ = make_layer(ch, act=ActSpec(8))
+    assert pc.kernel_for(make_x(8, 256)) == "int4_cpu_act" and pc.kernel_for(make_x(9, 256)) == "int8_act"
+    p8, _ = make_layer(w8, act=ActSpec(8))
+    assert p8.kernel_for(make_x(4, 256)) == "int8pack_cpu_act" and p8.kernel_for(make_x(5, 256)) == "int8_act"
+    odd, _ = make_layer(g128, n=40, act=ActSpec(8), cache_dequantized=False)  # N % 16: no int4 kernel
+    assert odd.kernel_for(make_x(1, 256)) == "int8_act"
+    wo, _ = make_layer(g128)
+    with force_kernel("fold_bf16"), pytest.raises(RuntimeError):  # weight-only layer: no activation codes
+        wo(make_x(1, 256))

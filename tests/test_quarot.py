@@ -55,9 +55,13 @@ def test_rotation_preserves_function(paths, name):
         ref, ref_m = model(ids), model(ids, mask)
         emb_before = model.get_submodule(arch.embed_name).weight.clone()
         online = rotate_model(model, seed=1)
-        assert set(online) == {f"{arch.blocks_path}.{i}.{arch.mlp_down}" for i in range(len(model.blocks))}
-        size = model.config.intermediate_size
-        assert all(v == {"type": "hadamard", "size": size, "location": "input"} for v in online.values())
+        c = model.config
+        downs = {f"{arch.blocks_path}.{i}.{arch.mlp_down}" for i in range(len(model.blocks))}
+        outs = {f"{arch.blocks_path}.{i}.{arch.attn_out}" for i in range(len(model.blocks))}
+        assert set(online) == downs | outs  # FFN down input, and QuaRot's cross-head Hadamard on o_proj's input
+        assert all(online[n] == {"type": "hadamard", "size": c.intermediate_size, "location": "input"} for n in downs)
+        assert all(online[n] == {"type": "hadamard_heads", "heads": c.num_heads, "head_dim": c.head_dim,
+                                 "location": "input"} for n in outs)
         assert _rel(model(ids), ref) > 0.1  # the down projections need their online transform
         apply_online(model, online)
         out, out_m = model(ids), model(ids, mask)
@@ -92,7 +96,8 @@ def test_unsupported_size_fails_before_touching_weights(paths):
     with pytest.raises(ValueError, match="order 52"):
         rotate_model(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert rotate_model(model, online_down=False) == {}  # residual + per-head rotations still possible
+    online = rotate_model(model, online_down=False)  # residual + per-head/cross-head rotations still possible
+    assert {v["type"] for v in online.values()} == {"hadamard_heads"}
 
 
 def _outlier_ratio(model, ids, names):

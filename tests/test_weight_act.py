@@ -70,17 +70,6 @@ def test_transforms_tame_injected_outliers(tmp_path):
     assert errs["duquant"] <= 1.05 * errs["smoothquant"], errs
 
 
-def test_ia_aq_stores_clip_and_runtime_uses_it(tiny_llada, tmp_path):
-    res = _q(tiny_llada, tmp_path / "q", "quarot", w=4, a=4, ia_aq=True)
-    cfg = json.loads((res.out / "config.json").read_text())["quantization_config"]
-    clips = {k: v["act_clip"] for k, v in cfg["transforms"].items() if "act_clip" in v}
-    assert len(clips) == 2 and all(k.endswith("attn_out") for k in clips)
-    assert all(0.5 <= c <= 1.0 for c in clips.values())
-    m = dllmq.load(res.out, dtype=torch.float32)
-    name = next(iter(clips))
-    assert m.get_submodule(name).act_spec.clip_ratio == pytest.approx(clips[name])
-
-
 def test_weight_act_method_requires_activation_bits(tiny_llada, tmp_path, capsys):
     from cli_helpers import run_cli
 
@@ -102,3 +91,32 @@ def test_inspect_before_after_quarot(tmp_path, capsys):
     before = {r["linear"]: r for r in res["summary"]}
     after = {r["linear"]: r for r in res["after"]["summary"]}
     assert after["ff_out"]["channel_ratio"] < before["ff_out"]["channel_ratio"] / 2
+
+
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_ia_aq_quantizes_values_with_searched_clip(tiny_llada, tmp_path, kv_bits):
+    """IA-AQ (DLLMQuant): V is quantized (at --kv-bits, or at the activation bits when K/V stay 16-bit) with a
+    per-layer clip α ∈ [0.8, 1] minimising ‖P·V − P·Q(V; α)‖; the loaded model's value quantizer uses it."""
+    from dllmq.models.layers import AttentionCore
+    from dllmq.quantization.spec import KVCacheSpec
+    from dllmq.runtime.kv_quant import IA_AQ_GRID, KVQuantizer
+
+    qcfg = QuantizationConfig("smoothquant", WeightSpec(8, True, "group", 32), ActSpec(4),
+                              ignore=[r"model\.transformer\.ff_out"], kv_cache=KVCacheSpec(kv_bits))
+    res = quantize(tiny_llada, qcfg, tmp_path / "q", calib=CAL, method_options={"ia_aq": True}, show_progress=False)
+    cfg = json.loads((res.out / "config.json").read_text())["quantization_config"]
+    entries = {k: v for k, v in cfg["transforms"].items() if "v_clip" in v}
+    assert len(entries) == 2 and all(k.endswith("attn_out") for k in entries)
+    assert all(v["v_clip"] in IA_AQ_GRID and 0.8 <= v["v_clip"] <= 1.0 for v in entries.values())
+    assert all(v["v_bits"] == (4 if kv_bits == 16 else kv_bits) for v in entries.values())
+    assert not any("act_clip" in v for v in cfg["transforms"].values())  # no longer a clip of attn_out's input
+    m = dllmq.load(res.out, dtype=torch.float32)
+    for i, core in enumerate(c for c in m.modules() if isinstance(c, AttentionCore)):
+        e = entries[f"model.transformer.blocks.{i}.attn_out"]
+        assert isinstance(core.value_quant, KVQuantizer)
+        assert core.value_quant.spec.clip_ratio == pytest.approx(e["v_clip"])
+        assert core.value_quant.spec.num_bits == e["v_bits"]
+        assert isinstance(core.key_quant, KVQuantizer) == (kv_bits < 16)
+    x = torch.randint(0, 250, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(m(x)).all()

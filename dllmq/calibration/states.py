@@ -9,7 +9,20 @@
           calibration covers mask ratios from almost all masked to almost none.
           Choices the paper leaves open (documented here): segments are spans of denoising
           *steps* (not mask-ratio buckets); each prompt contributes `states_per_prompt` states;
-          the prompt is the chat prompt (Instruct) or the first half of a text item.
+          the prompt is the chat prompt (Instruct) or the first half of a text item / window.
+
+TMAS allocation (:func:`allocate_states`): the proportions apply to the whole calibration set,
+not to each batch. With G generation batches and S = states_per_prompt, G * S states are split
+over the spans by largest remainder (each span's count is within one state of p_s * G * S;
+rounding per batch would make 0.3/0.2/0.2/0.3 uniform at S = 4), then dealt to the batches
+column-wise so every span with a positive count appears and each batch gets S distinct steps.
+The prompts of one batch go through one sampler call, so they share their step indices: a
+picked step yields one state for every prompt of that batch. The description (manifest) lists
+every state's batch, step, span and mask ratio, and the per-span counts.
+
+Padding never counts: every batch carries `valid` (False at EOS padding after a chat response
+or a short text, and at TMAS left padding; None when every position is real), and the pipeline
+drops those rows from Hessians, activation maxima and AWQ statistics.
 
 Every state also carries the full-precision model's confidence per token (for CGQ): for a
 masked position, the top-1 probability of its prediction; for a visible one, the probability
@@ -24,7 +37,7 @@ import torch
 
 from ..diffusion.generation import GenerationConfig, generate_ids, left_pad
 from ..errors import UserError
-from .data import encode_items, random_masked
+from .data import encode_batch, random_masked, resolve_windows
 
 MASK_MODES = ("none", "random", "tmas")
 
@@ -35,6 +48,7 @@ class CalibBatch:
     attention_mask: torch.Tensor | None  # [B, L] or None
     masked: torch.Tensor  # bool [B, L]
     confidence: torch.Tensor | None = None  # [B, L], full-precision model confidence
+    valid: torch.Tensor | None = None  # bool [B, L]: True = real token, False = padding; None = all real
 
 
 @dataclass
@@ -63,22 +77,62 @@ class TMASConfig:
                             "of the number of blocks")
         if self.steps < len(self.proportions):
             raise UserError("TMAS: need at least one denoising step per segment")
+        if not 1 <= self.states_per_prompt <= self.steps:
+            raise UserError(f"TMAS: states per prompt must be between 1 and the number of steps ({self.steps})")
+
+
+def span_bounds(total: int, k: int, s: int) -> tuple[int, int]:
+    """Steps [lo, hi) of span s when `total` denoising steps are cut into k equal spans."""
+    lo = s * total // k
+    return lo, max(lo + 1, (s + 1) * total // k)
+
+
+def span_counts(proportions: tuple[float, ...], n: int) -> list[int]:
+    """Largest-remainder split of n states by proportions: each count within one of p_s * n."""
+    exact = [p * n for p in proportions]
+    counts = [int(e) for e in exact]  # floor (exact >= 0)
+    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def allocate_states(total: int, proportions: tuple[float, ...], n_batches: int, per_batch: int,
+                    gen: torch.Generator) -> list[list[tuple[int, int]]]:
+    """-> for each batch, `per_batch` distinct (step, span) pairs, sorted by step.
+
+    The n_batches * per_batch states are split over the spans by largest remainder on the whole
+    set, the span labels (in span order) are dealt column-wise to the batches (batch j gets
+    labels j, j + n_batches, ...: each span spread evenly, every span with a state appears),
+    and each batch draws its steps within a span without repetition. Should a batch need more
+    distinct steps from a span than it has (very few steps), the excess moves to the nearest
+    span with room in that batch."""
+    k = len(proportions)
+    per_batch = min(per_batch, total)
+    labels = [s for s, c in enumerate(span_counts(proportions, n_batches * per_batch)) for _ in range(c)]
+    room = [span_bounds(total, k, s)[1] - span_bounds(total, k, s)[0] for s in range(k)]
+    out = []
+    for j in range(n_batches):
+        want = [0] * k
+        for s in labels[j::n_batches]:
+            want[s] += 1
+        for s in range(k):  # repair: a span cannot give more distinct steps than it holds
+            while want[s] > room[s]:
+                t = min((t for t in range(k) if want[t] < room[t]), key=lambda t: (abs(t - s), t))
+                want[s] -= 1
+                want[t] += 1
+        picks = []
+        for s, c in enumerate(want):
+            lo, hi = span_bounds(total, k, s)
+            picks.extend((lo + int(i), s) for i in torch.randperm(hi - lo, generator=gen)[:c])
+        out.append(sorted(picks))
+    return out
 
 
 def segment_steps(total: int, proportions: tuple[float, ...], n: int, gen: torch.Generator) -> list[int]:
-    """Draw up to n distinct step indices: segment s (an equal span of steps) gets round(p_s * n) of them."""
-    k = len(proportions)
-    counts = [int(round(p * n)) for p in proportions]
-    while sum(counts) > n:
-        counts[counts.index(max(counts))] -= 1
-    while sum(counts) < n:
-        counts[max(range(k), key=lambda i: proportions[i] * n - counts[i])] += 1
-    out = []
-    for s, c in enumerate(counts):
-        lo, hi = s * total // k, max(s * total // k + 1, (s + 1) * total // k)
-        span = torch.randperm(hi - lo, generator=gen)[: min(c, hi - lo)]  # distinct steps within a segment
-        out.extend(lo + int(i) for i in span)
-    return sorted(out)
+    """n distinct step indices for one batch alone (proportions rounded on n states only; the
+    calibration set uses :func:`allocate_states`, which rounds over all batches together)."""
+    return [step for step, _ in allocate_states(total, proportions, 1, n, gen)[0]]
 
 
 @torch.no_grad()
@@ -92,18 +146,27 @@ def confidence_of(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor)
 def build(items: list[dict], tok, mask_id: int, mode: str, seq_len: int, seed: int = 0, batch_size: int = 8,
           fp_model=None, want_confidence: bool = False, tmas: TMASConfig | None = None,
           show_progress: bool = False) -> CalibrationSet:
+    """Calibration batches from `items` (see sources.load_items); text-source items become seeded
+    windows of exactly seq_len tokens here (data.resolve_windows), every batch carries `valid`."""
     if mode not in MASK_MODES:
         raise UserError(f"--calib-mask must be one of {', '.join(MASK_MODES)}, got {mode!r}")
+    try:
+        items, win = resolve_windows(tok, items, seq_len, seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if mode == "tmas":
         if fp_model is None:
             raise UserError("TMAS needs the full-precision model to run its sampler")
-        return _tmas(items, tok, fp_model, tmas or TMASConfig(), seq_len, seed, batch_size, show_progress)
-    ids, maskable = encode_items(tok, items, seq_len)
+        cset = _tmas(items, tok, fp_model, tmas or TMASConfig(), seq_len, seed, batch_size, show_progress)
+        cset.description.update(win)
+        return cset
+    ids, maskable, valid = encode_batch(tok, items, seq_len)
     noisy = ids if mode == "none" else random_masked(ids, maskable, mask_id, seed)
     batches = []
     for b in range(0, len(items), batch_size):
         x = noisy[b : b + batch_size]
-        cb = CalibBatch(ids=x, attention_mask=None, masked=x == mask_id)
+        v = valid[b : b + batch_size]
+        cb = CalibBatch(ids=x, attention_mask=None, masked=x == mask_id, valid=None if bool(v.all()) else v)
         if want_confidence:
             if fp_model is None:
                 raise UserError("CGQ needs the full-precision model's confidences")
@@ -112,7 +175,8 @@ def build(items: list[dict], tok, mask_id: int, mode: str, seq_len: int, seed: i
             cb.confidence = confidence_of(logits, ids[b : b + batch_size], cb.masked)
         batches.append(cb)
     return CalibrationSet(batches, {"mode": mode, "samples": len(items), "seq_len": seq_len, "seed": seed,
-                                    "mask_ratio": float(noisy.eq(mask_id).float().mean())})
+                                    "mask_ratio": float(noisy.eq(mask_id).float().mean()),
+                                    "padding_tokens": int((~valid).sum()), **win})
 
 
 def _prompt_ids(tok, item: dict, seq_len: int) -> list[int]:
@@ -120,7 +184,8 @@ def _prompt_ids(tok, item: dict, seq_len: int) -> list[int]:
         p = tok.apply_chat_template([{"role": "user", "content": item["prompt"]}], tokenize=False,
                                     add_generation_prompt=True)
         return tok(p, add_special_tokens=False).input_ids[-seq_len:]
-    ids = tok(item["text"], add_special_tokens=False).input_ids[:seq_len]
+    ids = list(item["ids"]) if "ids" in item else tok(item["text"], add_special_tokens=False).input_ids
+    ids = ids[:seq_len]
     return ids[: max(1, len(ids) // 2)]
 
 
@@ -130,13 +195,17 @@ def _tmas(items, tok, model, cfg: TMASConfig, seq_len, seed, batch_size, show_pr
     gen = torch.Generator().manual_seed(seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompt_room = max(8, seq_len - cfg.gen_length)
-    batches, ratios = [], []
+    batches, ratios, states = [], [], []
     gcfg = GenerationConfig(steps=cfg.steps, gen_length=cfg.gen_length, block_length=cfg.block_length, seed=seed)
-    for b in range(0, len(items), batch_size):
+    starts = list(range(0, len(items), batch_size))
+    # the proportions apply to all G * S states together (see the module docstring)
+    plan = allocate_states(cfg.steps, cfg.proportions, len(starts), cfg.states_per_prompt, gen)
+    for j, b in enumerate(starts):
         chunk = items[b : b + batch_size]
         seqs = [_prompt_ids(tok, it, prompt_room) for it in chunk]
         ids, am = left_pad(seqs, pad)
-        picks = segment_steps(cfg.steps, cfg.proportions, cfg.states_per_prompt, gen)
+        span_of = dict(plan[j])
+        picks = sorted(span_of)  # one sampler call per batch: its prompts share these step indices
         captured: dict[int, tuple] = {}
 
         def on_step(state, picks=set(picks)):
@@ -150,9 +219,14 @@ def _tmas(items, tok, model, cfg: TMASConfig, seq_len, seed, batch_size, show_pr
         for step in picks:
             x, mk, conf, m = captured[step]
             mask = None if m is None or bool(m.all()) else m.cpu()
-            batches.append(CalibBatch(ids=x, attention_mask=mask, masked=mk, confidence=conf))
+            valid = None if mask is None else mask.bool()  # left padding of shorter prompts is padding
+            batches.append(CalibBatch(ids=x, attention_mask=mask, masked=mk, confidence=conf, valid=valid))
             ratios.append(float(mk[:, ids.shape[1]:].float().mean()))
+            states.append({"batch": j, "step": step, "span": span_of[step], "mask_ratio": round(ratios[-1], 3)})
+    counts = [sum(1 for st in states if st["span"] == s) for s in range(len(cfg.proportions))]
     return CalibrationSet(batches, {"mode": "tmas", "samples": len(items), "seed": seed,
                                     "proportions": list(cfg.proportions), "states_per_prompt": cfg.states_per_prompt,
                                     "gen_length": cfg.gen_length, "block_length": cfg.block_length,
-                                    "steps": cfg.steps, "mask_ratios": [round(r, 3) for r in ratios]})
+                                    "steps": cfg.steps, "prompts_share_steps_within_batch": True,
+                                    "span_counts": counts, "states": states,
+                                    "mask_ratios": [round(r, 3) for r in ratios]})

@@ -42,7 +42,7 @@ from .. import __version__
 from ..errors import UserError
 from .format import MANIFEST, QUANT_SUFFIXES, QuantizationConfig
 from .packing import pack_cols, pack_rows, packed_words, unpack_cols
-from .writer import TOKENIZER_FILES, check_parent_writable, sha256_file, verify_manifest
+from .writer import TOKENIZER_FILES, _file_mode, check_parent_writable, sha256_file, verify_manifest
 
 # The compressed-tensors release whose on-disk layout this exporter writes and is tested against.
 # (3-bit weights need readers >= 0.18: earlier releases padded each int32 word instead of packing densely.)
@@ -94,9 +94,16 @@ def check_exportable(qcfg: QuantizationConfig, src: Path) -> str:
             if "act_clip" in spec:
                 label = "per-layer activation clipping (IA-AQ)"
                 kinds[label] = kinds.get(label, 0) + 1
+            if "v_clip" in spec:
+                label = "per-layer value quantization (IA-AQ)"
+                kinds[label] = kinds.get(label, 0) + 1
         what = ", ".join(f"{k} on {n} layer{'s' if n != 1 else ''}" for k, n in kinds.items())
         raise _refuse(src, f"its {qcfg.method} layers need {what} at run time, which compressed-tensors "
                            "loaders do not apply", requant)
+    if qcfg.kv_cache.enabled or qcfg.kv_cache.rotate_qk:
+        raise _refuse(src, f"its keys/values are quantized per token and head at {qcfg.kv_cache.num_bits} bits "
+                           "(--kv-bits), which compressed-tensors' kv_cache_scheme cannot express",
+                      "re-quantize with --kv-bits 16, or keep the dllmq format")
     w, a = qcfg.weights, qcfg.activations
     if not a.enabled:
         return PACK_QUANTIZED
@@ -304,6 +311,7 @@ def export_compressed_tensors(checkpoint: str | os.PathLike, out: str | os.PathL
                 tensors.update(convert_layer(name, local, qcfg, fmt))
             tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            os.chmod(tmp / fname, _file_mode())  # safetensors creates 0600 files; the others follow the umask
             for k, v in tensors.items():
                 weight_map[k] = fname
                 total += v.numel() * v.element_size()
@@ -316,7 +324,7 @@ def export_compressed_tensors(checkpoint: str | os.PathLike, out: str | os.PathL
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for f in TOKENIZER_FILES:
             if (src / f).exists():
-                shutil.copy2(src / f, tmp / f)
+                shutil.copyfile(src / f, tmp / f)  # mode from the umask, like the shards
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         src_manifest = src / MANIFEST
         info = {

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..quantization.spec import ActSpec, WeightSpec
+from ..quantization.spec import ActSpec, KVCacheSpec, WeightSpec
 
 FORMAT_NAME = "dllmq-packed"
 FORMAT_VERSION = 1
@@ -30,6 +30,7 @@ class QuantizationConfig:
     quantized_layers: list[str] = field(default_factory=list)
     method_args: dict = field(default_factory=dict)
     transforms: dict = field(default_factory=dict)  # online transforms (rotations, smoothing) by layer
+    kv_cache: KVCacheSpec = field(default_factory=KVCacheSpec)  # K/V quantization (16 bits = none)
 
     def to_dict(self) -> dict:
         return {
@@ -43,6 +44,7 @@ class QuantizationConfig:
             "quantized_layers": self.quantized_layers,
             "method_args": self.method_args,
             "transforms": self.transforms,
+            "kv_cache": self.kv_cache.to_dict(),
         }
 
     @classmethod
@@ -61,4 +63,5 @@ class QuantizationConfig:
             quantized_layers=list(d.get("quantized_layers", [])),
             method_args=dict(d.get("method_args", {})),
             transforms=dict(d.get("transforms", {})),
+            kv_cache=KVCacheSpec.from_dict(d.get("kv_cache")),  # absent in older checkpoints: 16 bits
         )

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from .format import MANIFEST
+from .lock import RunLock
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -53,12 +55,20 @@ def check_parent_writable(out: Path) -> None:
         raise UserError(f"cannot write into {parent}: permission denied; choose a writable --out")
 
 
+def _file_mode() -> int:
+    """The mode a plain `open(..., "w")` would give a new file (0o666 less the umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 class CheckpointWriter:
     """Writes named safetensors shards into `.<name>.partial` beside the target, then renames.
 
     The partial folder has a fixed name so an interrupted run can be resumed: progress (which
     blocks are done, plus any state the pipeline needs) is saved there atomically after each
-    shard. Without --resume a stale partial folder is discarded.
+    shard. Without --resume (or with different arguments) a partial folder is discarded, with
+    a message. A lock file beside the target refuses a second run on the same output.
     """
 
     def __init__(self, out: Path, overwrite: bool = False, resume: bool = False, run_key: str | None = None):
@@ -68,12 +78,34 @@ class CheckpointWriter:
         self.tmp = self.out.resolve().parent / f".{self.out.name}.partial"
         self.run_key = run_key
         self.progress: dict = {}
+        self.lock = RunLock(self.out)
+        self.lock.acquire()
+        try:
+            check_target(self.out, overwrite)  # again: another run may have finished while we waited for the lock
+            self._open_partial(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open_partial(self, resume: bool) -> None:
+        from ..ui import err_console
+
         if self.tmp.exists():
             prog = self._read_progress()
-            if resume and prog.get("run_key") == run_key:
+            done = prog.get("blocks_done", 0)
+            if resume and prog.get("run_key") == self.run_key:
                 self.progress = prog
+                err_console.print(f"resuming the interrupted run in {self.tmp} after {done} finished block(s)",
+                                  highlight=False)
             else:
+                why = ("it was started with different arguments" if resume else
+                       "pass --resume with the same arguments to continue such a run instead")
+                err_console.print(f"[yellow]note:[/yellow] found an interrupted run in {self.tmp} ({done} finished "
+                                  f"block(s)); discarding it and starting over ({why})", highlight=False)
                 shutil.rmtree(self.tmp)
+        elif resume:
+            err_console.print(f"[yellow]note:[/yellow] --resume: no interrupted run to continue for {self.out}; "
+                              "starting from the beginning", highlight=False)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.state_dir = self.tmp / "state"
         self.state_dir.mkdir(exist_ok=True)
@@ -101,6 +133,7 @@ class CheckpointWriter:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         tmp = self.tmp / f"{name}.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, _file_mode())  # safetensors creates 0600 files; the others follow the umask
         os.replace(tmp, self.tmp / f"{name}.safetensors")
 
     def finalize(self, config: dict, source: Path, manifest: dict) -> Path:
@@ -127,7 +160,7 @@ class CheckpointWriter:
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2))
         for f in TOKENIZER_FILES:
             if (source / f).exists():
-                shutil.copy2(source / f, self.tmp / f)
+                shutil.copyfile(source / f, self.tmp / f)  # mode from the umask, like the shards
         shutil.rmtree(self.state_dir, ignore_errors=True)
         (self.tmp / "progress.json").unlink(missing_ok=True)
         files = sorted(p.name for p in self.tmp.iterdir() if p.is_file())
@@ -140,6 +173,7 @@ class CheckpointWriter:
         }
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         self._commit()
+        self.lock.release()
         return self.out
 
     def _commit(self) -> None:
@@ -153,33 +187,102 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.lock.release()
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         # keep a resumable partial folder after an interruption; drop one that holds nothing yet
-        if exc_type is not None and not self.progress.get("blocks_done"):
+        kept = exc_type is not None and bool(self.progress.get("blocks_done")) and self.tmp.exists()
+        if exc_type is not None and not kept:
             self.abort()
+        self.lock.release()
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            if kept:
+                msg = (f"kept {self.progress['blocks_done']} finished block(s) in {self.tmp}; to continue, rerun "
+                       "the same command with --resume (same arguments)")
+            else:
+                msg = f"no block had finished, so nothing was kept and {self.out} was not written; rerun the command"
+            raise Interrupted(msg) from None
         return False
 
 
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+def _listed_name(mf: Path, name) -> str:
+    """A manifest entry must name a plain file inside the checkpoint folder."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or os.path.isabs(name) or ":" in name):
+        raise UserError(f"{mf} lists {name!r}, which is not a plain file name inside the checkpoint; the manifest "
+                        "was tampered with: re-create or re-download the checkpoint")
+    return name
+
+
+# Files that must all be covered by the manifest: weights, configs, the index, tokenizer files.
+def _guarded(name: str) -> bool:
+    return not name.startswith(".") and (name.endswith((".safetensors", ".json")) or name in TOKENIZER_FILES)
+
+
 def verify_manifest(path: Path) -> dict:
-    """Check every file listed in the manifest against its sha256; returns the manifest."""
+    """Check the checkpoint folder against its manifest; returns the manifest.
+
+    The manifest is not trusted: every entry must be a plain file name whose file is a regular file,
+    the listed files must be exactly the folder's weight, config and tokenizer files (so dropping an
+    entry does not hide a modified file) and include every shard of the index; only then is each
+    file's size and sha256 checked. Every problem is a one-line `UserError`.
+    """
+    path = Path(path)
     mf = path / MANIFEST
-    if not mf.exists():
+    if not mf.is_file():
         raise UserError(f"{path} has no {MANIFEST}; it was not written by dllmq or is incomplete")
     try:
         manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{mf} is corrupt; re-create the checkpoint") from None
-    for name, info in manifest.get("files", {}).items():
+    except OSError as e:
+        raise UserError(f"cannot read {mf}: {e.strerror}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise UserError(f"{mf} is malformed (no 'files' object); re-create or re-download the checkpoint")
+    for name, info in files.items():
+        _listed_name(mf, name)
+        if (not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or isinstance(info["bytes"], bool)
+                or not isinstance(info.get("sha256"), str) or len(info["sha256"]) != 64):
+            raise UserError(f"{mf} is malformed: the entry for {name} needs 'bytes' (an integer) and 'sha256'; "
+                            "re-create or re-download the checkpoint")
+    # every file that matters must be listed, and every shard of the index too
+    present = {f.name for f in path.iterdir() if _guarded(f.name) and f.name != MANIFEST}
+    unlisted = sorted(present - set(files))
+    if unlisted:
+        raise UserError(f"{unlisted[0]} in {path} is not listed in {MANIFEST}: the checkpoint was modified; "
+                        "re-create or re-download it")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+            shards = set(wmap.values())
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            raise UserError(f"{index} is corrupt; re-create or re-download the checkpoint") from None
+        missing = sorted(str(x) for x in shards - set(files))
+        if missing:
+            raise UserError(f"the index of {path} names {missing[0]}, which {MANIFEST} does not list: the checkpoint "
+                            "was modified; re-create or re-download it")
+    # regular files only (a device or a fifo would hang the hash), before anything is hashed
+    for name in files:
         f = path / name
-        if not f.exists():
-            raise UserError(f"{name} is missing from {path}; the checkpoint is incomplete")
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            raise UserError(f"{name} is missing from {path}; the checkpoint is incomplete") from None
+        except OSError as e:
+            raise UserError(f"cannot read {name} in {path}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{name} in {path} is not a regular file; the checkpoint was tampered with: re-create or "
+                            "re-download it")
+    for name, info in files.items():
+        f = path / name
         if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
             raise UserError(f"{name} in {path} does not match its sha256 in {MANIFEST}: the file was modified or "
                             "corrupted; re-create or re-download the checkpoint")

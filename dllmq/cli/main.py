@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ..ui import err_console, human_bytes, out_console, table
 from .options import (  # noqa: F401  (re-exported for tests and plugins)
     DTYPES, ModelArg, DeviceOpt, DtypeOpt, JsonOpt, SeedOpt, StepsOpt, GenLenOpt, BlockLenOpt,
@@ -57,10 +57,12 @@ def quantize(
     cgq_masked: float = typer.Option(1.0, "--cgq-masked", help="CGQ indicator value for masked tokens."),
     cgq_visible: float = typer.Option(0.7, "--cgq-visible", help="CGQ indicator value for visible tokens."),
     w_quantizer: str = typer.Option("rtn", "--w-quantizer", help="For awq, smoothquant, quarot, duquant: how the transformed weights are rounded: rtn or gptq."),
+    a_sym: Optional[bool] = typer.Option(None, "--a-sym/--a-asym", help="Symmetric or asymmetric (zero point per token) activation quantization. Default: the method's paper setting (asymmetric for smoothquant and duquant, symmetric otherwise)."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize attention keys (after RoPE) and values per token and head: 4, 8 or 16 (= not quantized). Default: the method's paper protocol (the activation bits for smoothquant, quarot, duquant; 16 otherwise)."),
     a_clip: float = typer.Option(1.0, "--a-clip", help="Activation clipping ratio for --a 8/4 (the papers use 0.9 for DuQuant)."),
     w_clip: float = typer.Option(1.0, "--w-clip", help="Weight clipping ratio of the min-max range (DuQuant: 0.8)."),
     alpha: float = typer.Option(0.5, "--alpha", help="SmoothQuant / DuQuant migration strength."),
-    ia_aq: bool = typer.Option(False, "--ia-aq", help="DLLMQuant's interaction-aware activation quantization: search the clipping of the attention output projection's input (softmax·V) to minimise its error."),
+    ia_aq: bool = typer.Option(False, "--ia-aq", help="DLLMQuant's interaction-aware activation quantization: quantize the attention values V (at --kv-bits, or the activation bits when K/V stay 16-bit) with a per-layer clip ratio in [0.8, 1] chosen to minimise the error of softmax·V on calibration inputs."),
     duquant_block: int = typer.Option(128, "--duquant-block", help="DuQuant rotation block size."),
     duquant_steps: int = typer.Option(256, "--duquant-steps", help="DuQuant greedy rotation steps."),
     scale_search: Optional[str] = typer.Option(None, "--scale-search", help="How weight scales are chosen: minmax (each group's range) or mse (each group's clipping searched to minimise the rounding error). Default: mse for gptq, minmax for the others (RTN stays the papers' baseline)."),
@@ -83,6 +85,25 @@ def quantize(
       [bold]dllmq quantize GSAI-ML/LLaDA-8B-Instruct --method gptq --w 4 --group-size 128 --calib-mask tmas --cgq[/bold]
       [bold]dllmq quantize tiny --method awq --w 4 --group-size 32 --w-quantizer gptq[/bold]
     """
+    from .validate import check_quantize_args
+
+    # the cheap checks first, before torch is imported: a simple mistake is answered at once
+    props = check_quantize_args(
+        method=method, w=w, a=a, group_size=group_size, sym=sym, calib_mask=calib_mask, w_quantizer=w_quantizer,
+        cgq=cgq, calib_samples=calib_samples, calib_seqlen=calib_seqlen, scale_search=scale_search, damp=damp,
+        a_clip=a_clip, w_clip=w_clip, alpha=alpha, tmas_proportions=tmas_proportions, tmas_states=tmas_states,
+        tmas_gen_length=tmas_gen_length, tmas_block_length=tmas_block_length, tmas_steps=tmas_steps,
+        duquant_block=duquant_block, duquant_steps=duquant_steps, device=device, dtype=dtype)
+    if offload_dir is not None and offload_dir.exists() and not offload_dir.is_dir():
+        raise UserError(f"--offload-dir {offload_dir} is a file; give a folder (it is created if missing)")
+    name = model or "tiny"
+    if out is None:
+        base = Path(name.rstrip("/")).name if Path(name).exists() else name.split("/")[-1]
+        out = Path(f"{base}-w{w}a{a}-{method}")
+    from ..checkpoint.lock import RunLock
+
+    RunLock(out).check()  # another run writing the same --out: refuse before loading anything
+
     from ..calibration.states import MASK_MODES, TMASConfig
     from ..checkpoint.format import QuantizationConfig
     from ..models.loading import read_config, resolve_model_path
@@ -98,7 +119,9 @@ def quantize(
     _device(device)
     wspec = WeightSpec(num_bits=w, symmetric=sym, strategy="channel" if group_size == -1 else "group",
                        group_size=None if group_size == -1 else group_size)
-    aspec = ActSpec(num_bits=a, symmetric=True, clip_ratio=a_clip)
+    from ..runtime.kv_quant import default_kv_spec
+    aspec = ActSpec(num_bits=a, clip_ratio=a_clip, symmetric=get_method(method).default_act_symmetric if a_sym is None else a_sym)
+    kvspec = default_kv_spec(get_method(method), a, kv_bits)
     m_cls = get_method(method)
     if m_cls.quantizes_activations and not aspec.enabled:
         raise UserError(f"--method {method} is a weight-activation method: pass --a 8 or --a 4")
@@ -114,21 +137,14 @@ def quantize(
         raise UserError(f"--scale-search must be one of {', '.join(SCALE_SEARCHES)}, got {scale_search!r}")
     if not 0 <= damp < 1:
         raise UserError(f"--damp must be in [0, 1), got {damp}")
-    try:
-        props = tuple(float(x) for x in tmas_proportions.split(","))
-    except ValueError:
-        raise UserError(f"--tmas-proportions must be comma-separated numbers, got {tmas_proportions!r}") from None
     tmas = TMASConfig(proportions=props, states_per_prompt=tmas_states, gen_length=tmas_gen_length,
                       block_length=tmas_block_length, steps=tmas_steps)
     if calib_mask == "tmas" and get_method(method).needs_calibration:
         tmas.validate()
-    name = model or "tiny"
-    if out is None:
-        base = Path(name.rstrip("/")).name if Path(name).exists() else name.split("/")[-1]
-        out = Path(f"{base}-w{w}a{a}-{method}")
     src = resolve_model_path(name, revision)
     arch = arch_for(read_config(src))
-    qcfg = QuantizationConfig(method=method, weights=wspec, activations=aspec, ignore=arch.default_ignore() + list(ignore))
+    qcfg = QuantizationConfig(method=method, weights=wspec, activations=aspec, ignore=arch.default_ignore() + list(ignore),
+                              kv_cache=kvspec)
     options = {"damp": damp, "act_order": act_order,
                "scale_search": scale_search or m_cls.default_scale_search}
     if m_cls.quantizes_activations:
@@ -167,12 +183,14 @@ def quantize(
 
 @app.command()
 def info(checkpoint: str = typer.Argument(..., help="A dllmq checkpoint folder (or a full-precision model)."),
+         verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every file of a dllmq checkpoint against the sha256 in its manifest (reads every byte once)."),
          json_out: bool = JsonOpt):
     """Show a checkpoint's method, specs, sizes and per-layer summary.
 
     Example: [bold]dllmq info ./llada-w4[/bold]
     """
     from ..checkpoint.format import MANIFEST, QuantizationConfig
+    from ..checkpoint.writer import verify_manifest
     from ..models.loading import parse, read_config, resolve_model_path
 
     p = resolve_model_path(checkpoint)
@@ -188,11 +206,23 @@ def info(checkpoint: str = typer.Argument(..., help="A dllmq checkpoint folder (
         data.update(method=q.method, weights=q.weights.to_dict(), activations=q.activations.to_dict(),
                     ignore=q.ignore, quantized_layers=len(q.quantized_layers))
         mf = p / MANIFEST
-        if mf.exists():
-            m = json.loads(mf.read_text())
+        if not mf.exists():
+            data["verified"] = f"no: {MANIFEST} is missing (not written by dllmq, or incomplete)"
+        else:
+            if verify:
+                m = verify_manifest(p)  # one-line UserError on any mismatch or malformed manifest
+                data["verified"] = f"yes: sha256 of {len(m['files'])} files match {MANIFEST}"
+            else:
+                try:
+                    m = json.loads(mf.read_text())
+                except (ValueError, OSError):
+                    raise UserError(f"{mf} is corrupt; re-create the checkpoint") from None
+                if not isinstance(m, dict):
+                    raise UserError(f"{mf} is malformed (not a JSON object); re-create the checkpoint")
+                data["verified"] = "no (--no-verify): files not checked against the manifest"
             data.update(base_model=m.get("base_model"), command=m.get("command"), created=m.get("created"),
                         tool_version=m.get("tool_version"), calibration=m.get("calibration"))
-            per_layer = m.get("layers", [])
+            per_layer = m.get("layers", []) if isinstance(m.get("layers"), list) else []
     if json_out:
         _emit_json({**data, "per_layer": per_layer})
         return
@@ -227,15 +257,24 @@ def generate(
     Example: [bold]dllmq generate tiny "What is 12 + 30?" --steps 64 --gen-length 64 --block-length 32[/bold]
     Fast:    [bold]dllmq generate tiny "What is 12 + 30?" --fast[/bold]
     """
-    from ..diffusion.generation import GenerationConfig, generate as gen
-    from ..models.loading import load_tokenizer
-    from ..runtime.loader import load
+    from .validate import check_device_name, check_dtype_name, check_finite
 
+    # the cheap checks first, before torch is imported
     if remasking not in ("low_confidence", "random"):
         raise UserError(f"--remasking must be low_confidence or random, got {remasking!r}")
     if alg not in ("origin", "maskgit_plus", "topk_margin", "entropy"):
         raise UserError(f"--alg must be origin, maskgit_plus, topk_margin or entropy, got {alg!r}")
     _check_sampler(steps, gen_length, block_length)
+    check_finite("--temperature", temperature, lo=0.0)
+    check_dtype_name(dtype)
+    check_device_name(device)
+    if _fast_settings(fast, cache, threshold) and temperature > 0:
+        raise UserError("--fast/--cache/--threshold decode greedily: drop --temperature")
+
+    from ..diffusion.generation import GenerationConfig, generate as gen
+    from ..models.loading import load_tokenizer
+    from ..runtime.loader import load
+
     m = load(model, device=_device(device), dtype=_dtype(dtype))
     tok = load_tokenizer(m.source_path)
     fs = _fast_settings(fast, cache, threshold)
@@ -614,26 +653,65 @@ app.command("export")(export_cmd)
 app.command("push")(push_cmd)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        out_console.print(f"dllmq {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Quantize diffusion language models (LLaDA, Dream) into deployable low-bit checkpoints."""
+
+
+def _is_click(e: BaseException, kind: str) -> bool:
+    """Is `e` click's `kind` (ClickException, Exit, Abort)? typer >= 0.29 ships its own copy of click
+    (`typer._click`, with Exit and Abort in `typer.exceptions`), older typer uses click itself; both
+    flavours are handled so that a usage error never escapes as a traceback."""
+    for name in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        mod = sys.modules.get(name)
+        cls = getattr(mod, kind, None) if mod is not None else None
+        if isinstance(cls, type) and isinstance(e, cls):
+            return True
+    return False
+
+
+def _interrupted() -> None:
+    err_console.print("[yellow]interrupted[/yellow]: stopped before any checkpoint file was written; nothing was "
+                      "kept, rerun the command", highlight=False, soft_wrap=True)
+    sys.exit(130)
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+    except Interrupted as e:  # Ctrl-C during quantize: says what was kept and how to continue
+        err_console.print(f"[yellow]interrupted:[/yellow] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
     except UserError as e:
         err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]: no checkpoint was written")
-        sys.exit(130)
-    except (typer.Exit,) as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        _interrupted()
+    except Exception as e:
+        if isinstance(e, typer.Exit) or _is_click(e, "Exit"):
+            sys.exit(getattr(e, "exit_code", 0))
+        if _is_click(e, "ClickException"):  # usage errors: usage line, hint, message
             e.show()
+            if getattr(e, "ctx", None) is None:
+                err_console.print("Try 'dllmq --help' for help.", highlight=False)
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
+        if _is_click(e, "Abort"):
+            _interrupted()  # older click turns Ctrl-C into Abort
         raise
+    # typer turns Ctrl-C into Exit(130) and, with standalone_mode=False, returns the code
+    if rc == 130:
+        _interrupted()
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,8 @@ def _transforms(transforms: dict) -> str:
         kinds = [spec.get("type")] if isinstance(spec, dict) and spec.get("type") else []
         if isinstance(spec, dict) and "act_clip" in spec:
             kinds.append("activation clipping")
+        if isinstance(spec, dict) and "v_clip" in spec:
+            kinds.append("value quantization (IA-AQ)")
         for k in kinds:
             counts[k] = counts.get(k, 0) + 1
     return ", ".join(f"{k} on {n} layer{'s' if n != 1 else ''}" for k, n in sorted(counts.items())) or "-"

@@ -69,10 +69,21 @@ class AttentionCore(nn.Module):
     """Multi-head SDPA with RoPE and GQA; holds no weights. Bidirectional unless `is_causal`.
 
     The projections live on the family's block under their published names; this module only
-    turns projected q/k/v into the per-head softmax(QK^T)V product. `value_out` is an identity
-    slot where activation quantization of that product (IA-AQ) plugs in. `is_causal=True`
+    turns projected q/k/v into the per-head softmax(QK^T)V product. `is_causal=True`
     (autoregressive families only; the default False keeps LLaDA/Dream bidirectional) lets
     position i attend to keys <= i, combined with the padding key mask when there is one.
+
+    Identity slots where K/V quantization plugs in (`dllmq.runtime.kv_quant.install_kv_quant`),
+    all on per-head tensors [B, heads, L, head_dim]:
+      * `qk_rotate`: applied to q and k after RoPE (QuaRot's online Hadamard over head_dim; it
+        cancels in QKᵀ because it is orthogonal and applied to both sides);
+      * `key_quant`: applied to k after RoPE and `qk_rotate`;
+      * `value_quant`: applied to v (the v projection's output, split into heads);
+      * `value_out`: applied to the softmax(QKᵀ)V product before the heads are merged.
+    K and V are quantized BEFORE the `--fast` block cache (`self.kv_cache.update`) stores or
+    splices them, so cached positions hold the same quantized keys/values a full forward would
+    compute, and freshly computed window positions are quantized the same way: the quantizers are
+    per token (and head), so splicing rows never changes another row's scale.
     """
 
     def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, is_causal: bool = False):
@@ -80,17 +91,32 @@ class AttentionCore(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.is_causal = is_causal
         self.value_out: nn.Module = nn.Identity()
+        self.qk_rotate: nn.Module = nn.Identity()
+        self.key_quant: nn.Module = nn.Identity()
+        self.value_quant: nn.Module = nn.Identity()
         # Set by dllmq.diffusion.cache while a cached sampler runs: stores this layer's keys/values on a
         # full forward and splices the window's fresh keys/values into them on a window forward.
         self.kv_cache = None
 
-    def forward(self, q, k, v, rope, bias) -> torch.Tensor:
+    def heads(self, q, k, v, rope, quantize_values: bool = True):
+        """Projected q/k/v [B, L, heads * head_dim] -> per-head q, k, v [B, heads, L, head_dim] as
+        attention consumes them: RoPE, `qk_rotate`, `key_quant`, and `value_quant` unless
+        `quantize_values` is False (IA-AQ's calibration needs the unquantized values)."""
         B, L, _ = q.shape
         q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.qk_rotate(q), self.qk_rotate(k)
+        k = self.key_quant(k)
+        if quantize_values:
+            v = self.value_quant(v)
+        return q, k, v
+
+    def forward(self, q, k, v, rope, bias) -> torch.Tensor:
+        B, L, _ = q.shape
+        q, k, v = self.heads(q, k, v, rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(self, k, v)
         if self.n_kv_heads != self.n_heads:

@@ -237,9 +237,11 @@ class DuQuantTransform:
         return self._rotate(x2).reshape(x.shape)
 
     def fold_into(self, w: torch.Tensor) -> torch.Tensor:
-        """Offline weight transform ``(W · s) · T`` for ``W`` [N, K], computed in float64, in W's dtype.
+        """Offline weight transform ``(W · s) · T⁻ᵀ`` for ``W`` [N, K], computed in float64, in W's dtype.
 
-        ``apply(x) @ fold_into(W).T == x @ W.T`` up to rounding.
+        ``apply(x) @ fold_into(W).T == x @ W.T`` up to rounding. For an orthogonal ``T`` (float64
+        rotations) ``T⁻ᵀ = T``; with rotations rounded to a storage dtype (`rounded`) the inverse keeps
+        the product exact, so the stored rotation is the one the weights are folded against.
         """
         k = self.in_features
         if w.dim() != 2 or w.shape[1] != k:
@@ -247,7 +249,18 @@ class DuQuantTransform:
         w2 = w.detach().to(torch.float64)
         if self.smooth_scale is not None:
             w2 = w2 * self.smooth_scale.to(device=w.device, dtype=torch.float64)
-        return self._rotate(w2).to(w.dtype)
+        r1 = torch.linalg.inv(self.rot1.to(device=w.device, dtype=torch.float64)).transpose(1, 2)
+        r2 = torch.linalg.inv(self.rot2.to(device=w.device, dtype=torch.float64)).transpose(1, 2)
+        y = _apply_blocks(w2, r1)[:, self.perm.to(w.device)]
+        return _apply_blocks(y, r2).to(w.dtype)
+
+    def rounded(self, dtype: torch.dtype) -> "DuQuantTransform":
+        """The transform with scales and rotations rounded to ``dtype`` (kept in float64): what a
+        checkpoint storing them in ``dtype`` holds. Fold weights against this one (`fold_into`)."""
+        def rd(t):
+            return None if t is None else t.to(dtype).to(torch.float64)
+
+        return DuQuantTransform(rd(self.smooth_scale), rd(self.rot1), self.perm, rd(self.rot2))
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "DuQuantTransform":
         """Copy on ``device``; ``dtype`` applies to the scales and rotations, not the permutation."""
@@ -289,11 +302,13 @@ def duquant_transform(
     *,
     max_rows: int = 256,
     seed: int = 0,
+    act_absmax: torch.Tensor | None = None,
 ) -> DuQuantTransform:
     """Calibrate DuQuant's transform for a linear input from calibration activations ``X`` [..., K].
 
-    ``weights`` ([N_i, K], all linears reading this input) are only used for the smoothing
-    scales (``alpha`` None: no smoothing, weights may be empty). The block size is
+    ``act_absmax`` [K]: per-channel max|x| over every calibration token for the smoothing scales
+    (default: over the rows of ``X``). ``weights`` ([N_i, K], all linears reading this input) are only
+    used for the smoothing scales (``alpha`` None: no smoothing, weights may be empty). The block size is
     `block_size_for(K, block)`. The rotations and permutation are fitted on at most
     ``max_rows`` evenly strided rows of ``X / s``: R1 greedily, then the zigzag permutation of
     the channels' max|x| after R1, then R2 greedily. Deterministic for a given ``seed``.
@@ -304,7 +319,8 @@ def duquant_transform(
         raise ValueError("need at least one calibration row")
     s = None
     if alpha is not None:
-        s = smooth_scales(x.abs().amax(dim=0), list(weights), alpha=alpha).to(torch.float64)
+        amax = x.abs().amax(dim=0) if act_absmax is None else act_absmax.to(x.device, torch.float64)
+        s = smooth_scales(amax, list(weights), alpha=alpha).to(torch.float64)
         x = x / s
     if max_rows > 0 and x.shape[0] > max_rows:
         idx = torch.linspace(0, x.shape[0] - 1, max_rows, device=x.device).round().long()

@@ -58,6 +58,16 @@ def _per_head(head_dim: int) -> Fn:
     return fn
 
 
+def _cross_head(heads: int, head_dim: int) -> Fn:
+    """x [R, heads*head_dim] -> the normalised Hadamard across heads, per head_dim coordinate."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        r = x.shape[0]
+        y = x.reshape(r, heads, head_dim).transpose(1, 2)
+        return fast_hadamard_transform(y).transpose(1, 2).reshape(r, heads * head_dim)
+
+    return fn
+
+
 def _head_module(model) -> nn.Linear | None:
     """The LM head linear, or None when the head is tied to the embedding."""
     if model.config.tie_word_embeddings:
@@ -135,6 +145,7 @@ def check_sizes(arch, cfg, heads: bool = True, online_down: bool = True) -> None
     hadamard_factor(cfg.hidden_size)
     if heads and v_name is not None:
         hadamard_factor(cfg.head_dim)
+        hadamard_factor(cfg.num_heads)
     if online_down:
         hadamard_factor(cfg.intermediate_size)
 
@@ -166,6 +177,14 @@ def rotate_block(blk: nn.Module, arch, cfg, seed: int = 0, *, heads: bool = True
             _transform_rows(v.bias.view(1, -1), head_fn)
         _transform_rows(o.weight, head_fn)  # o reads the transformed values
     online: dict[str, dict] = {}
+    if heads and v_name is not None and cfg.num_heads > 1:
+        # QuaRot's online half of the o_proj input rotation: H_heads across heads, which with the per-head
+        # H_head above makes the full Hadamard H_heads (x) H_head of the o_proj input (spreads outliers
+        # between heads too). Offline: W_o <- W_o (H_heads (x) I); online: the same transform of its input.
+        o = blk.get_submodule(arch.attn_out)
+        _transform_rows(o.weight, _cross_head(cfg.num_heads, cfg.head_dim))
+        online[arch.attn_out] = {"type": "hadamard_heads", "heads": cfg.num_heads, "head_dim": cfg.head_dim,
+                                 "location": "input"}
     if online_down:
         down = blk.get_submodule(arch.mlp_down)
         n = down.weight.shape[1]
@@ -216,44 +235,22 @@ def rotate_model(model, seed: int = 0, *, heads: bool = True, online_down: bool 
     return online
 
 
-def _make_pre_hook(size: int):
-    def hook(module, args):
-        x = args[0]
-        if x.shape[-1] != size:
-            raise ValueError(f"online Hadamard of size {size} got an input with last dim {x.shape[-1]}")
-        return (fast_hadamard_transform(x),) + tuple(args[1:])
+def apply_online(model: nn.Module, transforms: dict) -> None:
+    """Install the recorded online transforms on the named modules' inputs, through the runtime's own
+    transforms (dllmq.runtime.transforms). Re-installing replaces, never applies twice."""
+    from ..runtime.transforms import build, install
 
-    return hook
-
-
-def apply_online(model: nn.Module, transforms: dict) -> list:
-    """Install forward pre-hooks applying the recorded online transforms to the named modules' inputs.
-
-    Re-installing replaces a previous hook on the same module (never applies twice). Returns the
-    hook handles; `remove_online(model)` removes them all.
-    """
-    handles = []
     for name, spec in transforms.items():
-        if spec.get("type") != "hadamard" or spec.get("location", "input") != "input":
+        if spec.get("location", "input") != "input":
             raise ValueError(f"unsupported online transform for {name}: {spec}")
         mod = model.get_submodule(name)
-        size = int(spec["size"])
-        in_features = getattr(mod, "in_features", size)
-        if in_features != size:
-            raise ValueError(f"{name} reads {in_features} features but the online Hadamard has size {size}")
-        hadamard_factor(size)
-        old = getattr(mod, "_dllmq_online_hook", None)
-        if old is not None:
-            old.remove()
-        h = mod.register_forward_pre_hook(_make_pre_hook(size))
-        mod._dllmq_online_hook = h
-        handles.append(h)
-    return handles
+        size = int(spec.get("size", getattr(mod, "in_features", 0)))
+        if spec.get("type") == "hadamard" and getattr(mod, "in_features", size) != size:
+            raise ValueError(f"{name} reads {mod.in_features} features but the online Hadamard has size {size}")
+        install(mod, build({k: v for k, v in spec.items() if k != "location"}, {}))
 
 
 def remove_online(model: nn.Module) -> None:
     for mod in model.modules():
-        h = getattr(mod, "_dllmq_online_hook", None)
-        if h is not None:
-            h.remove()
-            del mod._dllmq_online_hook
+        if isinstance(getattr(mod, "input_transform", None), nn.Module):
+            mod.input_transform = nn.Identity()

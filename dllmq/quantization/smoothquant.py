@@ -14,7 +14,7 @@ quantization; both ``x / s`` and ``W · s`` are then quantized (e.g. W8A8: per-c
 weights, dynamic per-token activations).
 
 `fake_quant_act` is the activation side of that runtime (quantize + dequantize per token,
-symmetric, optional clip ratio) through the same code the int8 GEMM path uses, so simulated
+symmetric or asymmetric, optional clip ratio) through the same code the int8 GEMM path uses, so simulated
 and real W8A8 / W4A8 / W4A4 agree.
 """
 
@@ -66,14 +66,15 @@ def smooth_scales(
 def fake_quant_act(x: torch.Tensor, act_spec: ActSpec) -> torch.Tensor:
     """Dynamic per-token fake quantization of ``x`` [..., K], in ``x``'s dtype and shape.
 
-    Same arithmetic as the runtime (`dllmq.runtime.kernels.quantize_per_token`): symmetric,
-    one scale per row = ``max|row| · clip_ratio / qmax``, round to nearest, clamp to
-    ``[qmin, qmax]`` (4-bit values are the int8 codes in [-8, 7]), then ``q · scale``.
-    A 16-bit spec returns ``x`` unchanged.
+    Same arithmetic as the runtime (`dllmq.runtime.kernels.quantize_per_token_affine`):
+    symmetric specs use one scale per row = ``max|row| · clip_ratio / qmax``, round to nearest,
+    clamp to ``[qmin, qmax]`` (4-bit values are the int8 codes in [-8, 7]), then ``q · scale``;
+    asymmetric specs add a per-row zero point (range ``[min, max] · clip_ratio``, always holding 0)
+    and return ``(q - zp) · scale``. A 16-bit spec returns ``x`` unchanged.
     """
     if not act_spec.enabled:
         return x
-    from ..runtime.kernels import quantize_per_token  # lazy: runtime.kernels imports quantization modules
+    from ..runtime.kernels import dequantize_per_token, quantize_per_token_affine  # lazy: import cycle
 
-    q, scale = quantize_per_token(x, act_spec)
-    return (q.float() * scale).reshape(x.shape).to(x.dtype)
+    q, scale, zp = quantize_per_token_affine(x, act_spec)
+    return dequantize_per_token(q, scale, zp).reshape(x.shape).to(x.dtype)

@@ -132,3 +132,56 @@ class ActSpec:
             symmetric=bool(d.get("symmetric", True)),
             clip_ratio=float(d.get("clip_ratio", 1.0)),
         )
+
+
+KV_BITS = (4, 8, 16)  # 16 = keys / values stay in floating point
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """How the attention keys and values are quantized at run time (`dllmq.runtime.kv_quant`).
+
+    Dynamic, one scale (and zero point when asymmetric) per token and head, through the same
+    arithmetic as the activations (`kernels.quantize_per_token_affine`); keys after RoPE (and
+    after QuaRot's head-dim Hadamard when ``rotate_qk``), values at the v projection's output,
+    both before the ``--fast`` block cache stores them. Attention itself (softmax(QKᵀ)V) stays
+    in floating point: K and V are quantized and dequantized, which is also what the reference
+    implementations (QuaRot's fake_quant, DuQuant's QuantMatMul) simulate. ``num_bits == 16``
+    means no quantization; old checkpoints without the field load as 16.
+    """
+
+    num_bits: int = 16
+    symmetric: bool = False
+    clip_ratio: float = 1.0
+    rotate_qk: bool = False  # QuaRot: online Hadamard over head_dim on q and k after RoPE
+
+    def __post_init__(self) -> None:
+        if self.num_bits not in KV_BITS:
+            raise UserError(f"K/V cache bits must be one of 4, 8 or 16 (16 = not quantized), got {self.num_bits}")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise UserError(f"K/V clip ratio must be in (0, 1], got {self.clip_ratio}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_bits < 16
+
+    def act_spec(self, num_bits: int | None = None, clip_ratio: float | None = None) -> ActSpec:
+        """The per-row quantizer of one key / value row (one token of one head)."""
+        return ActSpec(num_bits=self.num_bits if num_bits is None else num_bits, symmetric=self.symmetric,
+                       clip_ratio=self.clip_ratio if clip_ratio is None else clip_ratio)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(type="int", strategy="token_head", dynamic=True)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "KVCacheSpec":
+        if not d:
+            return cls()
+        return cls(
+            num_bits=int(d.get("num_bits", 16)),
+            symmetric=bool(d.get("symmetric", False)),
+            clip_ratio=float(d.get("clip_ratio", 1.0)),
+            rotate_qk=bool(d.get("rotate_qk", False)),
+        )

@@ -58,11 +58,11 @@ def load(
         ql.cache_dequantized = cache_dequantized
         ql.compute_dtype = dtype
         model.set_submodule(name, ql.to(device))
-    for name, tspec in qcfg.transforms.items():
+    def tensors_of(name: str) -> dict:
         prefix = f"{name}.{online_transforms.TENSOR_PREFIX}."
-        mod = online_transforms.build(tspec, {k[len(prefix):]: reader.get(k) for k in reader.names(prefix)})
-        if mod is not None:
-            online_transforms.install(model.get_submodule(name), mod.to(device))
+        return {k[len(prefix):]: reader.get(k) for k in reader.names(prefix)}
+
+    online_transforms.install_all(model, qcfg.transforms, tensors_of, device=device)
     quantized = tuple(f"{n}." for n in qcfg.quantized_layers) + tuple(
         f"{n}.{online_transforms.TENSOR_PREFIX}." for n in qcfg.transforms)
     state = {}
@@ -75,6 +75,11 @@ def load(
         state[name] = t.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=False)
     _check_no_meta(model)
+    kv = qcfg.kv_cache  # K/V quantization (and QuaRot's q/k Hadamard, IA-AQ's per-layer V clip) in the attention cores
+    if kv.enabled or kv.rotate_qk or any(isinstance(t, dict) and "v_clip" in t for t in qcfg.transforms.values()):
+        from .kv_quant import install_kv_quant
+
+        install_kv_quant(model, arch, kv, rotate_qk=kv.rotate_qk, transforms=qcfg.transforms)
     model.quant_config = qcfg
     model.manifest = manifest
     model.name_or_path = str(path)

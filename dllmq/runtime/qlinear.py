@@ -7,6 +7,33 @@ straight into ``state_dict`` / `from_state`.
 ``forward`` picks a kernel per call from the device, dtype and number of rows (see
 `QuantLinear.kernel_for`); the unpacked / prepared weight each kernel wants is built lazily
 on first use and cached on the module (not in the state dict).
+
+Kernel paths (``KERNELS``) and what each really computes:
+
+* ``dequant``: reference. Dense copy of the dequantized weight in x.dtype + F.linear (AMX bf16
+  on CPU). With activation quantization, x is rounded per token first, then dequantized to
+  x.dtype. The dense copy (2 B/weight in bf16) is cached only when ``cache_dequantized``.
+* ``int4_cpu`` / ``int8pack_cpu`` / ``int4_cuda``: weight-only kernels (tinygemm int4,
+  ``_weight_int8pack_mm``); prepared weight always cached (int4: about the packed size; int8pack:
+  1 B/weight).
+* ``int8_act`` (W8A8 / W4A8 / W4A4): x quantized per token to int8 codes, a true integer GEMM
+  (``_int_mm``, AMX-int8 on CPU, int32 accumulation) against int8 weight codes, rescaled in fp32.
+  Per channel: one GEMM. Group-wise scales: one int GEMM per group of K/G inputs, each rescaled
+  by its scales (exact, but G GEMMs with short K: slow at many rows). The int8 weight copy is
+  prepared once and always cached: 1 B/weight, i.e. 2x the packed int4 weight (8-bit per-channel
+  weights reuse ``weight_packed``: no copy).
+* ``int4_cpu_act`` / ``int8pack_cpu_act`` (W?A8 at few rows on CPU): x is quantized per token to
+  real integer codes exactly as for ``int8_act``; the codes (``q - zp``, |.| <= 255, exact in bf16)
+  go through the weight-only int4 / int8 kernel and the output is multiplied by the per-token
+  scale in fp32. The integer GEMM is *simulated* by a bf16-input kernel (fp32 accumulation,
+  weight scales rounded to bf16): same activation rounding, float (not integer) arithmetic.
+* ``fold_bf16`` (group-wise W?A8 at many rows on CPU, only with ``cache_dequantized``): x quantized
+  to integer codes as above; the codes (exact in bf16) times a cached bf16 dequantized weight on
+  the AMX bf16 GEMM (fp32 accumulation, output rounded to bf16), rescaled per token in fp32. This
+  *simulates* the integer GEMM in bf16: the only differences from exact integer arithmetic are the
+  bf16 rounding of each dequantized weight and of the GEMM output (relative 2^-9), the same as the
+  ``dequant`` reference. It costs the dense bf16 copy (2 B/weight, 4x the packed int4 weight).
+* ``triton_w4a8``: CUDA (or the Triton interpreter): packed int4 unpacked in registers, int8 GEMM.
 """
 
 from __future__ import annotations
@@ -34,7 +61,19 @@ INT8PACK_CPU_MAX_ROWS = 4
 # tinygemm on CUDA has no measured cut-off yet; None = use it for any number of rows.
 INT4_CUDA_MAX_ROWS: int | None = None
 
-KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "int8_act", "triton_w4a8")
+# Weight-activation layers on CPU (W8A8 / W4A8, per-token int8 activations), measured at LLaDA-8B shapes
+# with benchmarks/kernels.py (ratios to bf16 F.linear in the same run; see the table in the closing
+# note of that change): at <= ACT_INT4_CPU_MAX_ROWS rows the int4 kernel on the activation codes wins
+# (about 0.3x bf16 at 1 row, 0.9x at 8); the int8 weight-only kernel on codes for 8-bit per-channel weights
+# at <= ACT_INT8PACK_CPU_MAX_ROWS rows. Above that, per-channel weights use one `_int_mm` (0.5-0.8x bf16
+# from 16 rows on); group-wise weights need one int GEMM per group (1.2-2.5x bf16 at 256 rows) unless a
+# dense bf16 copy may be cached (`cache_dequantized`), then `fold_bf16` runs one AMX bf16 GEMM (~1.0-1.1x).
+ACT_INT4_CPU_MAX_ROWS = 8
+ACT_INT8PACK_CPU_MAX_ROWS = 4
+
+KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "int8_act", "triton_w4a8",
+           "int4_cpu_act", "int8pack_cpu_act", "fold_bf16")
+ACT_CODE_KERNELS = ("int4_cpu_act", "int8pack_cpu_act", "fold_bf16")  # float GEMMs on integer activation codes
 
 _FORCED: str | None = None
 
@@ -232,11 +271,12 @@ class QuantLinear(nn.Module):
     def cache_nbytes(self) -> int:
         """Bytes held by lazily built kernel states / dequantized copies."""
         total = 0
+        own = {b.data_ptr() for b in self.buffers(recurse=False) if b is not None}  # shared with a buffer: free
         for v in self._cache.values():
             items = v if isinstance(v, tuple) else (v,)
             for t in items:
                 if isinstance(t, torch.Tensor):
-                    total += t.nbytes
+                    total += 0 if t.data_ptr() in own else t.nbytes
                 elif isinstance(t, K.Int4State):
                     total += t.nbytes()
         return total
@@ -283,6 +323,13 @@ class QuantLinear(nn.Module):
                 and K.supports_int4_cuda(n, k, spec)
                 and K.cuda_int4_available(x.device)
             )
+        cpu_bf16_act = self.act_spec.enabled and x.device.type == "cpu" and x.dtype == torch.bfloat16
+        if path == "int4_cpu_act":
+            return cpu_bf16_act and K.supports_int4_cpu(n, k, spec)
+        if path == "int8pack_cpu_act":
+            return cpu_bf16_act and K.supports_int8pack_cpu(n, k, spec)
+        if path == "fold_bf16":
+            return cpu_bf16_act
         return False
 
     def kernel_for(self, x: torch.Tensor) -> str:
@@ -300,6 +347,14 @@ class QuantLinear(nn.Module):
             # Triton kernel keeps 4-bit weights packed and unpacks them inside the int8 GEMM.
             if x.device.type == "cuda" and self._supported("triton_w4a8", x):
                 return "triton_w4a8"
+            rows = x.numel() // self.in_features
+            # CPU: measured crossovers, see ACT_INT4_CPU_MAX_ROWS; the activation rounding is the same on every path.
+            if rows <= ACT_INT4_CPU_MAX_ROWS and self._supported("int4_cpu_act", x):
+                return "int4_cpu_act"
+            if rows <= ACT_INT8PACK_CPU_MAX_ROWS and self._supported("int8pack_cpu_act", x):
+                return "int8pack_cpu_act"
+            if self.spec.strategy == "group" and self.cache_dequantized and self._supported("fold_bf16", x):
+                return "fold_bf16"
             return "int8_act"
         rows = x.numel() // self.in_features
         if (rows <= INT4_CPU_MAX_ROWS or not self.cache_dequantized) and self._supported("int4_cpu", x):
@@ -354,10 +409,13 @@ class QuantLinear(nn.Module):
 
         def build():
             n, k = self.out_features, self.in_features
-            q = self.codes()
             scale = K._per_row(self._scale_f32(), n)
             zp = self.zero_points()
             groups = scale.shape[1]
+            if self.spec.num_bits == 8 and groups == 1 and zp is None and self.weight_packed.device == device:
+                # the stored int8 [N, K] weight already is the layout `_int_mm` wants: no copy
+                return self.weight_packed, scale.reshape(n).contiguous().to(device), None
+            q = self.codes()
             zp_arg = None
             if zp is not None:
                 zp = K._per_row(zp, n)
@@ -374,7 +432,23 @@ class QuantLinear(nn.Module):
             w = w.view(n, groups, k // groups).transpose(0, 1).contiguous()
             return w.to(device), scale.contiguous().to(device), None if zp_arg is None else zp_arg.to(device)
 
-        return self._cached(("int8_act", device), build, keep=self.cache_dequantized)
+        # A prepared kernel weight, like the int4 state: always cached (never rebuilt per call), whatever
+        # `cache_dequantized` says. Costs 1 B/weight (2x a packed int4 weight; 0 for 8-bit per channel).
+        return self._cached(("int8_act", device), build)
+
+    def _act_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token activation quantization for the float-GEMM paths: (codes ``q - zp`` in x.dtype, fp32
+        scale [M, 1]). Same rounding as ``int8_act``; |q - zp| <= 255 is exact in bf16."""
+        xq, xs, xz = K.quantize_per_token_affine(x2, self.act_spec)
+        codes = xq.to(x2.dtype) if xz is None else (xq.to(torch.int32) - xz).to(x2.dtype)
+        return codes, xs
+
+    def _rescale(self, y: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Per-token scale (and bias) applied in fp32 to a GEMM output computed on activation codes."""
+        y = torch.mul(y, xs)  # fp32
+        if self.bias is not None:
+            y += self.bias.float()
+        return y.to(dtype)
 
     # ------------------------------------------------------------------ forward
 
@@ -389,8 +463,8 @@ class QuantLinear(nn.Module):
         if path == "dequant":
             if self.act_spec.enabled:
                 # Reference for W?A?: same per-token rounding as int8_act, dense float GEMM.
-                xq, xs = K.quantize_per_token(x2, self.act_spec)
-                x2 = (xq.float() * xs).to(x.dtype)
+                xq, xs, xz = K.quantize_per_token_affine(x2, self.act_spec)
+                x2 = K.dequantize_per_token(xq, xs, xz).to(x.dtype)
             y = F.linear(x2, self._dense(x), None if bias is None else bias.to(x.dtype))
         elif path == "triton_w4a8":
             from . import triton_kernels as T
@@ -400,9 +474,20 @@ class QuantLinear(nn.Module):
             y = T.w4a8_linear_triton(x2, packed, self._scale_f32().to(x.device), K._group_len(self.spec, self.in_features),
                                      bias, qmax=self.act_spec.qmax, clip_ratio=self.act_spec.clip_ratio)
         elif path == "int8_act":
-            xq, xs = K.quantize_per_token(x2, self.act_spec)
+            xq, xs, xz = K.quantize_per_token_affine(x2, self.act_spec)  # xz: asymmetric activations only
             w, ws, wzp = self._int8_act_state(x.device)
-            y = K.int8_linear(xq, xs, w, ws, x.dtype, bias, w_zero_point=wzp)
+            wsum = None if xz is None else self._cached(
+                ("int8_act_wsum", x.device), lambda: K.weight_code_sums(w, wzp))  # [N] / [G, N] int32: tiny
+            y = K.int8_linear(xq, xs, w, ws, x.dtype, bias, w_zero_point=wzp, x_zero_point=xz, w_sum=wsum)
+        elif path in ACT_CODE_KERNELS:
+            codes, xs = self._act_codes(x2)
+            if path == "int4_cpu_act":
+                y = K.int4_cpu_mm(codes, self._int4_cpu_state())
+            elif path == "int8pack_cpu_act":
+                y = K.int8pack_mm(codes, *self._int8pack_state())
+            else:  # fold_bf16: the dense copy follows cache_dequantized (dispatch only picks it when cached)
+                y = F.linear(codes, self._dense(codes))
+            y = self._rescale(y, xs, x.dtype)
         else:
             if path == "int4_cpu":
                 y = K.int4_cpu_mm(x2, self._int4_cpu_state())

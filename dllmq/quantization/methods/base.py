@@ -30,6 +30,15 @@ class BlockContext:
     arch: object
     config: object
     capture_inputs: Callable[[list[str], int], dict[str, torch.Tensor]]  # local linear names -> X [T, K]
+    # install(local linear name, spec, tensors): put an online input transform in place *now*, so that
+    # every later capture sees the block exactly as it will run (statistics of later groups must come
+    # through the transforms of earlier ones, never through folded weights without their online half).
+    install: Callable[[str, dict, dict], None] = lambda name, spec, tensors: None
+
+    def channel_stats(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-channel max|x| ("absmax") and mean|x| ("absmean") of the named linears' inputs over every
+        calibration token (padding excluded), without keeping the rows."""
+        return self.capture_inputs(names, 0, reduce=True)
 
 
 class Method:
@@ -41,6 +50,18 @@ class Method:
     quantizes_activations: ClassVar[bool] = False
     # How weight scales are chosen unless option scale_search says otherwise (rtn.SCALE_SEARCHES).
     default_scale_search: ClassVar[str] = "minmax"
+    # The paper's activation quantizer when --a-sym/--a-asym is not given (per-token, dynamic).
+    default_act_symmetric: ClassVar[bool] = True
+    # True: with quantized activations the paper also quantizes K and V at the activation bits
+    # (`default_kv_bits`); QuaRot additionally rotates q and k by a head-dim Hadamard (`rotates_qk`).
+    kv_follows_activations: ClassVar[bool] = False
+    rotates_qk: ClassVar[bool] = False
+
+    @classmethod
+    def default_kv_bits(cls, act_bits: int) -> int:
+        """K/V bits when --kv-bits is not given: 16, or the activation bits where the paper's protocol
+        quantizes K/V with the activations (kv_follows_activations)."""
+        return act_bits if cls.kv_follows_activations and act_bits < 16 else 16
 
     def __init__(self, qcfg: QuantizationConfig, **options):
         self.qcfg = qcfg
@@ -63,7 +84,9 @@ class Method:
 
     def transform_block(self, block: nn.Module, ctx: BlockContext) -> dict:
         """Rewrite the block in place, function-preserving once the returned online transforms are
-        applied: {linear name inside the block: (spec dict, tensors dict)} (see runtime/transforms.py)."""
+        applied: {linear name inside the block: (spec dict, tensors dict)} (see runtime/transforms.py).
+        A transform must be passed to `ctx.install` as soon as its weights are folded, before the next
+        `ctx.capture_inputs`; the pipeline installs whatever is returned and not yet installed."""
         return {}
 
     def new_stats(self, name: str):

@@ -10,11 +10,18 @@ What each transform does to a block (function-preserving in full precision):
 - DuQuant: for every input shared by a group of linears (q/k/v, o, gate/up, down): smoothing,
   block rotation (greedy on the largest channels), zigzag permutation, second block rotation;
   folded into the weights and applied online to the activations.
-- IA-AQ (DLLMQuant, `ia_aq=True`): the attention output projection's input is softmax·V; its
-  per-token activation clipping ratio is searched (grid 1.0 .. 0.5) to minimise the error of the
-  quantized softmax·V on calibration inputs. The paper leaves open whether Q/K are also quantized
-  (we do not quantize them: dllmq keeps attention scores in floating point) and the search grid
-  (ours: 11 ratios); the chosen ratio is stored per layer and used by the runtime.
+- IA-AQ (DLLMQuant, `ia_aq=True`): V is quantized (per token and head, asymmetric min-max as the
+  paper's ŝ = (V_max − V_min)/(Q_max − Q_min)) and its clip ratio α is searched over 1.0, 0.98, ..,
+  0.8 to minimise ‖P·V − P·Q(V; α)‖_F², P = softmax(QKᵀ/√d) of the block's own q/k on calibration
+  inputs, so tokens that receive more attention weigh more. Open points and our choices: the grid
+  step (0.02); V's bits when --kv-bits is 16 (the activation bits); P is not quantized (dllmq keeps
+  attention in floating point). α and V's bits are stored per layer ({"v_clip", "v_bits"} on the
+  attention output projection's transform entry) and used by the runtime's value quantizer
+  (dllmq.runtime.kv_quant).
+
+Class defaults (see Method): activations asymmetric per token for SmoothQuant and DuQuant (their
+reference code, DuQuant's per-token quantizer), symmetric for QuaRot (a_asym=False); K/V quantized at
+the activation bits when activations are quantized; QuaRot also rotates q/k by a head-dim Hadamard.
 """
 
 from __future__ import annotations
@@ -30,9 +37,13 @@ from ..smoothquant import fake_quant_act, smooth_scales
 from .base import BlockContext, Method
 
 
+_STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class _WeightAct(Method):
     needs_calibration = True
     quantizes_activations = True
+    kv_follows_activations = True  # QuaRot's --k_bits/--v_bits = a_bits scripts; DuQuant's QuantMatMul at abits
 
     @property
     def wants_confidence(self) -> bool:
@@ -60,37 +71,52 @@ class _WeightAct(Method):
 
     # -- shared pieces --------------------------------------------------------------------
     def _ia_aq(self, block, ctx: BlockContext, online: dict) -> None:
+        """DLLMQuant's IA-AQ: quantize V and choose its clip ratio α ∈ IA_AQ_GRID (1.0 .. 0.8) to minimise
+        ‖P·V − P·Q(V; α)‖_F² over the calibration batches (`dllmq.runtime.kv_quant.search_value_clip`).
+
+        Call at the end of `transform_block`, once the block's weights (q/k/v included) are final: P and V
+        come from the block as it will run. V's bits: --kv-bits when K/V are quantized, else the activation
+        bits (`ia_aq_value_bits`). Records ``{"v_clip": α, "v_bits": b}`` on the attention output
+        projection's entry of `online` (so it lands in quantization_config.transforms) and installs the K/V
+        quantizers with that α on this block, so later passes see V quantized as at run time.
+        """
         if not self.options.get("ia_aq", False) or not self.qcfg.activations.enabled:
             return
-        name = ctx.arch.attn_out
-        X = ctx.capture_inputs([name], 4096)[name]
-        if X.numel() == 0:
+        from ...runtime.kv_quant import ia_aq_value_bits, install_kv_quant, search_value_clip
+
+        arch, kv = ctx.arch, self.qcfg.kv_cache
+        bits = ia_aq_value_bits(kv, self.qcfg.activations)
+        install_kv_quant(block, arch, kv, rotate_qk=kv.rotate_qk)  # P from the keys the runtime will see
+        core = block.get_submodule(arch.attn_core)
+        # Any capture that reaches the attention core drives the batches through it; reduce=True (when the
+        # pipeline offers it) keeps no rows, and the capture's StopBlock skips the rest of the block.
+        stats = getattr(ctx, "channel_stats", None)
+        run = (lambda: stats([arch.attn_core])) if stats is not None else (lambda: ctx.capture_inputs([arch.attn_core], 1))
+        meter = search_value_clip(core, run, kv.act_spec(num_bits=bits))
+        if meter.tokens == 0:
             return
-        best, best_err = 1.0, None
-        for r in [1.0 - 0.05 * i for i in range(11)]:
-            spec = type(self.qcfg.activations)(num_bits=self.qcfg.activations.num_bits,
-                                               symmetric=self.qcfg.activations.symmetric, clip_ratio=r)
-            err = float((X - fake_quant_act(X, spec)).pow(2).sum())
-            if best_err is None or err < best_err:
-                best, best_err = r, err
-        spec, tens = online.get(name, ({}, {}))
-        online[name] = ({**spec, "act_clip": round(best, 4)}, tens)
+        entry = {"v_clip": meter.best(), "v_bits": bits}
+        spec, tens = online.get(arch.attn_out, ({}, {}))
+        online[arch.attn_out] = ({**spec, **entry}, tens)
+        install_kv_quant(block, arch, kv, rotate_qk=kv.rotate_qk, transforms={arch.attn_out: entry})
 
 
 class SmoothQuant(_WeightAct):
     """Options: alpha (0.5), w_quantizer ('rtn' | 'gptq'), ia_aq."""
 
     name = "smoothquant"
+    default_act_symmetric = False  # DuQuant's code (QDLM's SmoothQuant): asymmetric per-token
 
     def transform_block(self, block, ctx: BlockContext) -> dict:
         alpha = float(self.options.get("alpha", 0.5))
         online: dict = {}
         for feed in ctx.arch.feeds:
-            X = ctx.capture_inputs([feed.targets[0]], 8192)[feed.targets[0]]
-            if X.numel() == 0:
+            # max|x| over every calibration token, through the transforms of the earlier feeds
+            st = ctx.channel_stats([feed.targets[0]]).get(feed.targets[0])
+            if st is None or not st["tokens"]:
                 continue
             lins = [block.get_submodule(t) for t in feed.targets]
-            s = smooth_scales(X.abs().amax(0), [l.weight.detach().float() for l in lins], alpha=alpha)
+            s = smooth_scales(st["absmax"], [l.weight.detach().float() for l in lins], alpha=alpha)
             s = s.to(lins[0].weight.device)
             prev = block.get_submodule(feed.source)
             foldable = feed.kind == "norm" or prev.weight.shape[0] == lins[0].weight.shape[1]
@@ -101,6 +127,7 @@ class SmoothQuant(_WeightAct):
                     lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
                 for t in feed.targets:
                     online[t] = ({"type": "scale"}, {"smooth_scale": s.float().cpu()})
+                    ctx.install(t, *online[t])  # before the next feed's statistics
         self._ia_aq(block, ctx, online)
         return online
 
@@ -109,6 +136,8 @@ class QuaRot(_WeightAct):
     """Options: seed (0), w_quantizer ('rtn' | 'gptq': QuaRot + GPTQ is the strong combination), ia_aq."""
 
     name = "quarot"
+    default_act_symmetric = True  # QuaRot: a_asym=False
+    rotates_qk = True  # online head-dim Hadamard on q and k after RoPE (QKRotationWrapper)
 
     def check(self, arch, cfg) -> None:
         from ..quarot import check_sizes
@@ -133,7 +162,9 @@ class QuaRot(_WeightAct):
         from ..quarot import rotate_block
 
         local = rotate_block(block, ctx.arch, ctx.config, seed=int(self.options.get("seed", 0)))
-        online = {k: ({"type": v["type"], "size": v["size"]}, {}) for k, v in local.items()}
+        online = {k: ({kk: vv for kk, vv in v.items() if kk != "location"}, {}) for k, v in local.items()}
+        for k, v in online.items():
+            ctx.install(k, *v)
         self._ia_aq(block, ctx, online)
         return online
 
@@ -142,6 +173,7 @@ class DuQuant(_WeightAct):
     """Options: alpha (0.5; None = no smoothing), block (128), steps (256), max_rows (256), w_quantizer, ia_aq."""
 
     name = "duquant"
+    default_act_symmetric = False  # DuQuant: asymmetric per-token dynamic activations
 
     def transform_block(self, block, ctx: BlockContext) -> dict:
         from ..duquant import duquant_transform
@@ -151,17 +183,27 @@ class DuQuant(_WeightAct):
         groups = [list(f.targets) for f in ctx.arch.feeds]
         covered = {t for g in groups for t in g}
         groups += [[n] for n in ctx.arch.block_linears if n not in covered]
+        store = _STORE_DTYPES[str(o.get("store_dtype", "bfloat16"))]
         for group in groups:
+            # rows for fitting the rotations, smoothing from max|x| over every token; both through the
+            # transforms of the earlier groups (installed below as soon as each is folded)
             X = ctx.capture_inputs([group[0]], 8192)[group[0]]
             if X.numel() == 0:
                 continue
+            absmax = ctx.channel_stats([group[0]])[group[0]]["absmax"]
             lins = [block.get_submodule(t) for t in group]
             alpha = o.get("alpha", 0.5)
             t = duquant_transform(X, [l.weight.detach().float() for l in lins], block=int(o.get("block", 128)),
                                   steps=int(o.get("steps", 256)), alpha=None if alpha is None else float(alpha),
-                                  max_rows=int(o.get("max_rows", 256)), seed=ctx.index)
+                                  max_rows=int(o.get("max_rows", 256)), seed=ctx.index, act_absmax=absmax)
+            t = t.rounded(store)  # the stored (rounded) rotations are what the weights are folded against
             for name, lin in zip(group, lins):
                 lin.weight.copy_(t.fold_into(lin.weight.detach().double()).to(lin.weight.dtype))
-                online[name] = ({"type": "duquant"}, t.to_tensors())
+            # one transform per shared input: stored with the first reader, the others point to it
+            online[group[0]] = ({"type": "duquant"}, t.to_tensors(store))
+            ctx.install(group[0], *online[group[0]])
+            for name in group[1:]:
+                online[name] = ({"type": "duquant", "shared_with": ctx.prefix + group[0]}, {})
+                ctx.install(name, *online[name])
         self._ia_aq(block, ctx, online)
         return online

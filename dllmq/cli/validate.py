@@ -1,0 +1,93 @@
+"""Cheap argument checks that run before the heavy imports (torch, transformers), so that a simple
+mistake is answered at once. They repeat names owned by heavier modules; tests/test_reliability.py
+checks that the lists here match those modules.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import UserError
+from .options import DTYPES
+
+METHOD_NAMES = ("awq", "duquant", "gptq", "quarot", "rtn", "smoothquant")  # quantization/methods METHODS
+WEIGHT_ACT_METHODS = ("duquant", "quarot", "smoothquant")  # their Method.quantizes_activations is True
+MASK_MODES = ("none", "random", "tmas")  # calibration/states.py MASK_MODES
+SCALE_SEARCHES = ("minmax", "mse")  # quantization/rtn.py SCALE_SEARCHES
+
+
+def check_dtype_name(name: str) -> None:
+    if name not in DTYPES:
+        raise UserError(f"--dtype must be one of bfloat16, float16, float32; got {name!r}")
+
+
+def check_device_name(name: str) -> None:
+    if not (name == "cpu" or name == "mps" or name == "cuda" or
+            (name.startswith("cuda:") and name[5:].isdigit())):
+        raise UserError(f"--device must be cpu, cuda, cuda:N or mps; got {name!r}")
+
+
+def check_positive(**flags: int | None) -> None:
+    """check_positive(calib_samples=3) -> UserError naming --calib-samples if it is not > 0."""
+    for key, v in flags.items():
+        if v is not None and v <= 0:
+            raise UserError(f"--{key.replace('_', '-')} must be positive, got {v}")
+
+
+def check_finite(flag: str, v: float, lo: float | None = None, hi: float | None = None) -> None:
+    """A float option must be a number (not nan/inf) inside [lo, hi]."""
+    if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"in [{lo}, {hi}]" if lo is not None and hi is not None else (f">= {lo}" if lo is not None else
+                                                                             f"<= {hi}")
+        raise UserError(f"{flag} must be a number {rng}, got {v}")
+
+
+def parse_proportions(text: str) -> tuple[float, ...]:
+    """--tmas-proportions: comma-separated finite, non-negative numbers summing to 1."""
+    try:
+        props = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--tmas-proportions must be comma-separated numbers, got {text!r}") from None
+    if not props or not all(math.isfinite(p) and p >= 0 for p in props) or abs(sum(props) - 1) > 1e-6:
+        raise UserError(f"--tmas-proportions must be finite, non-negative and sum to 1 (e.g. 0.3,0.2,0.2,0.3), "
+                        f"got {text!r}")
+    return props
+
+
+def check_quantize_args(*, method: str, w: int, a: int, group_size: int, sym: bool, calib_mask: str,
+                        w_quantizer: str, cgq: bool, calib_samples: int, calib_seqlen: int,
+                        scale_search: str | None, damp: float, a_clip: float, w_clip: float, alpha: float,
+                        tmas_proportions: str, tmas_states: int, tmas_gen_length: int, tmas_block_length: int,
+                        tmas_steps: int, duquant_block: int, duquant_steps: int, device: str, dtype: str,
+                        ) -> tuple[float, ...]:
+    """Every check of `dllmq quantize` that needs neither torch nor the model; returns the TMAS proportions."""
+    from ..quantization.spec import ActSpec, WeightSpec  # no torch
+
+    check_dtype_name(dtype)
+    check_device_name(device)
+    if method not in METHOD_NAMES:
+        raise UserError(f"unknown method {method!r}; supported: {', '.join(METHOD_NAMES)}")
+    WeightSpec(num_bits=w, symmetric=sym, strategy="channel" if group_size == -1 else "group",
+               group_size=None if group_size == -1 else group_size)
+    check_finite("--a-clip", a_clip)
+    aspec = ActSpec(num_bits=a, symmetric=True, clip_ratio=a_clip)
+    if method in WEIGHT_ACT_METHODS and not aspec.enabled:
+        raise UserError(f"--method {method} is a weight-activation method: pass --a 8 or --a 4")
+    if calib_mask not in MASK_MODES:
+        raise UserError(f"--calib-mask must be one of {', '.join(MASK_MODES)}, got {calib_mask!r}")
+    if w_quantizer not in ("rtn", "gptq"):
+        raise UserError(f"--w-quantizer must be rtn or gptq, got {w_quantizer!r}")
+    if cgq and method != "gptq" and not (method != "rtn" and w_quantizer == "gptq"):
+        raise UserError("--cgq weights the GPTQ Hessian: use --method gptq, or another method with --w-quantizer gptq")
+    check_positive(calib_samples=calib_samples, calib_seqlen=calib_seqlen, tmas_states=tmas_states,
+                   tmas_gen_length=tmas_gen_length, tmas_block_length=tmas_block_length, tmas_steps=tmas_steps,
+                   duquant_block=duquant_block, duquant_steps=duquant_steps)
+    if scale_search is not None and scale_search not in SCALE_SEARCHES:
+        raise UserError(f"--scale-search must be one of {', '.join(SCALE_SEARCHES)}, got {scale_search!r}")
+    if not (math.isfinite(damp) and 0 <= damp < 1):
+        raise UserError(f"--damp must be in [0, 1), got {damp}")
+    check_finite("--w-clip", w_clip, 0.0, 1.0)
+    if w_clip <= 0:
+        raise UserError(f"--w-clip must be in (0, 1], got {w_clip}")
+    check_finite("--alpha", alpha, 0.0, 1.0)
+    return parse_proportions(tmas_proportions)
