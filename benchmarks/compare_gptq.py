@@ -222,7 +222,7 @@ def worker_dllmq(a) -> None:
     spec = WeightSpec(a.bits, True, "channel", None) if a.group_size == -1 else WeightSpec(a.bits, True, "group",
                                                                                              a.group_size)
     qcfg = QuantizationConfig(a.method, spec, ignore=[r"lm_head"])
-    opts = ({"damp": a.damp, "act_order": False, "block_size": 128, "scale_search": a.scale_search}
+    opts = ({"damp": a.damp, "act_order": False, "scale_search": a.scale_search}
             if a.method == "gptq" else {})
     t0, c0 = time.perf_counter(), time.process_time()
     res = pl.quantize(a.model, qcfg, a.out, overwrite=True, method_options=opts,

@@ -171,8 +171,13 @@ def main():
     ap.add_argument("--no-step", action="store_true", help="layers only, skip the denoising-step models")
     ap.add_argument("--before", action="store_true",
                     help="also time W4A8 g128 int8_act with its int8 weight rebuilt on every call (the old default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 gives steadier ratios on a machine shared with other jobs")
     args = ap.parse_args()
     import tempfile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     shapes = {k: v for i, (k, v) in enumerate(LLADA_8B.items()) if not args.quick or i == 0}
     layers = layer_rows(shapes, args.rows, args.min_time, before=args.before)

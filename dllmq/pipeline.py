@@ -128,7 +128,9 @@ def quantize(
         raise UserError(f"{src} is already quantized; quantize the full-precision model instead")
     arch, config = parse(src)
     reader = ShardReader(src)
-    method = get_method(qcfg.method)(qcfg, **(method_options or {}))
+    method = get_method(qcfg.method)(qcfg, **(method_options or {}))  # validated, paper defaults filled in
+    method_options = dict(method.options)
+    qcfg.method_args = method_options  # the full resolved options, also for checkpoints made from Python
     method.check(arch, config)
     ignore = compile_ignore(qcfg.ignore)
     calib = calib or CalibOptions()

@@ -532,7 +532,8 @@ def test_clean_checkpoint_verifies(copy):
     from dllmq.checkpoint.writer import verify_manifest
 
     assert "files" in verify_manifest(copy)
-    (copy / "README.md").write_text("card")  # files beside the checkpoint that carry no weights are allowed
+    (copy / "README.md").write_text("card")  # files beside the checkpoint that are not loaded are allowed
+    (copy / "results.json").write_text("{}")
     verify_manifest(copy)
 
 

@@ -17,7 +17,8 @@ CAL = CalibOptions(mask="random", samples=8, seq_len=48, batch_size=4)
 def _q(src, out, method, w=8, a=8, **opts):
     qcfg = QuantizationConfig(method, WeightSpec(w, True, "group", 32), ActSpec(a),
                               ignore=[r"model\.transformer\.ff_out", "lm_head"])
-    return quantize(src, qcfg, out, calib=CAL, method_options={"steps": 16, **opts}, show_progress=False)
+    base = {"steps": 16} if method == "duquant" else {}
+    return quantize(src, qcfg, out, calib=CAL, method_options={**base, **opts}, show_progress=False)
 
 
 def _rel_logit_error(q_path, fp_path):

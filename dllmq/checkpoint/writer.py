@@ -220,9 +220,11 @@ def _listed_name(mf: Path, name) -> str:
     return name
 
 
-# Files that must all be covered by the manifest: weights, configs, the index, tokenizer files.
+# Files that must all be covered by the manifest: what loading reads (weights, config, index, tokenizer).
+# Other files beside them (README.md, a results.json for `push`) carry nothing that is loaded.
 def _guarded(name: str) -> bool:
-    return not name.startswith(".") and (name.endswith((".safetensors", ".json")) or name in TOKENIZER_FILES)
+    return (name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json")
+            or name in TOKENIZER_FILES)
 
 
 def verify_manifest(path: Path) -> dict:

@@ -35,14 +35,19 @@ app = typer.Typer(
 )
 
 
+def option_flag(option: str) -> str:
+    """The `dllmq quantize` flag that sets a method option (for error messages)."""
+    return {"block": "--duquant-block", "steps": "--duquant-steps"}.get(option, "--" + option.replace("_", "-"))
+
+
 @app.command()
 def quantize(
     model: Optional[str] = ModelArg,
     method: str = typer.Option("rtn", "--method", "-m", help="rtn (no calibration), gptq, awq; weight-activation: smoothquant, quarot, duquant (need --a 8 or 4)."),
     w: int = typer.Option(4, "--w", help="Weight bits: 2, 3, 4 or 8."),
     a: int = typer.Option(16, "--a", help="Activation bits: 16 (not quantized), 8 or 4 (dynamic per token)."),
-    group_size: int = typer.Option(128, "--group-size", "-g", help="Weights per scale along the input dim; -1 = one scale per output channel."),
-    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (zero point 0) or asymmetric weight quantization."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Weights per scale along the input dim; -1 = one scale per output channel. Default: the method's paper setting (128 for rtn/gptq/awq, per channel for smoothquant/quarot/duquant)."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (zero point 0) or asymmetric weight quantization. Default: the method's paper setting (asymmetric for awq, smoothquant, duquant)."),
     ignore: List[str] = typer.Option([], "--ignore", help="Regex (full match on full layer names) to keep in full precision, repeatable; e.g. 'model\\.transformer\\.blocks\\.0\\..*'. The LM head is always kept."),
     calib: str = typer.Option("bundled", "--calib", help="Calibration text: bundled (offline), a .txt/.jsonl file, or a Hub dataset (wikitext2, c4, pile-val, gsm8k, or path[:config[:split]])."),
     calib_samples: int = typer.Option(32, "--calib-samples", help="Number of calibration samples (prompts for TMAS)."),
@@ -53,21 +58,21 @@ def quantize(
     tmas_gen_length: int = typer.Option(64, "--tmas-gen-length", help="Tokens the sampler generates per calibration prompt."),
     tmas_block_length: int = typer.Option(32, "--tmas-block-length", help="Sampler block length for TMAS."),
     tmas_steps: int = typer.Option(64, "--tmas-steps", help="Sampler steps for TMAS."),
-    cgq: bool = typer.Option(False, "--cgq", help="Certainty-guided GPTQ: weight the Hessian's tokens by mask state and full-precision confidence."),
-    cgq_masked: float = typer.Option(1.0, "--cgq-masked", help="CGQ indicator value for masked tokens."),
-    cgq_visible: float = typer.Option(0.7, "--cgq-visible", help="CGQ indicator value for visible tokens."),
-    w_quantizer: str = typer.Option("rtn", "--w-quantizer", help="For awq, smoothquant, quarot, duquant: how the transformed weights are rounded: rtn or gptq."),
+    cgq: Optional[bool] = typer.Option(None, "--cgq/--no-cgq", help="Certainty-guided GPTQ: weight the Hessian's tokens by mask state and full-precision confidence (with GPTQ rounding)."),
+    cgq_masked: Optional[float] = typer.Option(None, "--cgq-masked", help="CGQ indicator value for masked tokens (default 1.0)."),
+    cgq_visible: Optional[float] = typer.Option(None, "--cgq-visible", help="CGQ indicator value for visible tokens (default 0.7)."),
+    w_quantizer: Optional[str] = typer.Option(None, "--w-quantizer", help="For awq, smoothquant, quarot, duquant: how the transformed weights are rounded: rtn or gptq. Default: the paper's (gptq for quarot, rtn otherwise)."),
     a_sym: Optional[bool] = typer.Option(None, "--a-sym/--a-asym", help="Symmetric or asymmetric (zero point per token) activation quantization. Default: the method's paper setting (asymmetric for smoothquant and duquant, symmetric otherwise)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize attention keys (after RoPE) and values per token and head: 4, 8 or 16 (= not quantized). Default: the method's paper protocol (the activation bits for smoothquant, quarot, duquant; 16 otherwise)."),
-    a_clip: float = typer.Option(1.0, "--a-clip", help="Activation clipping ratio for --a 8/4 (the papers use 0.9 for DuQuant)."),
-    w_clip: float = typer.Option(1.0, "--w-clip", help="Weight clipping ratio of the min-max range (DuQuant: 0.8)."),
-    alpha: float = typer.Option(0.5, "--alpha", help="SmoothQuant / DuQuant migration strength."),
-    ia_aq: bool = typer.Option(False, "--ia-aq", help="DLLMQuant's interaction-aware activation quantization: quantize the attention values V (at --kv-bits, or the activation bits when K/V stay 16-bit) with a per-layer clip ratio in [0.8, 1] chosen to minimise the error of softmax·V on calibration inputs."),
-    duquant_block: int = typer.Option(128, "--duquant-block", help="DuQuant rotation block size."),
-    duquant_steps: int = typer.Option(256, "--duquant-steps", help="DuQuant greedy rotation steps."),
+    a_clip: Optional[float] = typer.Option(None, "--a-clip", help="Activation clipping ratio for --a 8/4. Default: the paper's (0.9 for duquant, 1.0 otherwise)."),
+    w_clip: Optional[float] = typer.Option(None, "--w-clip", help="Weight clipping ratio of the min-max range for smoothquant/quarot/duquant. Default: the paper's (0.8 for duquant, 1.0 otherwise)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant / DuQuant migration strength (default 0.5)."),
+    ia_aq: Optional[bool] = typer.Option(None, "--ia-aq/--no-ia-aq", help="DLLMQuant's interaction-aware activation quantization: quantize the attention values V (at --kv-bits, or the activation bits when K/V stay 16-bit) with a per-layer clip ratio in [0.8, 1] chosen to minimise the error of softmax·V on calibration inputs."),
+    duquant_block: Optional[int] = typer.Option(None, "--duquant-block", help="DuQuant rotation block size (default 128)."),
+    duquant_steps: Optional[int] = typer.Option(None, "--duquant-steps", help="DuQuant greedy rotation steps (default 256)."),
     scale_search: Optional[str] = typer.Option(None, "--scale-search", help="How weight scales are chosen: minmax (each group's range) or mse (each group's clipping searched to minimise the rounding error). Default: mse for gptq, minmax for the others (RTN stays the papers' baseline)."),
-    damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening, as a fraction of the mean Hessian diagonal (raised automatically if Cholesky fails)."),
-    act_order: bool = typer.Option(False, "--act-order/--no-act-order", help="GPTQ: quantize columns by descending Hessian diagonal (static groups keep scales aligned)."),
+    damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ dampening, as a fraction of the mean Hessian diagonal (default 0.01; raised automatically if Cholesky fails)."),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by descending Hessian diagonal (static groups keep scales aligned)."),
     sequential: bool = typer.Option(True, "--sequential/--no-sequential", help="Quantize q/k/v, o, gate/up, down one group after another inside each block, each seeing the quantized outputs of the previous."),
     offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="Keep cached calibration activations on disk here instead of in memory."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished block (same arguments)."),
@@ -90,7 +95,7 @@ def quantize(
     # the cheap checks first, before torch is imported: a simple mistake is answered at once
     props = check_quantize_args(
         method=method, w=w, a=a, group_size=group_size, sym=sym, calib_mask=calib_mask, w_quantizer=w_quantizer,
-        cgq=cgq, calib_samples=calib_samples, calib_seqlen=calib_seqlen, scale_search=scale_search, damp=damp,
+        calib_samples=calib_samples, calib_seqlen=calib_seqlen, scale_search=scale_search, damp=damp,
         a_clip=a_clip, w_clip=w_clip, alpha=alpha, tmas_proportions=tmas_proportions, tmas_states=tmas_states,
         tmas_gen_length=tmas_gen_length, tmas_block_length=tmas_block_length, tmas_steps=tmas_steps,
         duquant_block=duquant_block, duquant_steps=duquant_steps, device=device, dtype=dtype)
@@ -117,46 +122,37 @@ def quantize(
 
     tdtype = _dtype(dtype)
     _device(device)
-    wspec = WeightSpec(num_bits=w, symmetric=sym, strategy="channel" if group_size == -1 else "group",
+    m_cls = get_method(method)
+    # the method's paper defaults for what the user did not choose (docs/methods.md, "Defaults")
+    if group_size is None:
+        group_size = -1 if m_cls.default_group_size is None else m_cls.default_group_size
+    wspec = WeightSpec(num_bits=w, symmetric=m_cls.default_weight_symmetric if sym is None else sym,
+                       strategy="channel" if group_size == -1 else "group",
                        group_size=None if group_size == -1 else group_size)
     from ..runtime.kv_quant import default_kv_spec
-    aspec = ActSpec(num_bits=a, clip_ratio=a_clip, symmetric=get_method(method).default_act_symmetric if a_sym is None else a_sym)
-    kvspec = default_kv_spec(get_method(method), a, kv_bits)
-    m_cls = get_method(method)
+    aspec = ActSpec(num_bits=a, clip_ratio=m_cls.default_act_clip if a_clip is None else a_clip,
+                    symmetric=m_cls.default_act_symmetric if a_sym is None else a_sym)
+    kvspec = default_kv_spec(m_cls, a, kv_bits)
     if m_cls.quantizes_activations and not aspec.enabled:
         raise UserError(f"--method {method} is a weight-activation method: pass --a 8 or --a 4")
     if calib_mask not in MASK_MODES:
         raise UserError(f"--calib-mask must be one of {', '.join(MASK_MODES)}, got {calib_mask!r}")
-    if w_quantizer not in ("rtn", "gptq"):
-        raise UserError(f"--w-quantizer must be rtn or gptq, got {w_quantizer!r}")
-    if cgq and method != "gptq" and not (method != "rtn" and w_quantizer == "gptq"):
-        raise UserError("--cgq weights the GPTQ Hessian: use --method gptq, or another method with --w-quantizer gptq")
-    if calib_samples <= 0 or calib_seqlen <= 0:
-        raise UserError("--calib-samples and --calib-seqlen must be positive")
-    if scale_search is not None and scale_search not in SCALE_SEARCHES:
-        raise UserError(f"--scale-search must be one of {', '.join(SCALE_SEARCHES)}, got {scale_search!r}")
-    if not 0 <= damp < 1:
-        raise UserError(f"--damp must be in [0, 1), got {damp}")
     tmas = TMASConfig(proportions=props, states_per_prompt=tmas_states, gen_length=tmas_gen_length,
                       block_length=tmas_block_length, steps=tmas_steps)
-    if calib_mask == "tmas" and get_method(method).needs_calibration:
+    if calib_mask == "tmas" and m_cls.needs_calibration:
         tmas.validate()
+    given = {"damp": damp, "act_order": act_order, "scale_search": scale_search, "w_quantizer": w_quantizer,
+             "alpha": alpha, "w_clip": w_clip, "ia_aq": ia_aq, "block": duquant_block, "steps": duquant_steps,
+             "cgq": cgq, "cgq_masked": cgq_masked, "cgq_visible": cgq_visible}
+    if "seed" in m_cls.OPTIONS:
+        given["seed"] = seed
+    options = m_cls.resolve_options(given, display=option_flag)  # refuses what the method would ignore
     src = resolve_model_path(name, revision)
     arch = arch_for(read_config(src))
     qcfg = QuantizationConfig(method=method, weights=wspec, activations=aspec, ignore=arch.default_ignore() + list(ignore),
                               kv_cache=kvspec)
-    options = {"damp": damp, "act_order": act_order,
-               "scale_search": scale_search or m_cls.default_scale_search}
-    if m_cls.quantizes_activations:
-        options.update(w_quantizer=w_quantizer, alpha=alpha, w_clip=w_clip, ia_aq=ia_aq, seed=seed,
-                       block=duquant_block, steps=duquant_steps)
-    if method == "gptq" or (method != "rtn" and w_quantizer == "gptq"):
-        options.update(cgq=cgq, cgq_masked=cgq_masked, cgq_visible=cgq_visible)
-    if method == "awq":
-        options["w_quantizer"] = w_quantizer
     calib_opts = CalibOptions(calib=calib, samples=calib_samples, seq_len=calib_seqlen, mask=calib_mask, seed=seed,
                               tmas=tmas)
-    qcfg.method_args = options
     cmd = "dllmq " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     res = run(name, qcfg, out, overwrite=overwrite, device=device, dtype=tdtype, revision=revision, command=cmd,
               method_options=options, calib=calib_opts, sequential=sequential, offload_dir=offload_dir,

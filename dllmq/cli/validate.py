@@ -54,40 +54,44 @@ def parse_proportions(text: str) -> tuple[float, ...]:
     return props
 
 
-def check_quantize_args(*, method: str, w: int, a: int, group_size: int, sym: bool, calib_mask: str,
-                        w_quantizer: str, cgq: bool, calib_samples: int, calib_seqlen: int,
-                        scale_search: str | None, damp: float, a_clip: float, w_clip: float, alpha: float,
-                        tmas_proportions: str, tmas_states: int, tmas_gen_length: int, tmas_block_length: int,
-                        tmas_steps: int, duquant_block: int, duquant_steps: int, device: str, dtype: str,
-                        ) -> tuple[float, ...]:
-    """Every check of `dllmq quantize` that needs neither torch nor the model; returns the TMAS proportions."""
+def check_quantize_args(*, method: str, w: int, a: int, group_size: int | None, sym: bool | None, calib_mask: str,
+                        w_quantizer: str | None, calib_samples: int, calib_seqlen: int,
+                        scale_search: str | None, damp: float | None, a_clip: float | None, w_clip: float | None,
+                        alpha: float | None, tmas_proportions: str, tmas_states: int, tmas_gen_length: int,
+                        tmas_block_length: int, tmas_steps: int, duquant_block: int | None,
+                        duquant_steps: int | None, device: str, dtype: str, **_ignored) -> tuple[float, ...]:
+    """Every check of `dllmq quantize` that needs neither torch nor the model; returns the TMAS proportions.
+    Method-dependent flags are None when not given (the method's paper default applies); whether an option
+    applies to the method is checked by the method's own option set (quantization/methods/base.py)."""
     from ..quantization.spec import ActSpec, WeightSpec  # no torch
 
     check_dtype_name(dtype)
     check_device_name(device)
     if method not in METHOD_NAMES:
         raise UserError(f"unknown method {method!r}; supported: {', '.join(METHOD_NAMES)}")
-    WeightSpec(num_bits=w, symmetric=sym, strategy="channel" if group_size == -1 else "group",
-               group_size=None if group_size == -1 else group_size)
-    check_finite("--a-clip", a_clip)
-    aspec = ActSpec(num_bits=a, symmetric=True, clip_ratio=a_clip)
+    gs = 128 if group_size is None else group_size
+    WeightSpec(num_bits=w, symmetric=True if sym is None else sym, strategy="channel" if gs == -1 else "group",
+               group_size=None if gs == -1 else gs)
+    if a_clip is not None:
+        check_finite("--a-clip", a_clip)
+    aspec = ActSpec(num_bits=a, symmetric=True, clip_ratio=1.0 if a_clip is None else a_clip)
     if method in WEIGHT_ACT_METHODS and not aspec.enabled:
         raise UserError(f"--method {method} is a weight-activation method: pass --a 8 or --a 4")
     if calib_mask not in MASK_MODES:
         raise UserError(f"--calib-mask must be one of {', '.join(MASK_MODES)}, got {calib_mask!r}")
-    if w_quantizer not in ("rtn", "gptq"):
+    if w_quantizer is not None and w_quantizer not in ("rtn", "gptq"):
         raise UserError(f"--w-quantizer must be rtn or gptq, got {w_quantizer!r}")
-    if cgq and method != "gptq" and not (method != "rtn" and w_quantizer == "gptq"):
-        raise UserError("--cgq weights the GPTQ Hessian: use --method gptq, or another method with --w-quantizer gptq")
     check_positive(calib_samples=calib_samples, calib_seqlen=calib_seqlen, tmas_states=tmas_states,
                    tmas_gen_length=tmas_gen_length, tmas_block_length=tmas_block_length, tmas_steps=tmas_steps,
                    duquant_block=duquant_block, duquant_steps=duquant_steps)
     if scale_search is not None and scale_search not in SCALE_SEARCHES:
         raise UserError(f"--scale-search must be one of {', '.join(SCALE_SEARCHES)}, got {scale_search!r}")
-    if not (math.isfinite(damp) and 0 <= damp < 1):
+    if damp is not None and not (math.isfinite(damp) and 0 <= damp < 1):
         raise UserError(f"--damp must be in [0, 1), got {damp}")
-    check_finite("--w-clip", w_clip, 0.0, 1.0)
-    if w_clip <= 0:
-        raise UserError(f"--w-clip must be in (0, 1], got {w_clip}")
-    check_finite("--alpha", alpha, 0.0, 1.0)
+    if w_clip is not None:
+        check_finite("--w-clip", w_clip, 0.0, 1.0)
+        if w_clip <= 0:
+            raise UserError(f"--w-clip must be in (0, 1], got {w_clip}")
+    if alpha is not None:
+        check_finite("--alpha", alpha, 0.0, 1.0)
     return parse_proportions(tmas_proportions)

@@ -24,16 +24,20 @@ Kernel paths (``KERNELS``) and what each really computes:
   weights reuse ``weight_packed``: no copy).
 * ``int4_cpu_act`` / ``int8pack_cpu_act`` (W?A8 at few rows on CPU): x is quantized per token to
   real integer codes exactly as for ``int8_act``; the codes (``q - zp``, |.| <= 255, exact in bf16)
-  go through the weight-only int4 / int8 kernel and the output is multiplied by the per-token
-  scale in fp32. The integer GEMM is *simulated* by a bf16-input kernel (fp32 accumulation,
+  go through the weight-only int4 / int8 kernel and its bf16 output is multiplied in place by the
+  per-token scale. The integer GEMM is *simulated* by a bf16-input kernel (fp32 accumulation,
   weight scales rounded to bf16): same activation rounding, float (not integer) arithmetic.
 * ``fold_bf16`` (group-wise W?A8 at many rows on CPU, only with ``cache_dequantized``): x quantized
   to integer codes as above; the codes (exact in bf16) times a cached bf16 dequantized weight on
-  the AMX bf16 GEMM (fp32 accumulation, output rounded to bf16), rescaled per token in fp32. This
+  the AMX bf16 GEMM (fp32 accumulation, output rounded to bf16), rescaled per token in place. This
   *simulates* the integer GEMM in bf16: the only differences from exact integer arithmetic are the
   bf16 rounding of each dequantized weight and of the GEMM output (relative 2^-9), the same as the
   ``dequant`` reference. It costs the dense bf16 copy (2 B/weight, 4x the packed int4 weight).
 * ``triton_w4a8``: CUDA (or the Triton interpreter): packed int4 unpacked in registers, int8 GEMM.
+
+A layer that runs both few-row and many-row inputs keeps each path's prepared weight: e.g. a W4A8 g128
+layer of a 4096x4096 weight (packed 8.5 MiB, bf16 32 MiB) adds 8.5 MiB (int4 kernel state) plus 16 MiB
+(int8 copy) without ``cache_dequantized``, or 8.5 + 32 MiB (dense bf16 copy) with it.
 """
 
 from __future__ import annotations
@@ -61,15 +65,18 @@ INT8PACK_CPU_MAX_ROWS = 4
 # tinygemm on CUDA has no measured cut-off yet; None = use it for any number of rows.
 INT4_CUDA_MAX_ROWS: int | None = None
 
-# Weight-activation layers on CPU (W8A8 / W4A8, per-token int8 activations), measured at LLaDA-8B shapes
-# with benchmarks/kernels.py (ratios to bf16 F.linear in the same run; see the table in the closing
-# note of that change): at <= ACT_INT4_CPU_MAX_ROWS rows the int4 kernel on the activation codes wins
-# (about 0.3x bf16 at 1 row, 0.9x at 8); the int8 weight-only kernel on codes for 8-bit per-channel weights
-# at <= ACT_INT8PACK_CPU_MAX_ROWS rows. Above that, per-channel weights use one `_int_mm` (0.5-0.8x bf16
-# from 16 rows on); group-wise weights need one int GEMM per group (1.2-2.5x bf16 at 256 rows) unless a
-# dense bf16 copy may be cached (`cache_dequantized`), then `fold_bf16` runs one AMX bf16 GEMM (~1.0-1.1x).
+# Weight-activation layers on CPU (W8A8 / W4A8, per-token int8 activations). Measured at LLaDA-8B layer shapes
+# (benchmarks/kernels.py --rows 1 8 256 2048 --threads 1, time / bf16 F.linear in the same run, shared machine):
+# * <= 8 rows, <= 4-bit weights: the int4 kernel on the activation codes, 0.1-0.4x at 1 row, 0.8-1.0x at 8
+#   (`_int_mm` is fast at 1 row, 0.1-0.4x, but 1.7-2.3x at 2-16 rows: oneDNN switches kernels above M = 1);
+# * 2-8 rows, 8-bit per-channel weights: the int8 weight-only kernel on the codes, 1.1-1.2x at 8 rows, vs 1.7-2x
+#   for `_int_mm`; 1 row: `_int_mm`;
+# * more rows, per-channel weights: one `_int_mm`, 0.65-0.77x at 256 rows, 0.7-0.9x at 2048;
+# * more rows, group-wise weights: one int GEMM per group costs 1.0-1.3x at 256 rows and 3-4.5x at 2048, the
+#   bf16 fold 1.0-1.07x at 256 and 1.2-1.4x at 2048 (the per-token quantization is most of that excess), so
+#   the fold is used whenever a dense bf16 copy may be cached (`cache_dequantized`).
 ACT_INT4_CPU_MAX_ROWS = 8
-ACT_INT8PACK_CPU_MAX_ROWS = 4
+ACT_INT8PACK_CPU_MAX_ROWS = 8
 
 KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "int8_act", "triton_w4a8",
            "int4_cpu_act", "int8pack_cpu_act", "fold_bf16")
@@ -351,7 +358,7 @@ class QuantLinear(nn.Module):
             # CPU: measured crossovers, see ACT_INT4_CPU_MAX_ROWS; the activation rounding is the same on every path.
             if rows <= ACT_INT4_CPU_MAX_ROWS and self._supported("int4_cpu_act", x):
                 return "int4_cpu_act"
-            if rows <= ACT_INT8PACK_CPU_MAX_ROWS and self._supported("int8pack_cpu_act", x):
+            if 1 < rows <= ACT_INT8PACK_CPU_MAX_ROWS and self._supported("int8pack_cpu_act", x):
                 return "int8pack_cpu_act"
             if self.spec.strategy == "group" and self.cache_dequantized and self._supported("fold_bf16", x):
                 return "fold_bf16"
@@ -444,11 +451,13 @@ class QuantLinear(nn.Module):
         return codes, xs
 
     def _rescale(self, y: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Per-token scale (and bias) applied in fp32 to a GEMM output computed on activation codes."""
-        y = torch.mul(y, xs)  # fp32
+        """Per-token scale (and bias) applied in place to a GEMM output computed on activation codes."""
+        if y.dtype != dtype:
+            y = y.to(dtype)
+        y.mul_(xs)  # computed in fp32, rounded once to the output dtype (no fp32 [M, N] temporary)
         if self.bias is not None:
-            y += self.bias.float()
-        return y.to(dtype)
+            y.add_(self.bias.to(dtype))
+        return y
 
     # ------------------------------------------------------------------ forward
 

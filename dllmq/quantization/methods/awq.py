@@ -9,14 +9,32 @@ from ..awq import apply_clip, awq_search_clip, awq_search_scales, fold_scales
 from ..gptq import HessianAccumulator, gptq_quantize
 from ..qweight import QuantizedWeight
 from ..rtn import choose_qparams, quantize
-from .base import BlockContext, Method
+from .base import GPTQ_OPTIONS, BlockContext, Method, gptq_applicable
 
 
 class AWQ(Method):
-    """Options: grid (20), duo_scaling (True), clip (True), w_quantizer ('rtn' | 'gptq'), max_tokens (4096)."""
+    """Options: grid (20), duo_scaling (True), clip (True), w_quantizer ('rtn' | 'gptq'), max_tokens (4096:
+    rows for the scale and clip searches; the mean |x| uses every token), and with GPTQ rounding damp,
+    act_order, cgq (+ its settings)."""
 
     name = "awq"
     needs_calibration = True
+    default_weight_symmetric = False  # llm-awq: zero_point=True, g128 (QDLM Appendix A)
+    OPTIONS = {"scale_search": None, "grid": 20, "duo_scaling": True, "clip": True, "w_quantizer": "rtn",
+               "max_tokens": 4096, **GPTQ_OPTIONS}
+
+    @classmethod
+    def applicable(cls, resolved: dict) -> set[str]:
+        return gptq_applicable(resolved, cls.OPTIONS)
+
+    @property
+    def wants_confidence(self) -> bool:
+        return bool(self.options.get("cgq", False))
+
+    def token_weights(self, batch):
+        from .gptq import GPTQ
+
+        return GPTQ.token_weights(self, batch)  # CGQ weights the Hessian of AWQ's GPTQ rounding too
 
     def __init__(self, qcfg, **options):
         super().__init__(qcfg, **options)
@@ -38,7 +56,7 @@ class AWQ(Method):
             if X.numel() == 0:
                 continue
             lins = [block.get_submodule(t) for t in feed.targets]
-            x_mean = X.abs().mean(0)
+            x_mean = ctx.channel_stats([feed.targets[0]])[feed.targets[0]]["absmean"]  # every token, as llm-awq
             scales, sinfo = awq_search_scales(x_mean, [l.weight.detach().float() for l in lins], spec, X=X,
                                               grid=int(o.get("grid", 20)), duo_scaling=bool(o.get("duo_scaling", True)))
             fold_scales(block.get_submodule(feed.source), lins, scales.to(lins[0].weight.device))
@@ -65,7 +83,8 @@ class AWQ(Method):
             w = apply_clip(w, clip, spec)
         if self.options.get("w_quantizer", "rtn") == "gptq" and stats is not None and stats.n_tokens:
             qw, _ = gptq_quantize(w, stats.hessian.to(w.device), spec, damp=float(self.options.get("damp", 0.01)),
-                                  name=name, scale_search=self.scale_search)
+                                  act_order=bool(self.options.get("act_order", False)), name=name,
+                                  scale_search=self.scale_search)
             return qw
         scale, zp = choose_qparams(w, spec, scale_search=self.scale_search)  # after AWQ's own clip search
         return QuantizedWeight(quantize(w, scale, zp, spec), scale, zp, spec)

@@ -14,12 +14,13 @@ The algorithms themselves are pure tensor functions in dllmq.quantization.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ...checkpoint.format import QuantizationConfig
+from ...errors import UserError
 from ..qweight import QuantizedWeight
 
 
@@ -63,9 +64,48 @@ class Method:
         quantizes K/V with the activations (kv_follows_activations)."""
         return act_bits if cls.kv_follows_activations and act_bits < 16 else 16
 
+    # The paper's weight quantizer when the user does not choose one (group_size None = per channel).
+    default_weight_symmetric: ClassVar[bool] = True
+    default_group_size: ClassVar[int | None] = 128
+    # The paper's activation clipping ratio when --a-clip is not given.
+    default_act_clip: ClassVar[float] = 1.0
+    # Every option the method accepts, with its default (the paper's). Anything else is refused, and an
+    # option that only matters in some configurations (`applicable`) is refused outside them: an
+    # accepted option always changes the result (tests/test_option_contract.py).
+    OPTIONS: ClassVar[dict[str, Any]] = {"scale_search": None}  # None: default_scale_search
+
+    @classmethod
+    def applicable(cls, resolved: dict) -> set[str]:
+        """The options that take effect given the resolved values of the others."""
+        return set(cls.OPTIONS)
+
+    @classmethod
+    def resolve_options(cls, given: dict | None, display: Callable[[str], str] | None = None) -> dict:
+        """Validate user options and fill in the defaults: the full option set recorded in the checkpoint.
+        Options left at None count as not given. `display` names an option in errors (e.g. its CLI flag)."""
+        show = display or (lambda k: f"option {k!r}")
+        given = {k: v for k, v in (given or {}).items() if v is not None}
+        for k, v in given.items():
+            if k not in cls.OPTIONS and v is not False:
+                raise UserError(f"{show(k)} does not apply to --method {cls.name}; it accepts: "
+                                f"{', '.join(show(o) for o in sorted(cls.OPTIONS)) or 'no options'}")
+        given = {k: v for k, v in given.items() if k in cls.OPTIONS}
+        out = {**cls.OPTIONS, **given}
+        if out.get("scale_search", 0) is None:
+            out["scale_search"] = cls.default_scale_search
+        live = cls.applicable(out)
+        for k, v in given.items():
+            if k not in live and v != cls.OPTIONS[k]:
+                raise UserError(f"{show(k)} has no effect on --method {cls.name} in this configuration "
+                                f"({_why_inapplicable(k, out)}); drop it")
+        for k, check in _VALIDATORS.items():
+            if k in out:
+                check(out[k])
+        return {k: v for k, v in out.items() if k in live}
+
     def __init__(self, qcfg: QuantizationConfig, **options):
         self.qcfg = qcfg
-        self.options = options
+        self.options = self.resolve_options(options)
 
     @property
     def scale_search(self) -> str:
@@ -95,3 +135,69 @@ class Method:
 
     def quantize_linear(self, name: str, weight: torch.Tensor, stats=None) -> QuantizedWeight:
         raise NotImplementedError
+
+
+def _choice(name: str, allowed: tuple):
+    def check(v):
+        if v not in allowed:
+            raise UserError(f"option {name!r} must be one of {', '.join(map(str, allowed))}, got {v!r}")
+    return check
+
+
+def _range(name: str, lo: float, hi: float, lo_open: bool = False):
+    def check(v):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise UserError(f"option {name!r} must be a number, got {v!r}") from None
+        if not (lo < f <= hi if lo_open else lo <= f <= hi):
+            raise UserError(f"option {name!r} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+    return check
+
+
+def _positive_int(name: str):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"option {name!r} must be a positive integer, got {v!r}")
+    return check
+
+
+_VALIDATORS = {
+    "scale_search": _choice("scale_search", ("minmax", "mse")),
+    "w_quantizer": _choice("w_quantizer", ("rtn", "gptq")),
+    "store_dtype": _choice("store_dtype", ("float32", "bfloat16", "float16")),
+    "damp": _range("damp", 0.0, 1.0),
+    "alpha": _range("alpha", 0.0, 1.0),
+    "w_clip": _range("w_clip", 0.0, 1.0, lo_open=True),
+    "cgq_masked": _range("cgq_masked", 0.0, 100.0),
+    "cgq_visible": _range("cgq_visible", 0.0, 100.0),
+    "cgq_conf_power": _range("cgq_conf_power", 0.0, 10.0),
+    "grid": _positive_int("grid"),
+    "block": _positive_int("block"),
+    "steps": _positive_int("steps"),
+    "max_rows": _positive_int("max_rows"),
+    "max_tokens": _positive_int("max_tokens"),
+}
+
+# Options that act through GPTQ rounding, and the CGQ settings that act only with CGQ on.
+GPTQ_OPTIONS = {"damp": 0.01, "act_order": False, "cgq": False, "cgq_masked": 1.0, "cgq_visible": 0.7,
+                "cgq_conf_power": 0.5}
+CGQ_SETTINGS = ("cgq_masked", "cgq_visible", "cgq_conf_power")
+
+
+def gptq_applicable(resolved: dict, all_options) -> set[str]:
+    """Drop GPTQ's options when the weights are rounded by RTN, and CGQ's settings when CGQ is off."""
+    live = set(all_options)
+    if resolved.get("w_quantizer", "gptq") != "gptq":
+        live -= set(GPTQ_OPTIONS)
+    if not resolved.get("cgq", False):
+        live -= set(CGQ_SETTINGS)
+    return live
+
+
+def _why_inapplicable(k: str, resolved: dict) -> str:
+    if k in GPTQ_OPTIONS and resolved.get("w_quantizer", "gptq") != "gptq":
+        return "it acts on GPTQ rounding: add --w-quantizer gptq"
+    if k in CGQ_SETTINGS and not resolved.get("cgq"):
+        return "it is a CGQ setting: add --cgq"
+    return "see the method's options"

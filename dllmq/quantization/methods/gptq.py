@@ -7,11 +7,11 @@ import torch
 from ..cgq import token_weights as cgq_token_weights
 from ..gptq import HessianAccumulator, gptq_quantize
 from ..qweight import QuantizedWeight
-from .base import Method
+from .base import GPTQ_OPTIONS, Method, gptq_applicable
 
 
 class GPTQ(Method):
-    """Options: damp (0.01), block_size (128), act_order (False; static groups keep scales aligned),
+    """Options: damp (0.01), act_order (False; static groups keep scales aligned),
     cgq (False), cgq_masked (1.0) / cgq_visible (0.7): the indicator values for masked / visible
     tokens, cgq_conf_power (0.5: the square root of confidence), scale_search ('mse': each group's
     clipping searched, see rtn.mse_qparams; 'minmax': the plain range)."""
@@ -20,6 +20,11 @@ class GPTQ(Method):
     needs_calibration = True
     rewrites_weights = False
     default_scale_search = "mse"
+    OPTIONS = {"scale_search": None, **GPTQ_OPTIONS}
+
+    @classmethod
+    def applicable(cls, resolved: dict) -> set[str]:
+        return gptq_applicable(resolved, cls.OPTIONS)
 
     @property
     def wants_confidence(self) -> bool:
@@ -40,7 +45,7 @@ class GPTQ(Method):
         o = self.options
         H = stats.hessian if stats is not None and stats.n_tokens else torch.eye(weight.shape[1])
         qw, _info = gptq_quantize(weight.float(), H.to(weight.device), self.qcfg.weights,
-                                  block_size=int(o.get("block_size", 128)), damp=float(o.get("damp", 0.01)),
+                                  damp=float(o.get("damp", 0.01)),
                                   act_order=bool(o.get("act_order", False)), name=name,
                                   scale_search=self.scale_search)
         return qw

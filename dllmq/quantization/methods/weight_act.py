@@ -34,7 +34,7 @@ from ..gptq import HessianAccumulator, gptq_quantize
 from ..qweight import QuantizedWeight
 from ..rtn import choose_qparams, quantize
 from ..smoothquant import fake_quant_act, smooth_scales
-from .base import BlockContext, Method
+from .base import GPTQ_OPTIONS, BlockContext, Method, gptq_applicable
 
 
 _STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +43,12 @@ _STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 class _WeightAct(Method):
     needs_calibration = True
     quantizes_activations = True
+    default_group_size = None  # QDLM §4.1: per-channel weights, per-token activations
+    OPTIONS = {"scale_search": None, "w_quantizer": "rtn", "w_clip": 1.0, "ia_aq": False, **GPTQ_OPTIONS}
+
+    @classmethod
+    def applicable(cls, resolved: dict) -> set[str]:
+        return gptq_applicable(resolved, cls.OPTIONS)
     kv_follows_activations = True  # QuaRot's --k_bits/--v_bits = a_bits scripts; DuQuant's QuantMatMul at abits
 
     @property
@@ -106,6 +112,8 @@ class SmoothQuant(_WeightAct):
 
     name = "smoothquant"
     default_act_symmetric = False  # DuQuant's code (QDLM's SmoothQuant): asymmetric per-token
+    default_weight_symmetric = False  # ... and asymmetric per-channel weights (no --symmetric in QDLM's scripts)
+    OPTIONS = {**_WeightAct.OPTIONS, "alpha": 0.5}
 
     def transform_block(self, block, ctx: BlockContext) -> dict:
         alpha = float(self.options.get("alpha", 0.5))
@@ -137,6 +145,10 @@ class QuaRot(_WeightAct):
 
     name = "quarot"
     default_act_symmetric = True  # QuaRot: a_asym=False
+    # QuaRot's fake_quant defaults: symmetric per-channel weights (w_asym=False, w_groupsize=-1) rounded
+    # by GPTQ (w_rtn=False) with the weight-clip search (--w_clip = our MSE scale search)
+    default_scale_search = "mse"
+    OPTIONS = {**_WeightAct.OPTIONS, "w_quantizer": "gptq", "seed": 0}
     rotates_qk = True  # online head-dim Hadamard on q and k after RoPE (QKRotationWrapper)
 
     def check(self, arch, cfg) -> None:
@@ -170,10 +182,17 @@ class QuaRot(_WeightAct):
 
 
 class DuQuant(_WeightAct):
-    """Options: alpha (0.5; None = no smoothing), block (128), steps (256), max_rows (256), w_quantizer, ia_aq."""
+    """Options: alpha (0.5), block (128), steps (256), max_rows (256: calibration rows the rotations are fitted
+    on), store_dtype ('bfloat16': rotations stored in it, weights folded against the stored values),
+    w_clip (0.8), w_quantizer, ia_aq."""
 
     name = "duquant"
     default_act_symmetric = False  # DuQuant: asymmetric per-token dynamic activations
+    default_weight_symmetric = False  # asymmetric per-channel weights (DuQuant main.py without --symmetric)
+    default_act_clip = 0.9  # --lac 0.9
+    # --swc 0.8, --alpha 0.5, --block_size 128, --max_rotation_step 256; RTN rounding (--epochs 0, no LWC)
+    OPTIONS = {**_WeightAct.OPTIONS, "w_clip": 0.8, "alpha": 0.5, "block": 128, "steps": 256, "max_rows": 256,
+               "store_dtype": "bfloat16"}
 
     def transform_block(self, block, ctx: BlockContext) -> dict:
         from ..duquant import duquant_transform
