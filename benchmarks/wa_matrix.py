@@ -9,8 +9,10 @@ benchmarks/results/wa_matrix.{md,json}.
     python benchmarks/wa_matrix.py --model tiny-outliers    # + injected LLaDA-like outliers
     python benchmarks/wa_matrix.py --only W4A4              # one precision
 
-Settings follow the papers (dllm-quant-papers.md): SmoothQuant alpha 0.5; DuQuant block 128 (capped
-by the width), activation clip 0.9; per-channel weights; GPTQ as the weight quantizer at 4 bits.
+Settings are each method's paper defaults (docs/methods.md): per-channel weights (asymmetric for SmoothQuant
+and DuQuant), per-token activations (asymmetric for SmoothQuant and DuQuant), K/V quantized at the
+activation bits, SmoothQuant alpha 0.5, QuaRot with GPTQ rounding and weight-clip search, DuQuant block 128
+(capped by the width), activation clip 0.9, weight clip 0.8; "+ GPTQ" rows round with GPTQ instead of RTN.
 """
 
 from __future__ import annotations
@@ -24,18 +26,18 @@ import time
 from pathlib import Path
 
 DLLMQ = str(Path(sys.executable).parent / "dllmq")
-CONFIGS = [  # precision, label, extra quantize arguments
-    ("W8A8", "SmoothQuant", ["--method", "smoothquant", "--w", "8", "--a", "8", "--alpha", "0.5"]),
+CONFIGS = [  # precision, label, extra quantize arguments; everything else at the method's paper defaults
+    ("W8A8", "SmoothQuant", ["--method", "smoothquant", "--w", "8", "--a", "8"]),
     ("W8A8", "QuaRot", ["--method", "quarot", "--w", "8", "--a", "8"]),
-    ("W8A8", "DuQuant", ["--method", "duquant", "--w", "8", "--a", "8", "--a-clip", "0.9"]),
-    ("W4A8", "QuaRot + GPTQ", ["--method", "quarot", "--w", "4", "--a", "8", "--w-quantizer", "gptq"]),
-    ("W4A8", "DuQuant + GPTQ", ["--method", "duquant", "--w", "4", "--a", "8", "--a-clip", "0.9",
-                                "--w-quantizer", "gptq"]),
-    ("W4A4", "SmoothQuant + GPTQ", ["--method", "smoothquant", "--w", "4", "--a", "4", "--alpha", "0.5",
-                                    "--w-quantizer", "gptq"]),
-    ("W4A4", "QuaRot + GPTQ", ["--method", "quarot", "--w", "4", "--a", "4", "--w-quantizer", "gptq"]),
-    ("W4A4", "DuQuant + GPTQ", ["--method", "duquant", "--w", "4", "--a", "4", "--a-clip", "0.9",
-                                "--w-quantizer", "gptq"]),
+    ("W8A8", "DuQuant", ["--method", "duquant", "--w", "8", "--a", "8"]),
+    ("W4A8", "QuaRot (GPTQ)", ["--method", "quarot", "--w", "4", "--a", "8"]),
+    ("W4A8", "DuQuant", ["--method", "duquant", "--w", "4", "--a", "8"]),
+    ("W4A8", "DuQuant + GPTQ", ["--method", "duquant", "--w", "4", "--a", "8", "--w-quantizer", "gptq"]),
+    ("W4A4", "SmoothQuant", ["--method", "smoothquant", "--w", "4", "--a", "4"]),
+    ("W4A4", "SmoothQuant + GPTQ", ["--method", "smoothquant", "--w", "4", "--a", "4", "--w-quantizer", "gptq"]),
+    ("W4A4", "QuaRot (GPTQ)", ["--method", "quarot", "--w", "4", "--a", "4"]),
+    ("W4A4", "DuQuant", ["--method", "duquant", "--w", "4", "--a", "4"]),
+    ("W4A4", "DuQuant + GPTQ", ["--method", "duquant", "--w", "4", "--a", "4", "--w-quantizer", "gptq"]),
 ]
 
 
@@ -52,7 +54,7 @@ def nll_agreement(model: str) -> dict:
     from dllmq.evaluation.report import compare_models
 
     f, q = compare_models(model, max_seqs=16, mc_num=4, n_prompts=8, show_progress=False)["models"]
-    return {"nll": q["nll"], "fp_nll": f["nll"], "agreement": q.get("agreement")}
+    return {"nll": q["nll"], "fp_nll": f["nll"], "agreement": q.get("agreement"), "step_agreement": q.get("step_agreement")}
 
 
 def scores(model: str, tasks: list[str]) -> dict:
@@ -73,7 +75,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "wa_matrix")
     args = ap.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
-    rows = [{"precision": "W16A16", "label": "full precision", "seconds": 0.0,
+    rows = [{"precision": "W16A16", "label": "full precision", "seconds": 0.0, "step_agreement": 1.0,
              "tasks": scores(args.model, tasks) if tasks else {}, "nll": None, "agreement": 1.0}]
     print(json.dumps(rows[-1]), flush=True)
     with tempfile.TemporaryDirectory() as d:
@@ -82,7 +84,7 @@ def main() -> None:
                 continue
             out = Path(d) / f"c{i}"
             t0 = time.time()
-            cli("quantize", args.model, *extra, "--group-size", "-1", "--calib-samples", str(args.calib_samples),
+            cli("quantize", args.model, *extra, "--calib-samples", str(args.calib_samples),
                 "--calib-mask", args.calib_mask, "--out", str(out))
             qs = time.time() - t0
             rows.append({"precision": prec, "label": label, "seconds": qs, "args": extra,
@@ -96,13 +98,14 @@ def main() -> None:
     lines = [f"Model: {args.model}; calibration: {args.calib_samples} samples, mask {args.calib_mask}. Accuracy % ± "
              "standard error; Δ in points against full precision, same run.", "",
              "| precision | method | " + "".join(f"{t} | " for t in tasks) + "".join(f"Δ {t} | " for t in tasks)
-             + "Δ NLL vs FP | agreement | quantize (s) |", "|" + "---|" * (2 * len(tasks) + 5)]
+             + "Δ NLL vs FP | step agreement | generation agreement | quantize (s) |",
+             "|" + "---|" * (2 * len(tasks) + 6)]
     for r in rows:
         cells = [f"{100 * r['tasks'][t]['value']:.1f} ± {100 * r['tasks'][t]['stderr']:.1f}" for t in tasks]
         deltas = [f"{100 * (r['tasks'][t]['value'] - fp[t]['value']):+.1f}" for t in tasks]
         dn = "-" if r.get("nll") is None else f"{r['nll'] - r['fp_nll']:+.4f}"
         lines.append(f"| {r['precision']} | {r['label']} | " + "".join(f"{c} | " for c in cells + deltas)
-                     + f"{dn} | {r['agreement']:.3f} | {r['seconds']:.0f} |")
+                     + f"{dn} | {r.get('step_agreement') or 1.0:.3f} | {r['agreement']:.3f} | {r['seconds']:.0f} |")
     md = "\n".join(lines)
     out.with_suffix(".md").write_text(md + "\n")
     print(md)

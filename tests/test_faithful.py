@@ -189,3 +189,30 @@ def test_duquant_bf16_storage_folds_against_the_stored_rotation():
     t = duquant_transform(x, [w], block=64, steps=8).rounded(torch.bfloat16)
     assert t.rot1.dtype == torch.float64 and torch.equal(t.rot1, t.rot1.to(torch.bfloat16).to(torch.float64))
     torch.testing.assert_close(t.apply(x) @ t.fold_into(w).T, x @ w.T, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llada", "tiny_dream"])
+def test_qk_smoothing_preserves_attention_and_tames_key_outliers(fixture, request):
+    """K / s and Q · s with one scale per RoPE pair (and per KV head under GQA): the block computes the same
+    function, and a key outlier channel shrinks relative to the others."""
+    from dllmq.quantization.smoothquant import fold_qk_scales, qk_smooth_scales
+
+    model = load_model(request.getfixturevalue(fixture), dtype=torch.float64)
+    arch, cfg = model.arch, model.config
+    blk = model.blocks[0]
+    qkv = next(f for f in arch.feeds if f.kind == "norm" and len(f.targets) == 3)
+    q_proj, k_proj = blk.get_submodule(qkv.targets[0]), blk.get_submodule(qkv.targets[1])
+    with torch.no_grad():
+        k_proj.weight[3] *= 30  # a key outlier channel (head 0, channel 3)
+    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(2))
+    kw, h = model.block_context(ids), model.embed(ids)
+    x = blk.get_submodule(qkv.source)(h)
+    with torch.no_grad():
+        ref = blk(h, **kw)
+        k_before = k_proj(x)
+        s = qk_smooth_scales(q_proj(x), k_before, cfg.head_dim)
+        fold_qk_scales(q_proj, k_proj, s)
+        torch.testing.assert_close(blk(h, **kw), ref, rtol=1e-5, atol=1e-6)  # RoPE runs in fp32
+        k_after = k_proj(x)
+    ratio = lambda k: float(k[..., 3].abs().max() / k.abs().amax(0).median())
+    assert ratio(k_after) < 0.5 * ratio(k_before)

@@ -130,7 +130,7 @@ def quantize(
                        strategy="channel" if group_size == -1 else "group",
                        group_size=None if group_size == -1 else group_size)
     from ..runtime.kv_quant import default_kv_spec
-    aspec = ActSpec(num_bits=a, clip_ratio=m_cls.default_act_clip if a_clip is None else a_clip,
+    aspec = ActSpec(num_bits=a, clip_ratio=m_cls.act_clip_for(a) if a_clip is None else a_clip,
                     symmetric=m_cls.default_act_symmetric if a_sym is None else a_sym)
     kvspec = default_kv_spec(m_cls, a, kv_bits)
     if m_cls.quantizes_activations and not aspec.enabled:
@@ -146,7 +146,7 @@ def quantize(
              "cgq": cgq, "cgq_masked": cgq_masked, "cgq_visible": cgq_visible}
     if "seed" in m_cls.OPTIONS:
         given["seed"] = seed
-    options = m_cls.resolve_options(given, display=option_flag)  # refuses what the method would ignore
+    options = m_cls.resolve_options(given, display=option_flag, weight_bits=w)  # refuses what it would ignore
     src = resolve_model_path(name, revision)
     arch = arch_for(read_config(src))
     qcfg = QuantizationConfig(method=method, weights=wspec, activations=aspec, ignore=arch.default_ignore() + list(ignore),
@@ -457,9 +457,9 @@ def _print_comparison(res: dict) -> None:
     rows = []
     for r in res["models"]:
         rows.append([r["label"], human_bytes(r["disk_bytes"]), human_bytes(r["resident_weight_bytes"]),
-                     r["nll"], r.get("agreement", "-"), f"{r['gen_seconds']:.2f}"])
+                     r["nll"], r.get("step_agreement", "-"), r.get("agreement", "-"), f"{r['gen_seconds']:.2f}"])
     table("Full precision vs quantized", ["model", "size on disk", "resident weights", "NLL (nats/token)",
-                                          "token agreement", "generate (s)"], rows)
+                                          "step agreement", "generation agreement", "generate (s)"], rows)
 
 
 @app.command()

@@ -50,6 +50,23 @@ def sample_ids(model: DiffusionLM, tok, prompts: list[str], cfg: GenerationConfi
     return torch.cat(outs), time.time() - t0
 
 
+@torch.no_grad()
+def masked_predictions(model: DiffusionLM, seqs: torch.Tensor, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+    """Top-1 predictions at the masked positions of one seeded mask draw per sequence (ratio t ~ U(0, 1],
+    LLaDA's forward process): what one denoising step would fill in. Flat [n_masked]."""
+    from ..diffusion.masking import forward_process
+
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(0, seqs.shape[0], batch_size):
+        x = seqs[b : b + batch_size]
+        noisy, masked, _ = forward_process(x, model.mask_token_id, generator=g)
+        logits = model.aligned_logits(noisy.to(dev)).float().cpu()
+        out.append(logits.argmax(-1)[masked])
+    return torch.cat(out)
+
+
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Share of generated positions where two models produced the same token."""
     return float((a == b).float().mean())

@@ -13,7 +13,7 @@ from ..diffusion.generation import GenerationConfig
 from ..errors import UserError
 from ..models.loading import BUNDLED_DIR, load_tokenizer, read_config, resolve_model_path
 from ..runtime.loader import load
-from .quality import agreement, chunk_texts, sample_ids, text_nll
+from .quality import agreement, chunk_texts, masked_predictions, sample_ids, text_nll
 
 DEFAULT_PROMPTS = [
     "What is 17 + 25?", "Write a Python function that returns the square of x.", "Name a primary colour.",
@@ -84,7 +84,7 @@ def compare_models(model: str, against: str | None = None, text_file: Path | Non
         raise UserError(f"evaluation text too short: {e}; pass a longer --text or lower --seq-len") from None
     prompts = (DEFAULT_PROMPTS * 10)[:n_prompts]
     gcfg = GenerationConfig(steps=steps, gen_length=gen_length, block_length=block_length, seed=seed)
-    rows, ref_ids = [], None
+    rows, ref_ids, ref_preds = [], None, None
     for label, name in labels:
         m = load(name, device=device, dtype=dtype)
         t0 = time.time()
@@ -93,6 +93,13 @@ def compare_models(model: str, against: str | None = None, text_file: Path | Non
         row = {"label": label, "model": str(name), "disk_bytes": disk_bytes(m.source_path),
                "resident_weight_bytes": resident_bytes(m), "nll": nll, "nll_seconds": nll_s,
                "gen_seconds": 0.0}
+        # one denoising step's top-1 fill-ins on identical masked inputs: agreement without the cascade
+        # of whole-generation agreement (one early different token changes every later one)
+        preds = masked_predictions(m, seqs, seed=seed)
+        if ref_preds is None:
+            ref_preds = preds
+        else:
+            row["step_agreement"] = agreement(preds, ref_preds)
         if prompts:
             ids, gs = sample_ids(m, tok, prompts, gcfg)
             row["gen_seconds"] = gs

@@ -78,3 +78,41 @@ def fake_quant_act(x: torch.Tensor, act_spec: ActSpec) -> torch.Tensor:
 
     q, scale, zp = quantize_per_token_affine(x, act_spec)
     return dequantize_per_token(q, scale, zp).reshape(x.shape).to(x.dtype)
+
+
+def _pair_magnitude(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """|(x_c, x_{c+d/2})| per head-dim channel of x [T, H*d] -> [T, H, d]: the part RoPE leaves unchanged
+    (it rotates each such pair), so scales derived from it commute with RoPE."""
+    x = x.reshape(-1, x.shape[-1])
+    t = x.reshape(x.shape[0], -1, head_dim).float()
+    half = head_dim // 2
+    m = (t[..., :half].pow(2) + t[..., half:].pow(2)).sqrt()
+    return torch.cat([m, m], dim=-1)
+
+
+def qk_smooth_scales(q: torch.Tensor, k: torch.Tensor, head_dim: int, alpha: float = 0.5,
+                     eps: float = 1e-5) -> torch.Tensor:
+    """SmoothQuant between queries and keys (the reference code's ``qkt_smooth_scale``): per KV head and
+    head-dim channel ``s = max|K|^α / max|Q|^(1-α)`` over tokens, the query side maxed over the query heads
+    sharing that KV head, one value per RoPE pair. ``K / s`` and ``Q · s`` leave QKᵀ unchanged while the
+    keys (quantized per token when K/V are quantized) lose their outlier channels.
+    ``q`` [T, H*d], ``k`` [T, Hkv*d] (pre-RoPE projections) -> s [Hkv, d]."""
+    qm = _pair_magnitude(q, head_dim).amax(0)  # [H, d]
+    km = _pair_magnitude(k, head_dim).amax(0)  # [Hkv, d]
+    rep = qm.shape[0] // km.shape[0]
+    qm = qm.reshape(km.shape[0], rep, head_dim).amax(1)
+    s = km.clamp_min(eps).pow(alpha) / qm.clamp_min(eps).pow(1.0 - alpha)
+    return s.clamp(eps, 1.0 / eps)
+
+
+@torch.no_grad()
+def fold_qk_scales(q_proj, k_proj, s: torch.Tensor) -> None:
+    """In place: k_proj's output rows ÷ s, q_proj's × s (each query head by its KV head's scales)."""
+    hkv, d = s.shape
+    rep = q_proj.weight.shape[0] // (hkv * d)
+    sk = s.reshape(-1).double()
+    sq = s.repeat_interleave(rep, dim=0).reshape(-1).double()
+    for lin, f in ((k_proj, 1.0 / sk), (q_proj, sq)):
+        lin.weight.copy_((lin.weight.double() * f.to(lin.weight.device)[:, None]).to(lin.weight.dtype))
+        if lin.bias is not None:
+            lin.bias.copy_((lin.bias.double() * f.to(lin.bias.device)).to(lin.bias.dtype))

@@ -9,7 +9,7 @@ from ..awq import apply_clip, awq_search_clip, awq_search_scales, fold_scales
 from ..gptq import HessianAccumulator, gptq_quantize
 from ..qweight import QuantizedWeight
 from ..rtn import choose_qparams, quantize
-from .base import GPTQ_OPTIONS, BlockContext, Method, gptq_applicable
+from .base import GPTQ_OPTIONS, BlockContext, Method
 
 
 class AWQ(Method):
@@ -22,19 +22,6 @@ class AWQ(Method):
     default_weight_symmetric = False  # llm-awq: zero_point=True, g128 (QDLM Appendix A)
     OPTIONS = {"scale_search": None, "grid": 20, "duo_scaling": True, "clip": True, "w_quantizer": "rtn",
                "max_tokens": 4096, **GPTQ_OPTIONS}
-
-    @classmethod
-    def applicable(cls, resolved: dict) -> set[str]:
-        return gptq_applicable(resolved, cls.OPTIONS)
-
-    @property
-    def wants_confidence(self) -> bool:
-        return bool(self.options.get("cgq", False))
-
-    def token_weights(self, batch):
-        from .gptq import GPTQ
-
-        return GPTQ.token_weights(self, batch)  # CGQ weights the Hessian of AWQ's GPTQ rounding too
 
     def __init__(self, qcfg, **options):
         super().__init__(qcfg, **options)

@@ -75,12 +75,24 @@ class Method:
     OPTIONS: ClassVar[dict[str, Any]] = {"scale_search": None}  # None: default_scale_search
 
     @classmethod
-    def applicable(cls, resolved: dict) -> set[str]:
-        """The options that take effect given the resolved values of the others."""
-        return set(cls.OPTIONS)
+    def act_clip_for(cls, act_bits: int) -> float:
+        """The activation clipping ratio when --a-clip is not given."""
+        return cls.default_act_clip
 
     @classmethod
-    def resolve_options(cls, given: dict | None, display: Callable[[str], str] | None = None) -> dict:
+    def defaults_for(cls, weight_bits: int | None) -> dict:
+        """OPTIONS' defaults for this weight width (a paper setting may be specific to low bit widths)."""
+        return dict(cls.OPTIONS)
+
+    @classmethod
+    def applicable(cls, resolved: dict) -> set[str]:
+        """The options that take effect given the resolved values of the others: GPTQ's only with GPTQ
+        rounding, CGQ's settings only with CGQ on."""
+        return gptq_applicable(resolved, cls.OPTIONS)
+
+    @classmethod
+    def resolve_options(cls, given: dict | None, display: Callable[[str], str] | None = None,
+                        weight_bits: int | None = None) -> dict:
         """Validate user options and fill in the defaults: the full option set recorded in the checkpoint.
         Options left at None count as not given. `display` names an option in errors (e.g. its CLI flag)."""
         show = display or (lambda k: f"option {k!r}")
@@ -90,7 +102,7 @@ class Method:
                 raise UserError(f"{show(k)} does not apply to --method {cls.name}; it accepts: "
                                 f"{', '.join(show(o) for o in sorted(cls.OPTIONS)) or 'no options'}")
         given = {k: v for k, v in given.items() if k in cls.OPTIONS}
-        out = {**cls.OPTIONS, **given}
+        out = {**cls.defaults_for(weight_bits), **given}
         if out.get("scale_search", 0) is None:
             out["scale_search"] = cls.default_scale_search
         live = cls.applicable(out)
@@ -105,7 +117,7 @@ class Method:
 
     def __init__(self, qcfg: QuantizationConfig, **options):
         self.qcfg = qcfg
-        self.options = self.resolve_options(options)
+        self.options = self.resolve_options(options, weight_bits=qcfg.weights.num_bits)
 
     @property
     def scale_search(self) -> str:
@@ -114,7 +126,18 @@ class Method:
     @property
     def wants_confidence(self) -> bool:
         """True when statistics need the full-precision model's per-token confidence (CGQ)."""
-        return False
+        return bool(self.options.get("cgq", False))
+
+    def token_weights(self, batch) -> torch.Tensor | None:
+        """CGQ's per-token weights of the GPTQ Hessian (None without CGQ): mask state and confidence."""
+        if not self.wants_confidence:
+            return None
+        from ..cgq import token_weights as cgq_token_weights
+
+        o = self.options
+        visible, masked = float(o.get("cgq_visible", 0.7)), float(o.get("cgq_masked", 1.0))
+        return cgq_token_weights(batch.masked, batch.confidence, mask_weight=1.0 + masked - visible,
+                                 base=visible, conf_power=float(o.get("cgq_conf_power", 0.5)))
 
     def check(self, arch, config) -> None:
         """Raise UserError before any work if the method cannot handle this model."""

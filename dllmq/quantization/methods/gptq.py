@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..cgq import token_weights as cgq_token_weights
 from ..gptq import HessianAccumulator, gptq_quantize
 from ..qweight import QuantizedWeight
-from .base import GPTQ_OPTIONS, Method, gptq_applicable
+from .base import GPTQ_OPTIONS, Method
 
 
 class GPTQ(Method):
@@ -21,22 +20,6 @@ class GPTQ(Method):
     rewrites_weights = False
     default_scale_search = "mse"
     OPTIONS = {"scale_search": None, **GPTQ_OPTIONS}
-
-    @classmethod
-    def applicable(cls, resolved: dict) -> set[str]:
-        return gptq_applicable(resolved, cls.OPTIONS)
-
-    @property
-    def wants_confidence(self) -> bool:
-        return bool(self.options.get("cgq", False))
-
-    def token_weights(self, batch) -> torch.Tensor | None:
-        if not self.wants_confidence:
-            return None
-        o = self.options
-        visible, masked = float(o.get("cgq_visible", 0.7)), float(o.get("cgq_masked", 1.0))
-        return cgq_token_weights(batch.masked, batch.confidence, mask_weight=1.0 + masked - visible,
-                                 base=visible, conf_power=float(o.get("cgq_conf_power", 0.5)))
 
     def new_stats(self, name: str):
         return HessianAccumulator()

@@ -1,0 +1,83 @@
+"""The headline checkpoint at LLaDA-8B block shapes: DuQuant W4A8 (paper defaults) on a 2-block random LLaDA
+with LLaDA-8B's block shapes (d 4096, 32 heads, MLP 12288; 4096-token vocabulary so the blocks dominate).
+
+Measures, in one run: quantization time of DuQuant W4A8 and of GPTQ W4 (both `dllmq quantize`, clean
+calibration, 8 samples), checkpoint bytes against the bf16 model's, and `dllmq bench` (denoising step and
+generation against bf16, same run, alternating). Writes benchmarks/results/duquant_8b_block.{json,md}.
+
+    python benchmarks/duquant_8b_block.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import wide_model  # noqa: E402
+
+DLLMQ = str(Path(sys.executable).parent / "dllmq")
+RESULTS = Path(__file__).parent / "results"
+
+
+def cli(*args: str) -> dict:
+    p = subprocess.run([DLLMQ, *args, "--json"], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"dllmq {' '.join(args)} failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = wide_model(tmp)
+        # the tiny byte tokenizer, with LLaDA's special tokens moved inside the 4096-token vocabulary
+        from dllmq.models.tiny import LLADA_CHAT_TEMPLATE, byte_tokenizer
+
+        special = {"<|startoftext|>": 4090, "<|start_header_id|>": 4091, "<|end_header_id|>": 4092,
+                   "<|eot_id|>": 4093, "<|endoftext|>": 4094, "<|mdm_mask|>": 4095}
+        byte_tokenizer(special, LLADA_CHAT_TEMPLATE, "<|startoftext|>", "<|endoftext|>", "<|endoftext|>",
+                       "<|mdm_mask|>", src)
+        params = 0
+        from safetensors import safe_open
+
+        for f in src.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as sf:
+                params += sum(sf.get_slice(n).get_shape()[0] * (sf.get_slice(n).get_shape() + [1])[1] for n in sf.keys())
+        out["bf16_bytes"] = 2 * params
+        for label, extra in (("duquant_w4a8", ["--method", "duquant", "--w", "4", "--a", "8"]),
+                             ("gptq_w4", ["--method", "gptq", "--w", "4"])):
+            t0 = time.time()
+            q = cli("quantize", str(src), *extra, "--calib-mask", "none", "--calib-samples", str(args.samples),
+                    "--out", f"{tmp}/{label}")
+            out[label] = {"quantize_seconds": time.time() - t0, "bytes": q["bytes"], "peak_rss_bytes": q["peak_rss_bytes"]}
+            print(label, out[label], flush=True)
+        b = cli("bench", f"{tmp}/duquant_w4a8", "--against", str(src), "--repeats", str(args.repeats),
+                "--gen-length", "32", "--steps", "8", "--block-length", "32", "--no-memory")
+        out["bench"] = b
+        print(json.dumps(b, indent=1)[:3000], flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "duquant_8b_block.json").write_text(json.dumps(out, indent=2, default=str))
+    d = out["duquant_w4a8"]
+    md = ["# DuQuant W4A8 at LLaDA-8B block shapes (2 blocks)", "",
+          "`python benchmarks/duquant_8b_block.py` (this CPU, one run).", "",
+          f"- checkpoint: {d['bytes'] / 2**20:.0f} MiB vs {out['bf16_bytes'] / 2**20:.0f} MiB bf16 "
+          f"({d['bytes'] / out['bf16_bytes']:.2f}x)",
+          f"- quantize: DuQuant W4A8 {d['quantize_seconds']:.0f} s, GPTQ W4 {out['gptq_w4']['quantize_seconds']:.0f} s "
+          f"({d['quantize_seconds'] / out['gptq_w4']['quantize_seconds']:.2f}x)", "",
+          "`dllmq bench` (quantized vs bf16, same run):", "", "```", json.dumps(out["bench"], indent=1, default=str)[:4000], "```"]
+    (RESULTS / "duquant_8b_block.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md[:6]))
+
+
+if __name__ == "__main__":
+    main()
