@@ -122,10 +122,9 @@ def rotation_blocks(x: torch.Tensor, block: int, steps: int = 256, seed: int = 0
     eye = torch.eye(b, dtype=torch.float64, device=device)
     if m == 0 or b == 1 or steps == 0:
         return eye.expand(nb, b, b).clone()
-    # Float32 throughout (2x the float64 speed): the search only compares peaks, and the product's tiny
-    # departure from orthogonality is harmless because weights are folded against the stored rotation's
-    # exact inverse (DuQuantTransform.fold_into). The product is rebuilt from the recorded channel choices,
-    # for each block's best prefix only.
+    # Float32 throughout (2x the float64 speed): the search only compares peaks. The product is rebuilt
+    # from the recorded channel choices for each block's best prefix only, then replaced by its polar factor
+    # (the nearest orthogonal matrix, a ~1e-7 change) so the result is orthogonal in float64.
     q = q64.float()
     cur = x.detach().float().reshape(m, nb, b).transpose(0, 1).contiguous()  # [B, M, b]
     best_peak = cur.abs().amax(dim=(1, 2))
@@ -151,7 +150,8 @@ def rotation_blocks(x: torch.Tensor, block: int, steps: int = 256, seed: int = 0
         idx[rows, chosen[t]] = 0
         live = best_len > t  # blocks whose best prefix includes step t
         rot[live] = torch.bmm(rot[live], q[idx[live]])
-    return rot.double()
+    u, _, vh = torch.linalg.svd(rot.double())  # the nearest orthogonal matrix (polar factor): exact in float64
+    return u @ vh
 
 
 def rotation_block(x_block: torch.Tensor, steps: int = 256, seed: int = 0) -> torch.Tensor:
