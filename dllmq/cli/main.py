@@ -200,7 +200,8 @@ def info(checkpoint: str = typer.Argument(..., help="A dllmq checkpoint folder (
     if data["quantized"]:
         q = QuantizationConfig.from_dict(raw["quantization_config"])
         data.update(method=q.method, weights=q.weights.to_dict(), activations=q.activations.to_dict(),
-                    ignore=q.ignore, quantized_layers=len(q.quantized_layers))
+                    kv_cache=q.kv_cache.to_dict(), method_options=q.method_args,
+                    online_transforms=len(q.transforms), ignore=q.ignore, quantized_layers=len(q.quantized_layers))
         mf = p / MANIFEST
         if not mf.exists():
             data["verified"] = f"no: {MANIFEST} is missing (not written by dllmq, or incomplete)"
