@@ -469,3 +469,23 @@ def test_act_dispatch_on_cpu():
     wo, _ = make_layer(g128)
     with force_kernel("fold_bf16"), pytest.raises(RuntimeError):  # weight-only layer: no activation codes
         wo(make_x(1, 256))
+
+
+def test_loader_keeps_a_dense_copy_only_for_small_layers(tiny_llada, tmp_path, monkeypatch):
+    """Small layers (the bundled model's) keep a dense bf16 copy so their many-row GEMMs match bf16; large ones
+    (LLaDA-8B's) keep only the packed weight unless asked; an explicit argument always wins."""
+    import dllmq
+    import dllmq.runtime.loader as loader
+    from dllmq.checkpoint.format import QuantizationConfig
+    from dllmq.pipeline import quantize
+    from dllmq.quantization.spec import WeightSpec
+    from dllmq.runtime.qlinear import QuantLinear
+
+    out = tmp_path / "q"
+    quantize(tiny_llada, QuantizationConfig("rtn", WeightSpec(4, True, "group", 32)), out, show_progress=False)
+    flags = lambda m: {q.cache_dequantized for q in m.modules() if isinstance(q, QuantLinear)}
+    assert flags(dllmq.load(out)) == {True}
+    assert flags(dllmq.load(out, cache_dequantized=False)) == {False}
+    monkeypatch.setattr(loader, "SMALL_LAYER_WEIGHTS", 64 * 64 - 1)  # every layer of the tiny model is "large"
+    assert flags(dllmq.load(out)) == {False}
+    assert flags(dllmq.load(out, cache_dequantized=True)) == {True}
