@@ -145,6 +145,9 @@ def quantize(
             if f"{name}.weight" not in reader:
                 raise UserError(f"tensor {name}.weight is missing from {src}; the checkpoint is incomplete")
             targets.append(name)
+    if not targets:
+        raise UserError(f"--ignore {' '.join(qcfg.ignore[len(arch.default_ignore()):]) or '(defaults)'} leaves no "
+                        "layer to quantize; loosen the patterns (they match full layer names with re.fullmatch)")
     for name in targets:
         h = reader._handle(reader.map[f"{name}.weight"])
         qcfg.weights.check_layer(name, h.get_slice(f"{name}.weight").get_shape()[1])

@@ -186,13 +186,20 @@ LAYER_CASES = [
 @pytest.mark.parametrize("spec,act,path", LAYER_CASES, ids=lambda v: str(getattr(v, "num_bits", v)))
 @pytest.mark.parametrize("shape", [(1, 256), (2, 3, 256), (2, 40, 256)])
 def test_quantlinear_paths_match_reference(spec, act, path, shape):
+    _check_forced_path(spec, act, path, shape, reference, BF16_TOL)
+
+
+def _check_forced_path(spec, act, path, shape, ref_fn, tol):
+    """Force `path`, check it is the one taken, and compare the output with `ref_fn(layer, x)`."""
     layer, _ = make_layer(spec, act=act)
     x = make_x(*shape)
     with force_kernel(path):
         assert layer.kernel_for(x) == path
         y = layer(x)
     assert y.shape == (*shape[:-1], 64) and y.dtype == torch.bfloat16
-    assert rel_err(y, reference(layer, x)) < BF16_TOL
+    ref = ref_fn(layer, x)
+    assert rel_err(y, ref) < tol
+    return layer, x, ref
 
 
 def test_quantlinear_matches_float_weights_within_quant_error():
@@ -387,14 +394,8 @@ ACT_CODE_CASES = [
 @pytest.mark.parametrize("spec,act,path", ACT_CODE_CASES, ids=lambda v: str(getattr(v, "num_bits", v)))
 @pytest.mark.parametrize("shape", [(1, 256), (2, 3, 256), (2, 40, 256)])
 def test_act_code_paths_match_dequantized_reference(spec, act, path, shape):
-    layer, _ = make_layer(spec, act=act)
-    x = make_x(*shape)
-    with force_kernel(path):
-        assert layer.kernel_for(x) == path
-        y = layer(x)
-    assert y.shape == (*shape[:-1], 64) and y.dtype == torch.bfloat16
-    ref = act_reference(layer, x)
-    assert rel_err(y, ref) < 5e-3  # bf16 output / weight rounding only: the activation codes are exact
+    # bf16 output / weight rounding only: the activation codes are exact
+    layer, x, ref = _check_forced_path(spec, act, path, shape, act_reference, 5e-3)
     with force_kernel("int8_act"):  # the true integer GEMM, same rounding of x
         assert rel_err(layer(x), ref) < 5e-3
 

@@ -552,3 +552,10 @@ def test_shards_have_the_mode_of_the_other_files(umask, tiny_llada, tmp_path):
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
     written = {k: v for k, v in modes.items() if k.endswith((".safetensors", ".json"))}
     assert set(written.values()) == {0o666 & ~umask}, modes
+
+
+def test_ignore_that_leaves_nothing_to_quantize_is_refused(tiny_llada, tmp_path, capsys):
+    out = tmp_path / "q"
+    code, _, err = run_cli(["quantize", str(tiny_llada), "--ignore", ".*", "--out", out], capsys)
+    _one_line(code, err)
+    assert "leaves no layer to quantize" in err and not out.exists()
