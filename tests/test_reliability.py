@@ -559,3 +559,15 @@ def test_ignore_that_leaves_nothing_to_quantize_is_refused(tiny_llada, tmp_path,
     code, _, err = run_cli(["quantize", str(tiny_llada), "--ignore", ".*", "--out", out], capsys)
     _one_line(code, err)
     assert "leaves no layer to quantize" in err and not out.exists()
+
+
+def test_tokenizer_ids_beyond_the_vocabulary_are_one_line(tmp_path, capsys):
+    """A tokenizer that does not match the model (ids beyond the embedding table) is refused, not an IndexError."""
+    from dllmq.models.tiny import write_tiny_llada
+
+    src = write_tiny_llada(tmp_path / "m", vocab_size=512, embedding_size=512, mask_token_id=511,
+                           eos_token_id=510, pad_token_id=510)  # its tokenizer keeps LLaDA's ids (126081, ...)
+    code, _, err = run_cli(["quantize", str(src), "--method", "gptq", "--group-size", "32", "--calib-mask", "none",
+                            "--calib-samples", "2", "--out", tmp_path / "q"], capsys)
+    assert code == 2 and "Traceback" not in err  # (the calibration progress line precedes the error)
+    assert "beyond the model's embedding table" in err.strip().splitlines()[-1] and not (tmp_path / "q").exists()

@@ -109,6 +109,12 @@ class BlockStream:
         if wte is None:
             wte = self.reader.get(f"{self.arch.embed_name}.weight")
         wte = wte.to(device=self.device, dtype=self.dtype)
+        top = max(int(b.ids.max()) for b in batches) if batches else -1
+        if top >= wte.shape[0]:
+            from ..errors import UserError
+
+            raise UserError(f"the tokenizer produced token id {top}, beyond the model's embedding table "
+                            f"({wte.shape[0]} rows): the tokenizer does not belong to this model; fix its files")
         for j, b in enumerate(batches):
             cache.set(j, F.embedding(b.ids.to(self.device), wte))
         del wte
