@@ -200,8 +200,9 @@ def quantize(
 
             capture = make_capture(blk, lambda on_batch, blk=blk: stream.run(blk, batches, cache, on_batch=on_batch),
                                    lambda j: _valid_rows(batches[j]), seed=i)
-            specs, shared = transform_block(method, blk, i, prefix, arch, config, capture, device)
+            specs = transform_block(method, blk, i, prefix, arch, config, capture, device)
             qcfg.transforms.update({prefix + n: s for n, s in specs.items()})
+            shared = {n for n, s in specs.items() if online_transforms.owner_of(s) is not None}
             groups = [[n for n in g if n in local_targets] for g in sequential_groups(arch)] if sequential \
                 else [local_targets]
             packed: dict[str, torch.Tensor] = {}
@@ -333,7 +334,7 @@ def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenC
 def _valid_rows(b: CalibBatch) -> torch.Tensor | None:
     """Flat bool [B*L] of the real tokens of a batch (None: all real). Padding, i.e. positions the
     calibration source marks invalid or the attention mask hides, never enters statistics."""
-    v = getattr(b, "valid", None)
+    v = b.valid
     if v is None and b.attention_mask is not None:
         v = b.attention_mask.bool()
     if v is None or bool(v.all()):
@@ -371,7 +372,7 @@ def _save_batches(batches: list[CalibBatch], f: Path) -> None:
             t[f"am{j}"] = b.attention_mask
         if b.confidence is not None:
             t[f"conf{j}"] = b.confidence.float()
-        if getattr(b, "valid", None) is not None:
+        if b.valid is not None:
             t[f"valid{j}"] = b.valid
     save_file({k: v.contiguous().clone() for k, v in t.items()}, str(f))  # batches may be views of one tensor
 
@@ -379,9 +380,5 @@ def _save_batches(batches: list[CalibBatch], f: Path) -> None:
 def _load_batches(f: Path) -> list[CalibBatch]:
     t = load_file(str(f))
     n = sum(1 for k in t if k.startswith("ids"))
-    out = [CalibBatch(ids=t[f"ids{j}"], attention_mask=t.get(f"am{j}"), masked=t[f"masked{j}"],
-                      confidence=t.get(f"conf{j}")) for j in range(n)]
-    for j, b in enumerate(out):
-        if f"valid{j}" in t:
-            b.valid = t[f"valid{j}"]
-    return out
+    return [CalibBatch(ids=t[f"ids{j}"], attention_mask=t.get(f"am{j}"), masked=t[f"masked{j}"],
+                       confidence=t.get(f"conf{j}"), valid=t.get(f"valid{j}")) for j in range(n)]

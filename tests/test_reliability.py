@@ -223,15 +223,21 @@ def _writer(out, **kw):
     return CheckpointWriter(out, **kw)
 
 
-def test_interrupt_after_a_block_keeps_partial_and_says_resume(tmp_path):
+def _interrupt_after(out, blocks_done):
+    """Ctrl-C inside a writer that has saved `blocks_done` blocks; returns the Interrupted it raises."""
     from dllmq.errors import Interrupted
 
-    out = tmp_path / "o"
     w = _writer(out, run_key="k")
     with pytest.raises(Interrupted) as ei:
         with w:
-            w.save_progress({"blocks_done": 1})
+            w.save_progress({"blocks_done": blocks_done})
             raise KeyboardInterrupt
+    return ei
+
+
+def test_interrupt_after_a_block_keeps_partial_and_says_resume(tmp_path):
+    out = tmp_path / "o"
+    ei = _interrupt_after(out, 1)
     assert ei.value.exit_code == 130
     assert "--resume" in str(ei.value) and "kept 1" in str(ei.value)
     assert (tmp_path / ".o.partial" / "progress.json").exists()
@@ -239,14 +245,7 @@ def test_interrupt_after_a_block_keeps_partial_and_says_resume(tmp_path):
 
 
 def test_interrupt_before_any_block_keeps_nothing(tmp_path):
-    from dllmq.errors import Interrupted
-
-    out = tmp_path / "o"
-    w = _writer(out, run_key="k")
-    with pytest.raises(Interrupted) as ei:
-        with w:
-            w.save_progress({"blocks_done": 0})
-            raise KeyboardInterrupt
+    ei = _interrupt_after(tmp_path / "o", 0)
     assert "nothing was kept" in str(ei.value)
     assert list(tmp_path.iterdir()) == []
 

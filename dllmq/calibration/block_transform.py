@@ -19,6 +19,7 @@ from torch import nn
 
 from ..quantization.methods.base import BlockContext
 from ..runtime import transforms as online_transforms
+from ..runtime.kv_quant import install_kv_quant
 from .blocks import StopBlock
 
 # run(on_batch) forwards every calibration batch through the block, calling on_batch(j) before batch j
@@ -29,7 +30,7 @@ def make_capture(blk: nn.Module, run: Runner, valid_of: Callable[[int], torch.Te
     def capture(names: list[str], max_tokens: int = 4096, reduce: bool = False):
         """Inputs of the named linears over the calibration batches (padding dropped). reduce=False: the
         rows, at most `max_tokens` (seeded subsample); reduce=True: {"absmax", "absmean", "tokens"} per
-        channel over every token, without keeping the rows."""
+        channel over every token, plus, when `max_tokens` > 0, the same "rows" subsample, in one pass."""
         got: dict = {n: [] for n in names}
         red: dict = {n: None for n in names}
         seen: set[str] = set()
@@ -44,7 +45,7 @@ def make_capture(blk: nn.Module, run: Runner, valid_of: Callable[[int], torch.Te
                 mx = xa.amax(0).cpu() if len(xa) else torch.zeros(x.shape[-1])
                 r, sm = red[n], xa.sum(0).cpu()
                 red[n] = (mx, sm, len(xa)) if r is None else (torch.maximum(r[0], mx), r[1] + sm, r[2] + len(xa))
-            else:
+            if not reduce or max_tokens:
                 got[n].append(x.float().cpu())
             seen.add(n)
             if len(seen) == len(names):  # the rest of the block is not needed
@@ -60,56 +61,48 @@ def make_capture(blk: nn.Module, run: Runner, valid_of: Callable[[int], torch.Te
         finally:
             for h in hs:
                 h.remove()
-        if reduce:
-            return {n: {"absmax": r[0], "absmean": r[1] / max(1, r[2]), "tokens": r[2]}
-                    for n, r in red.items() if r is not None}
-        res = {}
+        rows = {}
         for n, xs in got.items():
             x = torch.cat(xs) if xs else torch.empty(0)
             if max_tokens and x.shape[0] > max_tokens:
                 x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_tokens]]
-            res[n] = x
-        return res
+            rows[n] = x
+        if not reduce:
+            return rows
+        out = {n: {"absmax": r[0], "absmean": r[1] / max(1, r[2]), "tokens": r[2]} for n, r in red.items() if r is not None}
+        if max_tokens:
+            for n in out:
+                out[n]["rows"] = rows[n]
+        return out
 
     return capture
 
 
-def transform_block(method, blk: nn.Module, index: int, prefix: str, arch, config, capture,
-                    device=None) -> tuple[dict, set[str]]:
+def _install_kv(blk: nn.Module, arch, kv, prefix: str, specs: dict | None = None) -> None:
+    """K/V quantization and QuaRot's q/k rotation (with IA-AQ's V clip once `specs` holds it), when any applies."""
+    if kv is None or not (kv.enabled or kv.rotate_qk or any("v_clip" in s for s in (specs or {}).values())):
+        return
+    install_kv_quant(blk, arch, kv, rotate_qk=kv.rotate_qk, prefix=prefix,
+                     transforms=None if specs is None else {prefix + n: s for n, s in specs.items()})
+
+
+def transform_block(method, blk: nn.Module, index: int, prefix: str, arch, config, capture, device=None) -> dict:
     """Let `method` transform `blk` in place, installing its online transforms as it goes.
-    Returns ({local linear: spec}, {local linears whose transform is shared with another's})."""
-    installed: dict[str, nn.Module] = {}
+    Returns {local linear: spec}."""
+    inst = online_transforms.Installer(blk, prefix, device)
 
     def install(local: str, tspec: dict, tens: dict) -> None:
-        own = online_transforms.owner_of(tspec)
-        if own is not None:  # the owner's module, computed once per forward for all its consumers
-            mod = installed[own[len(prefix):]]
-            mod.consumers += 1
-        else:
-            mod = online_transforms.build(tspec, {k: v.detach().clone() for k, v in tens.items()})
-            if mod is None:
-                return
-            mod = mod.to(device) if device is not None else mod
-        online_transforms.install(blk.get_submodule(local), mod)
-        installed[local] = mod
+        inst.add(prefix + local, tspec, {k: v.detach().clone() for k, v in tens.items()})
 
-    # K/V quantization (and QuaRot's q/k rotation) is dynamic: in place before any statistics, so every
-    # capture sees attention as it will run; installed again at the end with the specs (IA-AQ's V clip)
+    # K/V quantization is dynamic: in place before any statistics, so every capture sees attention as it
+    # will run; installed again at the end with the specs (IA-AQ's V clip)
     kv = getattr(getattr(method, "qcfg", None), "kv_cache", None)
-    if kv is not None and (kv.enabled or kv.rotate_qk):
-        from ..runtime.kv_quant import install_kv_quant
-
-        install_kv_quant(blk, arch, kv, rotate_qk=kv.rotate_qk, prefix=prefix)
+    _install_kv(blk, arch, kv, prefix)
     with torch.no_grad():
         online = method.transform_block(blk, BlockContext(index, prefix, arch, config, capture, install))
     for local, (tspec, tens) in online.items():
-        if local not in installed:  # specs may gain fields later (e.g. a clip ratio): no new module then
+        if prefix + local not in inst.built:  # specs may gain fields later (e.g. a clip ratio): no new module
             install(local, tspec, tens)
     specs = {n: s for n, (s, _) in online.items()}
-    if kv is not None and (kv.enabled or kv.rotate_qk or any("v_clip" in s for s in specs.values())):
-        from ..runtime.kv_quant import install_kv_quant
-
-        install_kv_quant(blk, arch, kv, rotate_qk=kv.rotate_qk, transforms={prefix + n: s for n, s in specs.items()},
-                         prefix=prefix)
-    shared = {n for n, s in specs.items() if online_transforms.owner_of(s) is not None}
-    return specs, shared
+    _install_kv(blk, arch, kv, prefix, specs)
+    return specs

@@ -15,8 +15,8 @@ stored in the shards as `<layer>.input_transform.<name>`:
 A DuQuant transform shared by several linears reading the same input (q/k/v; gate/up) is stored once,
 on the first of them; the others record {"type": "duquant", "shared_with": <that layer's full name>}
 and get the very same module, which computes the product once per forward for all its consumers.
-A transform dict may also carry {"act_clip": r}: the activation clipping ratio chosen for that
-layer's input (IA-AQ for the attention output projection).
+The attention output projection's dict may also carry IA-AQ's {"v_clip": a, "v_bits": b} (the clip and bits
+of the attention values, used by runtime/kv_quant.py), or, in older checkpoints, {"act_clip": r}.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class OnlineDuQuant(nn.Module):
         super().__init__()
         self.consumers = 1
         self._memo: tuple | None = None  # (input tensor, its version, output, hits)
+        self._built: tuple | None = None  # (buffers it was built from, DuQuantTransform)
         for k in ("rot1", "perm", "rot2"):
             if k not in tensors:
                 raise UserError(f"DuQuant transform tensor {k!r} is missing from the checkpoint")
@@ -86,9 +87,13 @@ class OnlineDuQuant(nn.Module):
         self.register_buffer("smooth_scale", tensors.get("smooth_scale"))
 
     def transform(self):
+        """The DuQuantTransform over the current buffers, validated once (rebuilt only after .to() etc.)."""
         from ..quantization.duquant import DuQuantTransform
 
-        return DuQuantTransform(self.smooth_scale, self.rot1, self.perm, self.rot2)
+        bufs = (self.smooth_scale, self.rot1, self.perm, self.rot2)
+        if self._built is None or any(a is not b for a, b in zip(self._built[0], bufs)):
+            self._built = (bufs, DuQuantTransform(*bufs))
+        return self._built[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self._memo
@@ -149,24 +154,36 @@ def owner_of(spec: dict) -> str | None:
     return spec.get("shared_with")
 
 
+class Installer:
+    """Installs transforms one layer at a time on the submodules of `root` (named by full layer name minus
+    `prefix`); a shared transform gets its owner's module, which then has one more consumer."""
+
+    def __init__(self, root: nn.Module, prefix: str = "", device=None):
+        self.root, self.prefix, self.device = root, prefix, device
+        self.built: dict[str, nn.Module] = {}  # full layer name -> installed module
+
+    def add(self, name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> None:
+        own = owner_of(spec)
+        if own is not None:
+            if own not in self.built:
+                raise UserError(f"transform of {name} is shared with {own}, which has none; the checkpoint is corrupt")
+            mod = self.built[own]
+            mod.consumers += 1
+        else:
+            mod = build(spec, tensors)
+            if mod is None:
+                return
+            if self.device is not None:
+                mod = mod.to(self.device)
+        self.built[name] = mod
+        install(self.root.get_submodule(name[len(self.prefix):]), mod)
+
+
 def install_all(root: nn.Module, specs: dict[str, dict], tensors_of, prefix: str = "", device=None) -> dict:
     """Build and install the transforms `specs` ({full layer name: spec}) on the submodules of `root`
     (whose names are the full names minus `prefix`). `tensors_of(full_name)` gives a layer's stored
     tensors. Shared transforms get their owner's module. Returns {full name: module}."""
-    built: dict[str, nn.Module] = {}
-    for name, spec in sorted(specs.items(), key=lambda kv: owner_of(kv[1]) is not None):
-        own = owner_of(spec)
-        if own is not None:
-            if own not in built:
-                raise UserError(f"transform of {name} is shared with {own}, which has none; the checkpoint is corrupt")
-            mod = built[own]
-            mod.consumers = getattr(mod, "consumers", 1) + 1
-        else:
-            mod = build(spec, tensors_of(name))
-            if mod is None:
-                continue
-            if device is not None:
-                mod = mod.to(device)
-        built[name] = mod
-        install(root.get_submodule(name[len(prefix):]), mod)
-    return built
+    inst = Installer(root, prefix, device)
+    for name, spec in sorted(specs.items(), key=lambda kv: owner_of(kv[1]) is not None):  # owners first
+        inst.add(name, spec, {} if owner_of(spec) else tensors_of(name))
+    return inst.built

@@ -39,11 +39,11 @@ class AWQ(Method):
                 nxt = block.get_submodule(feed.targets[0])
                 if prev.weight.shape[0] != nxt.weight.shape[1]:
                     continue  # GQA v_proj -> o_proj: channels do not map one to one
-            X = ctx.capture_inputs([feed.targets[0]], max_tokens)[feed.targets[0]]
-            if X.numel() == 0:
+            st = ctx.channel_stats([feed.targets[0]], rows=max_tokens).get(feed.targets[0])
+            if st is None or st["rows"].numel() == 0:
                 continue
             lins = [block.get_submodule(t) for t in feed.targets]
-            x_mean = ctx.channel_stats([feed.targets[0]])[feed.targets[0]]["absmean"]  # every token, as llm-awq
+            X, x_mean = st["rows"], st["absmean"]  # rows for the search; mean |x| over every token, as llm-awq
             scales, sinfo = awq_search_scales(x_mean, [l.weight.detach().float() for l in lins], spec, X=X,
                                               grid=int(o.get("grid", 20)), duo_scaling=bool(o.get("duo_scaling", True)))
             fold_scales(block.get_submodule(feed.source), lins, scales.to(lins[0].weight.device))

@@ -36,10 +36,11 @@ class BlockContext:
     # through the transforms of earlier ones, never through folded weights without their online half).
     install: Callable[[str, dict, dict], None] = lambda name, spec, tensors: None
 
-    def channel_stats(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    def channel_stats(self, names: list[str], rows: int = 0) -> dict[str, dict[str, torch.Tensor]]:
         """Per-channel max|x| ("absmax") and mean|x| ("absmean") of the named linears' inputs over every
-        calibration token (padding excluded), without keeping the rows."""
-        return self.capture_inputs(names, 0, reduce=True)
+        calibration token (padding excluded); with `rows` > 0 also "rows", at most that many input rows
+        (the seeded subsample `capture_inputs` returns), from the same pass."""
+        return self.capture_inputs(names, rows, reduce=True)
 
 
 class Method:
@@ -98,7 +99,7 @@ class Method:
         show = display or (lambda k: f"option {k!r}")
         given = {k: v for k, v in (given or {}).items() if v is not None}
         for k, v in given.items():
-            if k not in cls.OPTIONS and v is not False:
+            if k not in cls.OPTIONS and v is not False:  # an explicit "off" (--no-cgq) of a foreign switch is harmless
                 raise UserError(f"{show(k)} does not apply to --method {cls.name}; it accepts: "
                                 f"{', '.join(show(o) for o in sorted(cls.OPTIONS)) or 'no options'}")
         given = {k: v for k, v in given.items() if k in cls.OPTIONS}

@@ -66,7 +66,7 @@ class _WeightAct(Method):
     def _smooth_qk(self, block, ctx: BlockContext) -> None:
         """With K quantized, smooth between queries and keys first (the DuQuant/SmoothQuant reference code's
         qkt smoothing): key outlier channels move into the queries, which stay in floating point."""
-        if not self.qcfg.kv_cache.enabled or not self.qcfg.kv_cache.num_bits:
+        if not self.qcfg.kv_cache.enabled:
             return
         qkv = next(f for f in ctx.arch.feeds if f.kind == "norm" and len(f.targets) == 3)
         q_name, k_name = qkv.targets[0], qkv.targets[1]
@@ -99,11 +99,9 @@ class _WeightAct(Method):
         bits = ia_aq_value_bits(kv, self.qcfg.activations)
         install_kv_quant(block, arch, kv, rotate_qk=kv.rotate_qk)  # P from the keys the runtime will see
         core = block.get_submodule(arch.attn_core)
-        # Any capture that reaches the attention core drives the batches through it; reduce=True (when the
-        # pipeline offers it) keeps no rows, and the capture's StopBlock skips the rest of the block.
-        stats = getattr(ctx, "channel_stats", None)
-        run = (lambda: stats([arch.attn_core])) if stats is not None else (lambda: ctx.capture_inputs([arch.attn_core], 1))
-        meter = search_value_clip(core, run, kv.act_spec(num_bits=bits))
+        # Any capture that reaches the attention core drives the batches through it; channel_stats keeps no
+        # rows, and the capture's StopBlock skips the rest of the block.
+        meter = search_value_clip(core, lambda: ctx.channel_stats([arch.attn_core]), kv.act_spec(num_bits=bits))
         if meter.tokens == 0:
             return
         entry = {"v_clip": meter.best(), "v_bits": bits}
@@ -227,10 +225,10 @@ class DuQuant(_WeightAct):
         for group in groups:
             # rows for fitting the rotations, smoothing from max|x| over every token; both through the
             # transforms of the earlier groups (installed below as soon as each is folded)
-            X = ctx.capture_inputs([group[0]], 8192)[group[0]]
-            if X.numel() == 0:
+            st = ctx.channel_stats([group[0]], rows=8192).get(group[0])
+            if st is None or st["rows"].numel() == 0:
                 continue
-            absmax = ctx.channel_stats([group[0]])[group[0]]["absmax"]
+            X, absmax = st["rows"], st["absmax"]
             lins = [block.get_submodule(t) for t in group]
             alpha = o.get("alpha", 0.5)
             t = duquant_transform(X, [l.weight.detach().float() for l in lins], block=int(o.get("block", 128)),
