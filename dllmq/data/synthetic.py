@@ -1236,7 +1236,7 @@ def _train_candidate(family: str, rng: random.Random,
 
 
 def training_stream(seed: int = DEFAULT_SEED,
-                    length_fn: Callable[[str], int] | None = None) -> Iterator[dict]:
+                    length_fn: Callable[[str], int] | None = None, shard: int = 0) -> Iterator[dict]:
     """Infinite deterministic mix of training items (token shares: :data:`MIXTURE`).
 
     Yields ``{"prompt": str, "response": str}`` (chat SFT: wrap the prompt as a
@@ -1246,12 +1246,13 @@ def training_stream(seed: int = DEFAULT_SEED,
     used.  ``length_fn`` measures an item's text (:func:`item_text`) for the
     token-share balancing; pass ``lambda s: len(tok(s).input_ids)`` for exact
     token shares (default :func:`approx_tokens`).  The stdlib part depends on
-    the interpreter version.
+    the interpreter version.  ``shard`` > 0 gives an independent stream over the same
+    world (one per data-loader worker); shard 0 is the historical stream.
     """
     from dllmq.data.corpus import stdlib_documents  # local: loads files lazily
 
     measure = length_fn or approx_tokens
-    rng = random.Random(f"train-stream-{seed}")
+    rng = random.Random(f"train-stream-{seed}" + (f"-{shard}" if shard else ""))
     world = build_world(seed)
     sources = list(MIXTURE)
     # running (total length, item count) per source, with a weak common prior

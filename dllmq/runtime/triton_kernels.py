@@ -240,7 +240,7 @@ def _w4a8_matmul_kernel(
             )
             nibble = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
             b = (nibble - 8).to(tl.int8)  # [BLOCK_K, BLOCK_N] signed codes
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # triton 3.6 checks acc dtype == out_dtype (default fp32)
         if PER_CHANNEL:
             y = acc.to(tl.float32)
         else:
