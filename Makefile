@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e ".[plot]"
 	$(BIN)/dllmq demo
 
 test: $(STAMP)
@@ -26,7 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 train-tiny: $(STAMP)
-	$(BIN)/python examples/train_tiny_dllm.py --out dllmq/bundled/tiny-llada
+	$(BIN)/python examples/train_tiny_dllm.py --out dllmq/bundled/tiny-llada --tokenizer dllmq/bundled/tiny-llada
 
 clean:
 	rm -rf $(VENV) build *.egg-info

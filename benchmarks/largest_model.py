@@ -93,7 +93,7 @@ def main() -> None:
     cmd = [str(Path(sys.executable).parent / "dllmq"), "quantize", str(src), "--method", args.method, "--w", "4",
            "--group-size", "128", "--out", str(dst), "--overwrite", "--json"]
     if args.method != "rtn":
-        cmd += ["--calib-samples", "4", "--calib-seqlen", "64", "--calib-mask", "random"]
+        cmd += ["--calib-samples", "4", "--calib-seq-len", "64", "--calib-mask", "random"]
     t1 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t1

@@ -6,6 +6,7 @@ run. Writes benchmarks/results/method_matrix.{md,json}.
 
     python benchmarks/method_matrix.py                  # ~15 min on 2 cores
     python benchmarks/method_matrix.py --bits 4 --quick # a smaller matrix
+    python benchmarks/method_matrix.py --quick --bits 3 --tasks tiny-code tiny-mc --out benchmarks/results/method_matrix_w3
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def quantize_config(src, out, method, bits, group_size, mask, opts, samples):
 def evaluate(path, tasks, gcfg, mc_num):
     m = load(path, dtype=None)
     tok = load_tokenizer(m.source_path)
-    return {t: run_task(t, m, tok, gcfg, mc_num=mc_num).to_dict(with_samples=False) for t in tasks}
+    # tiny-code runs the model's programs in dllmq's code sandbox (evaluation/execution.py), as `--allow-code-execution`
+    return {t: run_task(t, m, tok, gcfg, mc_num=mc_num, allow_exec=t == "tiny-code").to_dict(with_samples=False)
+            for t in tasks}
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -88,7 +91,7 @@ def main():
     args.out.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows},
                                                         indent=2))
     fp = rows[0]["tasks"]
-    head = "| method | W | " + " | ".join(f"{t} (%)" for t in args.tasks) + " | Δ math vs FP | quantize (s) |"
+    head = "| method | W | " + " | ".join(f"{t} (%)" for t in args.tasks) + f" | Δ {args.tasks[0]} vs FP | quantize (s) |"
     lines = [head, "|" + "---|" * (len(args.tasks) + 4)]
     for r in rows:
         cells = [f"{100 * r['tasks'][t]['value']:.1f} ± {100 * r['tasks'][t]['stderr']:.1f}" for t in args.tasks]

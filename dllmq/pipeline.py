@@ -29,7 +29,7 @@ from .checkpoint.format import QuantizationConfig
 from .checkpoint.serialize import packed_tensors
 from .checkpoint.writer import CheckpointWriter, check_target
 from .errors import UserError
-from .models.loading import ShardReader, build_empty, load_model, load_tokenizer, parse, read_config, resolve_model_path
+from .models.loading import ShardReader, build_empty, load_tokenizer, parse, read_config, resolve_model_path
 from .quantization.methods import get_method
 from .quantization.qweight import QuantizedWeight
 from .runtime import transforms as online_transforms
@@ -120,6 +120,9 @@ def quantize(
     show_progress: bool = True,
 ) -> QuantizeResult:
     t_start = time.time()
+    from .calibration.fp_model import resolve_device
+
+    device = resolve_device(device)  # "auto": CUDA when available
     out = Path(out)
     check_target(out, overwrite)  # fail fast, before reading gigabytes
     src = resolve_model_path(model, revision)
@@ -167,7 +170,6 @@ def quantize(
     created = writer.progress.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     with writer, progress(show_progress) as prog:
-        nonblock = _nonblock(reader, arch, config, method) if start_block == 0 else None
         batches: list[CalibBatch] = []
         cache = None
         if method.needs_calibration:
@@ -178,6 +180,9 @@ def quantize(
                 cset = _build_calibration(src, arch, calib, method.wants_confidence, device, prog)
                 batches, calib_desc = cset.batches, cset.description
                 _save_batches(batches, state_file)
+        # after the calibration's full-precision model is gone: the two never take memory together
+        nonblock = _nonblock(reader, arch, config, method) if start_block == 0 else None
+        if method.needs_calibration:
             cache = HiddenCache(len(batches), offload_dir)
             if start_block == 0:
                 stream.embed(batches, cache, nonblock[f"{arch.embed_name}.weight"])
@@ -190,13 +195,21 @@ def quantize(
             del nonblock
             writer.save_progress({"blocks_done": 0, "created": created, "calibration": calib_desc, "reports": []})
 
-        task = prog.add_task("quantize", total=len(targets), info="") if prog else None
-        if prog and start_block:
-            prog.update(task, completed=sum(1 for r in reports))
+        # One unit of the bar = one block, which is what costs time: its forward passes over every calibration
+        # batch (statistics, then the next block's inputs), the quantization of its linears, its shard. Inside a
+        # block the bar advances stage by stage in proportion to the weights involved (_BlockWork), and the ETA
+        # is the time per block so far times the blocks left (ui.EtaColumn).
+        n_layers = config.num_layers
+        task = prog.add_task("quantize", total=n_layers, completed=start_block, done_before=start_block,
+                             info="") if prog else None
         for i in range(start_block, config.num_layers):
             prefix = f"{arch.blocks_path}.{i}."
+            work = _BlockWork(prog, task, i, n_layers, len(reports), len(targets))
+            work.stage("reading the block")
             blk = stream.materialize(i)
             local_targets = [n for n in arch.block_linears if prefix + n in target_set]
+            work.plan(blk, local_targets, sequential_groups(arch) if sequential else [local_targets],
+                      method.needs_calibration)
 
             capture = make_capture(blk, lambda on_batch, blk=blk: stream.run(blk, batches, cache, on_batch=on_batch),
                                    lambda j: _valid_rows(batches[j]), seed=i)
@@ -209,8 +222,11 @@ def quantize(
             for group in [g for g in groups if g]:
                 stats = {n: method.new_stats(prefix + n) for n in group}
                 if method.needs_calibration and any(s is not None for s in stats.values()):
+                    work.stage(f"inputs of {', '.join(group)}")
                     _collect(stream, blk, batches, cache, stats, method)
+                work.done_collect(group)
                 for n in group:
+                    work.stage(n)
                     t0 = time.time()
                     lin = blk.get_submodule(n)
                     w = lin.weight.detach() if method.rewrites_weights else \
@@ -224,8 +240,7 @@ def quantize(
                         lin.weight.copy_(wh.to(lin.weight.dtype))  # later groups see quantized outputs
                     packed.update({f"{prefix}{n}.{k}": v for k, v in packed_tensors(qw).items()})
                     reports.append(LayerReport(prefix + n, tuple(w.shape), err, round(time.time() - t0, 4), kind))
-                    if prog:
-                        prog.update(task, advance=1, info=f"block {i + 1}/{config.num_layers} {n}")
+                    work.done_linear(n)
                 stats.clear()
             tensors = {}
             for n, t in blk.state_dict().items():
@@ -236,8 +251,10 @@ def quantize(
                     continue  # a shared transform is stored once, with its owner
                 tensors[prefix + n] = stream.stored(prefix + n, t, method.rewrites_weights)
             tensors.update(packed)
+            work.stage("writing the shard")
             writer.write_shard(f"block-{i:05d}", tensors)
             if method.needs_calibration:
+                work.stage("next block's inputs")
                 nxt = HiddenCache(len(batches), Path(offload_dir) / f"b{(i + 1) % 2}" if offload_dir else None)
                 with torch.no_grad():
                     stream.run(blk, batches, cache, out=nxt)
@@ -248,6 +265,7 @@ def quantize(
             reader.close()
             writer.save_progress({"blocks_done": i + 1, "created": created, "calibration": calib_desc,
                                   "reports": [asdict(r) for r in reports], "transforms": qcfg.transforms})
+            work.finish()
 
         raw_out = dict(raw)
         raw_out["quantization_config"] = qcfg.to_dict()
@@ -263,6 +281,56 @@ def quantize(
         }
         writer.finalize(raw_out, src, manifest)
     return QuantizeResult(out, reports, time.time() - t_start, src, calib_desc)
+
+
+class _BlockWork:
+    """Progress inside block i of the quantize bar (one unit per block). The block's unit is split over its
+    stages in proportion to their cost, estimated from the weights they touch: collecting a group's inputs
+    runs the block up to that group (the weights of the groups so far), quantizing a linear costs its weight,
+    and computing the next block's inputs runs the whole block. The split only shapes the bar inside a block;
+    the ETA comes from whole blocks."""
+
+    def __init__(self, prog, task, i: int, n_blocks: int, layers_done: int, layers_total: int):
+        self.prog, self.task, self.i, self.n_blocks = prog, task, i, n_blocks
+        self.layers_done, self.layers_total = layers_done, layers_total
+        self.cost: dict = {}
+        self.done = 0.0
+
+    def plan(self, blk, local: list[str], groups: list[list[str]], calibrated: bool) -> None:
+        size = {n: blk.get_submodule(n).weight.numel() for n in local}
+        seen, cost = 0, {}
+        for g in [[n for n in g if n in size] for g in groups]:
+            if not g:
+                continue
+            seen += sum(size[n] for n in g)
+            cost[("collect", tuple(g))] = seen if calibrated else 0
+            cost.update({("linear", n): size[n] for n in g})
+        cost["next"] = sum(size.values()) if calibrated else 0
+        total = sum(cost.values()) or 1
+        self.cost = {k: v / total for k, v in cost.items()}
+
+    def stage(self, what: str) -> None:
+        if self.prog:
+            self.prog.update(self.task, info=f"block {self.i + 1}/{self.n_blocks} {what} "
+                                             f"({self.layers_done}/{self.layers_total} linears)")
+
+    def _advance(self, key) -> None:
+        f = self.cost.pop(key, 0.0)
+        self.done += f
+        if self.prog and f:
+            self.prog.update(self.task, advance=f)
+
+    def done_collect(self, group: list[str]) -> None:
+        self._advance(("collect", tuple(group)))
+
+    def done_linear(self, n: str) -> None:
+        self.layers_done += 1
+        self._advance(("linear", n))
+
+    def finish(self) -> None:
+        if self.prog:  # whatever is left of the block's unit (the next inputs, rounding): exactly i + 1 blocks done
+            self.prog.update(self.task, completed=self.i + 1)
+        self.cost.clear()
 
 
 def _nonblock(reader: ShardReader, arch, config, method) -> dict[str, torch.Tensor]:
@@ -348,19 +416,43 @@ def _build_calibration(src: Path, arch, calib: CalibOptions, want_conf: bool, de
 
     tok = load_tokenizer(src)
     items = load_items(calib.calib, calib.samples, calib.seed, seq_len=calib.seq_len)
-    fp = None
-    if calib.mask == "tmas" or want_conf:
-        # TMAS runs the model's own sampler, CGQ needs its confidences: the full-precision model
-        # is loaded once here, then freed before the block-by-block pass.
-        fp = load_model(src, device=device, dtype=torch.bfloat16 if device != "cpu" else torch.float32)
+    fp, fwd = None, None
     if prog:
         prog.console.print(f"calibration: {len(items)} samples, mask mode {calib.mask}")
+    if calib.mask == "tmas" or want_conf:
+        # TMAS runs the model's own sampler, CGQ needs its confidences: the full-precision model runs in
+        # bfloat16, whole when it fits the device, else streamed block by block (calibration/fp_model.py);
+        # it is freed before the block-by-block pass.
+        from .calibration.fp_model import LayerwiseLM, plan
+
+        config = arch.parse_config(read_config(src))
+        rows = calib.batch_size * (calib.seq_len + (calib.tmas.gen_length if calib.mask == "tmas" else 0))
+        p = plan(src, device, activations_bytes=rows * config.vocab_size * 4 * 3)  # logits, fp32 softmax
+        fp = LayerwiseLM(src, device, whole=p.mode == "whole")
+        if prog:
+            prog.console.print(f"calibration model: {'whole' if p.mode == 'whole' else 'streamed one block at a time'}"
+                               f" in bfloat16 on {device} ({_gib(p.model_bytes)} GiB; {p.reason})", highlight=False)
+        fwd = p
+    t0 = time.perf_counter()
     cset = build(items, tok, fp.mask_token_id if fp else arch.parse_config(read_config(src)).mask_token_id,
                  calib.mask, calib.seq_len, calib.seed, calib.batch_size, fp_model=fp,
                  want_confidence=want_conf, tmas=calib.tmas)
+    if fp is not None:
+        st = fp.stats.to_dict()
+        fp.close()
+        desc = {**fwd.to_dict(), **st, "seconds": round(time.perf_counter() - t0, 3)}
+        cset.description["fp_forward"] = desc
+        if prog:
+            prog.console.print(f"calibration model: {st['passes']} passes over the weights in {desc['seconds']:.1f} s, "
+                               f"{st['load_seconds']:.1f} s of it reading blocks from the shards "
+                               f"({st['block_loads']} block loads)", highlight=False)
     del fp
     cset.description.update({"source": calib.calib, "tokens": cset.n_tokens})
     return cset
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
 
 
 def _save_batches(batches: list[CalibBatch], f: Path) -> None:

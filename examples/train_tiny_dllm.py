@@ -1,6 +1,6 @@
 """Train the bundled tiny LLaDA-architecture masked-diffusion LM on this CPU.
 
-    python examples/train_tiny_dllm.py --out dllmq/bundled/tiny-llada          # ~70 min on 2 cores
+    python examples/train_tiny_dllm.py --out dllmq/bundled/tiny-llada          # hours on 2 cores
     python examples/train_tiny_dllm.py --device cuda --workers 14 --time-budget 420 \
         --tokenizer dllmq/bundled/tiny-llada --out /tmp/tiny                  # one GPU, 7 minutes
 
@@ -44,7 +44,8 @@ from dllmq.diffusion.masking import forward_process
 from dllmq.models.llada import LLADA
 from dllmq.models.tiny import llada_config
 
-ARCH = dict(d_model=256, n_layers=6, n_heads=4, n_kv_heads=4, mlp_hidden_size=768, rope_theta=10000.0,
+# the bundled model's shape (the previous, CPU-trained one was d_model 256, 6 blocks, 4 heads, MLP 768)
+ARCH = dict(d_model=384, n_layers=8, n_heads=6, n_kv_heads=6, mlp_hidden_size=1024, rope_theta=10000.0,
             max_sequence_length=512)
 
 

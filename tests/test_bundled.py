@@ -21,7 +21,7 @@ def test_bundled_is_default_and_small():
     assert p == resolve_model_path("tiny")
     cfg = json.loads((p / "config.json").read_text())
     assert cfg["model_type"] == "llada" and "auto_map" not in cfg
-    assert sum(f.stat().st_size for f in p.glob("*.safetensors")) < 25 * 2**20
+    assert sum(f.stat().st_size for f in p.glob("*.safetensors")) < 40 * 2**20  # 17.3M parameters in bf16: 33 MiB
     assert (p / "README.md").exists() and (p / "training_log.csv").exists()
 
 

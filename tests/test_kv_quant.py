@@ -211,7 +211,7 @@ def test_cli_asymmetric_activation_default_and_flags(tiny_llada, tmp_path, capsy
     from cli_helpers import run_cli
 
     base = ["quantize", tiny_llada, "--method", "smoothquant", "--w", "8", "--a", "4", "--group-size", "-1",
-            "--calib-mask", "random", "--calib-samples", "4", "--calib-seqlen", "24", "--json"]
+            "--calib-mask", "random", "--calib-samples", "4", "--calib-seq-len", "24", "--json"]
     code, _, err = run_cli(base + ["--out", tmp_path / "a"], capsys)
     assert code == 0, err
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]

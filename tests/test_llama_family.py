@@ -90,7 +90,7 @@ def test_cli_gptq_quantize(llama_dir, tmp_path, capsys):
                              for i in range(8)))
     out = tmp_path / "q"
     code, stdout, err = run_cli(["quantize", path, "--method", "gptq", "--calib-mask", "none", "--calib", calib,
-                                 "--calib-samples", "8", "--calib-seqlen", "32", "--group-size", "32", "--out", out,
+                                 "--calib-samples", "8", "--calib-seq-len", "32", "--group-size", "32", "--out", out,
                                  "--json"], capsys)
     assert code == 0, err
     summary = json.loads(stdout)

@@ -251,8 +251,9 @@ def test_dry_run_uploads_nothing(ckpt, hub, monkeypatch, tmp_path, capsys):
 
     # NLL-style results from outside the folder: uploaded as eval_results.json, quoted on the card
     res = tmp_path / "nll.json"
-    res.write_text(json.dumps({"models": [{"label": "full precision", "nll": 5.5, "disk_bytes": 2048},
-                                          {"label": "quantized", "nll": 5.75, "agreement": 0.875}],
+    res.write_text(json.dumps({"models": [{"label": "full precision", "model": "GSAI-ML/LLaDA-8B-Instruct",
+                                           "nll": 5.5, "disk_bytes": 2048},
+                                          {"label": "quantized", "model": str(ckpt), "nll": 5.75, "agreement": 0.875}],
                                "config": {"seq_len": 128}}))
     code, out, err = run_cli(["push", ckpt, REPO, "--dry-run", "--json", "--revision", "dev", "--results", res], capsys)
     assert code == 0, err
@@ -323,3 +324,98 @@ def test_hub_http_errors_one_line(status, message, ckpt, hub, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert TOKEN not in out + err
     assert not hub.commits
+
+
+# ---------------------------------------------------------------------------------------------- issue 16
+def _task_results(fp: str, quantized: str) -> dict:
+    """The shape `dllmq eval MODEL --tasks ... --output` writes."""
+    return {"models": [
+        {"label": "full precision", "model": fp,
+         "tasks": {"tiny-math": {"task": "tiny-math", "metric": "exact_match", "value": 0.5, "stderr": 0.1, "n": 10}}},
+        {"label": "quantized", "model": quantized,
+         "tasks": {"tiny-math": {"task": "tiny-math", "metric": "exact_match", "value": 0.4, "stderr": 0.1, "n": 10}}}],
+        "config": {"tasks": ["tiny-math"], "limit": 10}, "command": "dllmq eval ..."}
+
+
+def _variant(ckpt, tmp_path, name, **weights):
+    """A copy of the checkpoint whose quantization_config differs (or not, without weights=...)."""
+    other = tmp_path / name
+    shutil.copytree(ckpt, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["quantization_config"]["weights"].update(weights)
+    (other / "config.json").write_text(json.dumps(cfg))
+    return other
+
+
+def test_results_of_another_checkpoint_refused(ckpt, hub, tmp_path, capsys):
+    other = _variant(ckpt, tmp_path, "tiny-w4-g64", group_size=64)
+    res = tmp_path / "other.json"
+    res.write_text(json.dumps(_task_results("GSAI-ML/LLaDA-8B-Instruct", str(other))))
+    code, out, err = run_cli(["push", ckpt, REPO, "--dry-run", "--results", res], capsys)
+    assert code == 2 and "does not belong to this checkpoint" in err and "group_size" in err and "--force" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and hub.requests == []
+
+    # the same results, forced: accepted, and the plan says they were not matched
+    code, out, err = run_cli(["push", ckpt, REPO, "--dry-run", "--json", "--force", "--results", res], capsys)
+    assert code == 0, err
+    assert json.loads(out)["results_matched"] is False
+
+    # a copy with the same settings and base model is the same checkpoint
+    same = _variant(ckpt, tmp_path, "copy")
+    res.write_text(json.dumps(_task_results("GSAI-ML/LLaDA-8B-Instruct", str(same))))
+    code, out, err = run_cli(["push", ckpt, REPO, "--dry-run", "--json", "--results", res], capsys)
+    assert code == 0, err
+    assert json.loads(out)["results_matched"] is True
+
+
+@pytest.mark.parametrize("doc,message", [
+    (lambda c: _task_results("GSAI-ML/LLaDA-8B-Instruct", "someone/else-w4"), "none of its models"),
+    (lambda c: _task_results("Dream-org/Dream-v0-Instruct-7B", str(c)), "full-precision record is Dream-org"),
+    (lambda c: {"gsm8k": {"exact_match": 0.5}}, "no per-model records"),
+])
+def test_unmatched_results_refused(doc, message, ckpt, hub, tmp_path, capsys):
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps(doc(ckpt)))
+    code, out, err = run_cli(["push", ckpt, REPO, "--results", res], capsys)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and hub.requests == []
+
+
+def test_dry_run_prints_whole_card_with_model_index(ckpt, hub, monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("HF_TOKEN")
+    res = tmp_path / "w4.json"
+    res.write_text(json.dumps(_task_results("GSAI-ML/LLaDA-8B-Instruct", str(ckpt))))
+    code, out, err = run_cli(["push", ckpt, REPO, "--dry-run", "--results", res], capsys)
+    assert code == 0, err
+    assert f"# {REPO}\n" in out  # the title names the owner
+    for section in ("## Quantization", "## Evaluation", "## Usage", "## Files"):
+        assert section in out, section
+    assert "pip install -e ." in out and "pip install dllmq" not in out  # as README's install section says
+
+    code, out, err = run_cli(["push", ckpt, REPO, "--dry-run", "--json", "--results", res], capsys)
+    meta = json.loads(out)["card_metadata"]
+    (entry,) = meta["model-index"]
+    assert entry["name"] == REPO
+    (result,) = entry["results"]
+    assert result["task"]["type"] == "text-generation" and result["dataset"]["type"] == "tiny-math"
+    assert result["metrics"] == [{"type": "exact_match", "name": "exact_match", "value": 0.4}]  # the quantized one
+
+
+def test_card_shows_patterns_unescaped_and_cgq_only_when_used(ckpt):
+    import dataclasses
+
+    from dllmq.hub.card import build_card
+    from dllmq.hub.push import validate_checkpoint
+
+    c = validate_checkpoint(ckpt)
+    q = dataclasses.replace(c.qcfg, method="gptq", ignore=[r"model\.transformer\.ff_out", r".*(q|k)_proj"],
+                            method_args={"damp": 0.01, "act_order": True, "cgq": False, "cgq_masked": 1.0,
+                                         "cgq_visible": 0.5})
+    card = str(build_card(dataclasses.replace(c, qcfg=q), REPO))
+    assert "`model.transformer.ff_out`" in card and "model\\." not in card
+    assert "```text\n.*(q|k)_proj\n```" in card and "\\|" not in card
+    assert "CGQ masked" not in card and "CGQ visible" not in card and "GPTQ dampening" in card
+
+    q = dataclasses.replace(q, method_args={**q.method_args, "cgq": True})
+    card = str(build_card(dataclasses.replace(c, qcfg=q), REPO))
+    assert "| CGQ masked-token weight | 1 |" in card and "| CGQ visible-token weight | 0.5 |" in card

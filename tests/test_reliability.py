@@ -328,7 +328,7 @@ def test_ctrl_c_during_quantize(tmp_path):
     is kept and resumable, a concurrent run on the same --out is refused meanwhile, and --resume finishes."""
     out = tmp_path / "q"
     args = [sys.executable, "-m", "dllmq.cli.main", "quantize", "tiny", "--method", "gptq", "--calib-samples", "2",
-            "--calib-seqlen", "32", "--tmas-steps", "8", "--tmas-gen-length", "16", "--tmas-block-length", "8",
+            "--calib-seq-len", "32", "--tmas-steps", "8", "--tmas-gen-length", "16", "--tmas-block-length", "8",
             "--tmas-states", "1", "--out", str(out), "--json"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
@@ -570,3 +570,379 @@ def test_tokenizer_ids_beyond_the_vocabulary_are_one_line(tmp_path, capsys):
                             "--calib-samples", "2", "--out", tmp_path / "q"], capsys)
     assert code == 2 and "Traceback" not in err  # (the calibration progress line precedes the error)
     assert "beyond the model's embedding table" in err.strip().splitlines()[-1] and not (tmp_path / "q").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure: a checkpoint is checked against its config (every layer, shapes, dtypes) before the final
+# rename, by `push` (also --dry-run) and by `info`; not only its hashes
+
+
+def _rehash(path):
+    """Re-sign every listed file, as someone editing a checkpoint by hand would."""
+    def fn(m):
+        for name in m["files"]:
+            f = path / name
+            m["files"][name] = {"sha256": _sha(f), "bytes": f.stat().st_size}
+        return m
+    _edit_manifest(path, fn)
+
+
+def _edit_config(path, fn, rehash=True):
+    f = path / "config.json"
+    c = json.loads(f.read_text())
+    c = fn(c)
+    f.write_text(json.dumps(c))
+    if rehash and (path / "dllmq_manifest.json").exists():
+        _rehash(path)
+
+
+def _q(fn):
+    def edit(c):
+        fn(c["quantization_config"])
+        return c
+    return edit
+
+
+STRUCTURE = {
+    "bits-4-to-8": _q(lambda q: q["weights"].update(num_bits=8)),
+    "bits-4-to-2": _q(lambda q: q["weights"].update(num_bits=2)),
+    "group-32-to-64": _q(lambda q: q["weights"].update(group_size=64)),
+    "per-channel": _q(lambda q: q["weights"].update(strategy="channel", group_size=None)),
+    "sym-to-asym": _q(lambda q: q["weights"].update(symmetric=False)),
+    "layer-not-linear": _q(lambda q: q["quantized_layers"].append("model.transformer.blocks.0.attn_norm")),
+    "layer-unknown": _q(lambda q: q["quantized_layers"].append("model.transformer.blocks.99.q_proj")),
+    "layer-unquantized": _q(lambda q: q["quantized_layers"].append("model.transformer.ff_out")),
+    "no-layers": _q(lambda q: q.update(quantized_layers=[])),
+    "more-blocks": lambda c: {**c, "n_layers": c["n_layers"] + 1},
+    "wider-vocab": lambda c: {**c, "embedding_size": c["embedding_size"] * 2},
+}
+
+
+@pytest.mark.parametrize("command", ["push", "info"])
+@pytest.mark.parametrize("case", list(STRUCTURE))
+def test_structure_mismatch_is_refused_even_with_valid_hashes(case, command, copy, capsys):
+    _edit_config(copy, STRUCTURE[case])
+    args = ["push", copy, "me/model", "--dry-run"] if command == "push" else ["info", copy]
+    code, out, err = run_cli(args, capsys)
+    _one_line(code, err)
+    assert "does not match its config.json" in err or "no quantized layers" in err, err
+
+
+def test_structure_check_reads_weight_shape_values(copy, capsys):
+    """A weight_shape tensor whose values were changed (shapes and dtypes fine) is caught too."""
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(copy.glob("model-*.safetensors"))[1]  # the first block
+    t = load_file(str(shard))
+    key = next(k for k in t if k.endswith(".weight_shape") and t[k][0] != t[k][1])
+    t[key] = t[key].flip(0)
+    save_file(t, str(shard), metadata={"format": "pt"})
+    _rehash(copy)
+    code, out, err = run_cli(["push", copy, "me/model", "--dry-run"], capsys)
+    _one_line(code, err)
+    assert key in err and "holds" in err
+
+
+def test_clean_checkpoint_passes_the_structure_check(copy):
+    from dllmq.checkpoint.structure import check_folder
+
+    check_folder(copy)
+
+
+def test_transform_prefix_matches_the_runtime():
+    from dllmq.checkpoint.structure import TRANSFORM_PREFIX
+    from dllmq.runtime.transforms import TENSOR_PREFIX
+
+    assert TRANSFORM_PREFIX == TENSOR_PREFIX
+
+
+def _stop_after_blocks(monkeypatch, n):
+    """Ctrl-C once `n` blocks of a quantize run are saved."""
+    from dllmq.checkpoint import writer
+
+    real = writer.CheckpointWriter.save_progress
+
+    def save_progress(self, progress):
+        real(self, progress)
+        if progress.get("blocks_done") == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer.CheckpointWriter, "save_progress", save_progress)
+
+
+def test_resume_after_a_block_file_was_deleted_is_refused(tiny_llada, tmp_path, monkeypatch, capsys):
+    """Quantize used to report success on an unloadable result; the structural check before the rename stops it."""
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_llada), "--group-size", "32", "--out", out, "--json"]
+    with monkeypatch.context() as m:
+        _stop_after_blocks(m, 1)
+        code, _, err = run_cli(args, capsys)
+    assert code == 130, err
+    partial = tmp_path / ".q.partial"
+    (partial / "block-00000.safetensors").unlink()
+    code, _, err = run_cli(args + ["--resume"], capsys)
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "blocks.0." in last and "is missing" in last and "without --resume" in last
+    assert not out.exists() and not partial.exists() and not (tmp_path / ".q.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk full while writing a checkpoint: one line, the partial run kept and resumable
+
+
+def _disk_full_at(monkeypatch, n, kind="oserror"):
+    import errno
+
+    from dllmq.checkpoint import writer
+
+    real = writer.save_file
+    calls = [0]
+
+    def save_file(tensors, path, metadata=None):
+        calls[0] += 1
+        if calls[0] == n:
+            if kind == "safetensors":
+                from safetensors import SafetensorError
+
+                raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                      '"No space left on device" })')
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(writer, "save_file", save_file)
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
+def test_disk_full_keeps_the_partial_run_and_resume_finishes(kind, tiny_llada, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_llada), "--group-size", "32", "--out", out, "--json"]
+    with monkeypatch.context() as m:
+        _disk_full_at(m, 3, kind)  # a-nonblock and block 0 are written, block 1 fails
+        code, _, err = run_cli(args, capsys)
+    _one_line(code, err)
+    assert "disk full" in err and "free" in err and "--resume" in err and "kept" in err
+    partial = tmp_path / ".q.partial"
+    assert not out.exists() and (partial / "progress.json").exists() and not (tmp_path / ".q.lock").exists()
+    assert not list(partial.glob("*.tmp"))  # the half-written shard is gone
+    code, _, err = run_cli(args + ["--resume"], capsys)
+    assert code == 0, err
+    assert "resuming" in err and (out / "dllmq_manifest.json").exists() and not partial.exists()
+
+
+def test_disk_full_before_any_block_keeps_nothing(tiny_llada, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "q"
+    _disk_full_at(monkeypatch, 1)
+    code, _, err = run_cli(["quantize", str(tiny_llada), "--group-size", "32", "--out", out], capsys)
+    _one_line(code, err)
+    assert "disk full" in err and "nothing was kept" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad --calib files: one line, exit 2, before any model is loaded
+
+
+CALIB = {
+    "binary.txt": (b"\x00\x01\x02\xff\xfe\x89PNG\r\n", "binary"),
+    "latin1.txt": ("caf\u00e9 na\u00efve\n".encode("latin-1"), "not UTF-8"),
+    "latin1.jsonl": ('{"text": "caf\u00e9"}\n'.encode("latin-1"), "not UTF-8"),
+    "numbers.jsonl": (b"1\n2\n3\n", "JSON number"),
+    "strings.jsonl": (b'"a"\n"b"\n', "JSON string"),
+    "list.jsonl": (b'{"text": "ok"}\n[1, 2]\n', "JSON list"),
+    "null.jsonl": (b'null\n', "JSON null"),
+    "broken.jsonl": (b'{"text": \n', "not valid JSON"),
+    "folder": (None, "is a folder"),
+}
+
+
+@pytest.mark.parametrize("name", list(CALIB))
+def test_bad_calib_file_one_line(name, tmp_path, capsys):
+    data, message = CALIB[name]
+    src = tmp_path / name
+    if data is None:
+        src.mkdir()
+    else:
+        src.write_bytes(data)
+    code, _, err = run_cli(["quantize", "tiny", "--method", "gptq", "--calib", src, "--calib-samples", "2",
+                            "--out", tmp_path / "o"], capsys)
+    _one_line(code, err)
+    assert message in err and "--calib" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_good_calib_file_passes_the_check(tmp_path):
+    from dllmq.cli.validate import check_calib_source
+
+    for name, text in (("a.txt", "caf\u00e9 au lait\n"), ("b.jsonl", '{"text": "x"}\n\n{"prompt": "p", "response": "r"}\n')):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        check_calib_source(str(tmp_path / name))
+    check_calib_source("bundled")
+    check_calib_source("wikitext2")  # a Hub dataset: checked when it is loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# A bad model config.json: one line, exit 2, refused before anything is allocated
+
+
+def _model_with_config(tmp_path, fn):
+    src = ROOT / "dllmq" / "bundled" / "tiny-llada"
+    dst = tmp_path / "m"
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            os.symlink(f, dst / f.name)
+    c = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(fn(c)))
+    return dst
+
+
+BAD_CONFIG = {
+    "list": (lambda c: [c], "JSON object"),
+    "string": (lambda c: "llada", "JSON object"),
+    "negative-d_model": (lambda c: {**c, "d_model": -256}, "d_model = -256 is not positive"),
+    "zero-heads": (lambda c: {**c, "n_heads": 0}, "n_heads = 0 is not positive"),
+    "string-layers": (lambda c: {**c, "n_layers": "6"}, "n_layers must be a whole number"),
+    "float-layers": (lambda c: {**c, "n_layers": 2.5}, "n_layers must be a whole number"),
+    "bool-layers": (lambda c: {**c, "n_layers": True}, "n_layers must be a whole number"),
+    "vocab-1e12": (lambda c: {**c, "embedding_size": 10 ** 12}, "absurdly large"),
+    "d_model-1e7": (lambda c: {**c, "d_model": 10 ** 7}, "absurdly large"),
+    "mlp-1e9": (lambda c: {**c, "mlp_hidden_size": 10 ** 9}, "absurdly large"),
+    "kv-heads-not-dividing": (lambda c: {**c, "n_kv_heads": 4}, "does not divide"),
+    "rope-theta-string": (lambda c: {**c, "rope_theta": "fast"}, "wrong type"),
+}
+
+
+@pytest.mark.parametrize("command", ["info", "quantize"])
+@pytest.mark.parametrize("case", list(BAD_CONFIG))
+def test_bad_model_config_one_line(case, command, tmp_path, capsys):
+    import resource
+
+    fn, message = BAD_CONFIG[case]
+    src = _model_with_config(tmp_path, fn)
+    args = ["info", src] if command == "info" else ["quantize", src, "--out", tmp_path / "o"]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, _, err = run_cli(args, capsys)
+    _one_line(code, err)
+    assert message in err
+    assert not (tmp_path / "o").exists()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: nothing huge allocated
+
+
+# ---------------------------------------------------------------------------------------------
+# A malformed quantization_config: one line for info, eval, generate, export, push and dllmq.load
+
+
+BAD_QCFG = {
+    "no-method": (_q(lambda q: q.pop("method")), "no 'method'"),
+    "method-number": (_q(lambda q: q.update(method=4)), "not a method name"),
+    "bits-string": (_q(lambda q: q["weights"].update(num_bits="four")), "num_bits must be a number"),
+    "bits-null": (_q(lambda q: q["weights"].update(num_bits=None)), "no 'num_bits'"),
+    "no-weights": (_q(lambda q: q.pop("weights")), "'weights' as an object"),
+    "weights-list": (_q(lambda q: q.update(weights=[4])), "'weights' as an object"),
+    "layers-string": (_q(lambda q: q.update(quantized_layers="all")), "list of names"),
+    "version-string": (_q(lambda q: q.update(format_version="one")), "format_version"),
+    "qcfg-list": (lambda c: {**c, "quantization_config": [1]}, "must be an object"),
+}
+
+
+@pytest.mark.parametrize("command", ["info", "generate", "eval", "export", "push"])
+@pytest.mark.parametrize("case", list(BAD_QCFG))
+def test_malformed_quantization_config_one_line(case, command, copy, tmp_path, capsys):
+    fn, message = BAD_QCFG[case]
+    _edit_config(copy, fn)
+    args = {"info": ["info", copy],
+            "generate": ["generate", copy, "hi", "--steps", "8", "--gen-length", "8", "--block-length", "8"],
+            "eval": ["eval", copy, "--max-seqs", "1", "--prompts", "0"],
+            "export": ["export", copy, "--out", tmp_path / "ct"],
+            "push": ["push", copy, "me/model", "--dry-run"]}[command]
+    code, _, err = run_cli(args, capsys)
+    _one_line(code, err)
+    assert message in err and "quantization_config" in err
+
+
+@pytest.mark.parametrize("case", ["no-method", "bits-string"])
+def test_malformed_quantization_config_load(case, copy):
+    import dllmq
+    from dllmq.errors import UserError
+
+    _edit_config(copy, BAD_QCFG[case][0])
+    with pytest.raises(UserError, match="quantization_config"):
+        dllmq.load(copy)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate: a prompt beyond the model's maximum sequence length is refused (documented in --help)
+
+
+def test_generate_refuses_a_prompt_beyond_the_max_sequence_length(capsys):
+    code, out, err = run_cli(["generate", "tiny", "word " * 600, "--steps", "8", "--gen-length", "8",
+                              "--block-length", "8"], capsys)
+    _one_line(code, err)
+    assert "maximum sequence length of 512" in err and "at most 504 tokens" in err and out == ""
+
+
+def test_generate_refuses_a_gen_length_beyond_the_max_sequence_length(capsys):
+    code, out, err = run_cli(["generate", "tiny", "hi", "--steps", "16", "--gen-length", "512",
+                              "--block-length", "32"], capsys)
+    _one_line(code, err)
+    assert "--gen-length 512" in err and "maximum sequence length" in err
+
+
+def test_generate_help_documents_the_prompt_limit(capsys):
+    code, out, err = run_cli(["generate", "--help"], capsys)
+    assert code == 0 and "refused" in " ".join(out.split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Early checks in eval, inspect, bench, export and push: one line, exit 2, before torch is imported
+
+
+EARLY = [
+    (["eval", "tiny", "--device", "tpu"], "--device"),
+    (["eval", "tiny", "--dtype", "int3"], "--dtype"),
+    (["eval", "tiny", "--seq-len", "0"], "--seq-len"),
+    (["eval", "tiny", "--max-seqs", "0"], "--max-seqs"),
+    (["eval", "tiny", "--prompts", "-1"], "--prompts"),
+    (["eval", "tiny", "--num-fewshot", "-1"], "--num-fewshot"),
+    (["eval", "tiny", "--output", "/"], "--output"),
+    (["eval", "tiny", "--limit", "0"], "--limit"),
+    (["eval", "tiny", "--batch-size", "0"], "--batch-size"),
+    (["eval", "tiny", "--gen-length", "10", "--block-length", "4"], "--block-length"),
+    (["eval", "tiny", "--cache", "half"], "--cache"),
+    (["eval", "tiny", "--text", "/nonexistent.txt"], "--text"),
+    (["eval", "a", "b"], "--compare"),
+    (["inspect", "tiny", "--samples", "0"], "--samples"),
+    (["inspect", "tiny", "--k-sigma", "nan"], "--k-sigma"),
+    (["inspect", "tiny", "--k-sigma", "0"], "--k-sigma"),
+    (["inspect", "tiny", "--method", "gptq"], "does not transform activations"),
+    (["inspect", "tiny", "--method", "magic"], "unknown method"),
+    (["inspect", "tiny", "--device", "tpu"], "--device"),
+    (["inspect", "tiny", "--dtype", "int3"], "--dtype"),
+    (["inspect", "tiny", "--plot", "/etc/hostname"], "--plot"),
+    (["bench", "tiny", "--batch", "0"], "--batch"),
+    (["bench", "tiny", "--repeats", "0"], "--repeats"),
+    (["bench", "tiny", "--dtype", "int3"], "--dtype"),
+    (["bench", "tiny", "--device", "tpu"], "--device"),
+    (["bench", "tiny", "--gen-length", "10", "--block-length", "4"], "--block-length"),
+    (["export", "x", "--format", "gguf", "--out", "o"], "--format"),
+    (["export", "/etc/hostname", "--out", "o"], "is a file"),
+    (["export", ".", "--out", "/etc/hostname"], "--out"),
+    (["push", ".", "noslash"], "owner/name"),
+    (["push", ".", "a/b/c"], "owner/name"),
+    (["push", ".", "/b"], "owner/name"),
+    (["push", ".", "a/b", "--revision", " "], "--revision"),
+    (["push", "/nonexistent-ckpt", "a/b"], "not found"),
+    (["push", "/etc/hostname", "a/b"], "is a file"),
+    (["push", ".", "a/b", "--results", "/nonexistent.json"], "--results"),
+]
+
+
+@pytest.mark.parametrize("args,message", EARLY, ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_early_checks_answer_before_torch(args, message, tmp_path):
+    code = ("import sys\nfrom dllmq.cli.main import main\n"
+            f"sys.argv = ['dllmq', *{args!r}]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert p.stdout.split() == ["2", "False"], p.stdout + p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr

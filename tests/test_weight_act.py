@@ -86,7 +86,7 @@ def test_inspect_before_after_quarot(tmp_path, capsys):
     from dllmq.models.variants import write_outlier_variant
 
     src = write_outlier_variant(write_tiny_llada(tmp_path / "b", d_model=64, mlp_hidden_size=192), tmp_path / "o")
-    code, out, err = run_cli(["inspect", src, "--samples", "4", "--seq-len", "32", "--method", "quarot", "--json"], capsys)
+    code, out, err = run_cli(["inspect", src, "--calib-samples", "4", "--calib-seq-len", "32", "--method", "quarot", "--json"], capsys)
     assert code == 0, err
     res = json.loads(out)
     before = {r["linear"]: r for r in res["summary"]}

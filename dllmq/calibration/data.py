@@ -17,11 +17,11 @@ tokens the windows do not overlap; when it is shorter they overlap (evenly sprea
 whole text is covered); when it is shorter than one window it becomes a single EOS-padded
 sequence whose padding is marked invalid. The same seed always gives the same windows.
 
-Defaults: the bundled source uses 32 samples x 128 tokens (``--calib-samples 32 --calib-seqlen
+Defaults: the bundled source uses 32 samples x 128 tokens (``--calib-samples 32 --calib-seq-len
 128``), small because the bundled model has 7M parameters and the tests must be fast. For 8B
 models the papers' setting is recommended: QDLM calibrates GPTQ / SmoothQuant / QuaRot / DuQuant
 on 128 x 2048-token WikiText-2 windows (AWQ: 128 x 512 PileVal); GPTQ itself uses 128 x 2048 C4
-windows: ``--calib wikitext2 --calib-samples 128 --calib-seqlen 2048``.
+windows: ``--calib wikitext2 --calib-samples 128 --calib-seq-len 2048``.
 
 The bundled offline source mixes the training split of dllmq's synthetic tasks (prompt /
 response pairs wrapped in the chat template, only the response maskable, as in LLaDA's SFT)

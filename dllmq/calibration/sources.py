@@ -7,7 +7,7 @@
 - ``{"corpus": TextCorpus}``: one window of a text source. All the text of a .txt file, of the
   "text" items of a .jsonl file, or of a Hub text dataset forms one corpus, which
   :func:`dllmq.calibration.data.resolve_windows` (called by ``build``, which knows the
-  tokenizer) concatenates and cuts into seeded random windows of exactly ``--calib-seqlen``
+  tokenizer) concatenates and cuts into seeded random windows of exactly ``--calib-seq-len``
   tokens, as GPTQ and the QDLM study do (QDLM: 128 x 2048 WikiText-2 tokens; GPTQ: 128 x 2048 C4);
 - ``{"text": ...}``: the bundled offline mix, one short item per sample (padded, padding invalid).
 

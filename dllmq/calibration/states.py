@@ -166,14 +166,28 @@ def build(items: list[dict], tok, mask_id: int, mode: str, seq_len: int, seed: i
     for b in range(0, len(items), batch_size):
         x = noisy[b : b + batch_size]
         v = valid[b : b + batch_size]
-        cb = CalibBatch(ids=x, attention_mask=None, masked=x == mask_id, valid=None if bool(v.all()) else v)
-        if want_confidence:
-            if fp_model is None:
-                raise UserError("CGQ needs the full-precision model's confidences")
-            dev = next(fp_model.parameters()).device
-            logits = fp_model.aligned_logits(x.to(dev)).cpu()
-            cb.confidence = confidence_of(logits, ids[b : b + batch_size], cb.masked)
-        batches.append(cb)
+        batches.append(CalibBatch(ids=x, attention_mask=None, masked=x == mask_id, valid=None if bool(v.all()) else v))
+    if want_confidence:
+        if fp_model is None:
+            raise UserError("CGQ needs the full-precision model's confidences")
+        from .fp_model import device_of, iter_logits
+
+        from ..ui import bar
+
+        dev = device_of(fp_model)
+        # one pass over the weights for every batch (a streamed model reads each block once)
+        with bar("calibration (confidences)", total=len(batches), info="", show=show_progress) as b:
+            if b and hasattr(fp_model, "on_block"):
+                fp_model.on_block = lambda done, blocks: b.update(info=f"block {done}/{blocks}")
+            try:
+                for j, (cb, logits) in enumerate(zip(batches, iter_logits(fp_model, [(cb.ids.to(dev), None)
+                                                                                     for cb in batches]))):
+                    cb.confidence = confidence_of(logits.cpu(), ids[j * batch_size : (j + 1) * batch_size], cb.masked)
+                    del logits
+                    b.advance(1)
+            finally:
+                if hasattr(fp_model, "on_block"):
+                    fp_model.on_block = None
     return CalibrationSet(batches, {"mode": mode, "samples": len(items), "seq_len": seq_len, "seed": seed,
                                     "mask_ratio": float(noisy.eq(mask_id).float().mean()),
                                     "padding_tokens": int((~valid).sum()), **win})
@@ -200,23 +214,55 @@ def _tmas(items, tok, model, cfg: TMASConfig, seq_len, seed, batch_size, show_pr
     starts = list(range(0, len(items), batch_size))
     # the proportions apply to all G * S states together (see the module docstring)
     plan = allocate_states(cfg.steps, cfg.proportions, len(starts), cfg.states_per_prompt, gen)
+    runs = []  # per batch: (prompt ids, step -> span, captured states, sampler call)
     for j, b in enumerate(starts):
         chunk = items[b : b + batch_size]
         seqs = [_prompt_ids(tok, it, prompt_room) for it in chunk]
         ids, am = left_pad(seqs, pad)
         span_of = dict(plan[j])
-        picks = sorted(span_of)  # one sampler call per batch: its prompts share these step indices
         captured: dict[int, tuple] = {}
+        tick: list = []  # [callable] while a progress bar follows this batch's steps
 
-        def on_step(state, picks=set(picks)):
-            if state["step"] in picks:
+        def on_step(state, picks=set(span_of), captured=captured, tick=tick):
+            if tick:  # progress: one sampler step of this batch done
+                tick[0]()
+            if state["step"] in picks:  # one sampler call per batch: its prompts share these step indices
                 x = state["x_before"].cpu()
                 mk = x == model.mask_token_id
                 conf = confidence_of(state["logits"].cpu(), x, mk)
                 captured[state["step"]] = (x, mk, conf, state.get("attention_mask"))
 
-        generate_ids(model, ids, am, gcfg, on_step=on_step)
-        for step in picks:
+        def sample(logits_fn=None, ids=ids, am=am, on_step=on_step, tick=tick, step_done=None):
+            tick[:] = [step_done] if step_done else []
+            generate_ids(model, ids, am, gcfg, on_step=on_step, logits_fn=logits_fn)
+
+        runs.append((ids, span_of, captured, sample))
+    from ..ui import bar
+    from .fp_model import LayerwiseLM, run_lockstep
+
+    # progress (the active display, if any): one unit per batch and denoising step
+    with bar("calibration (TMAS)", total=len(runs) * cfg.steps, info=f"{len(runs)} batches x {cfg.steps} steps",
+             show=show_progress) as b:
+        if isinstance(model, LayerwiseLM):  # every batch's sampler in lockstep: one pass over the weights per step
+            passes = [0]
+
+            def on_block(done, blocks):  # a pass serves one step of every batch: advance block by block
+                passes[0] += done == blocks
+                b.advance(len(runs) / blocks, info=f"step {min(passes[0] + 1, cfg.steps)}/{cfg.steps}, "
+                                                   f"{len(runs)} batches in lockstep")
+
+            model.on_block = on_block if b else None
+            try:
+                run_lockstep(model, [r[3] for r in runs])
+            finally:
+                model.on_block = None
+        else:
+            for j, r in enumerate(runs):
+                b.update(info=f"batch {j + 1}/{len(runs)}")
+                r[3](step_done=lambda: b.advance(1))
+        b.update(completed=len(runs) * cfg.steps)  # exact, whatever the rounding of the fractional advances
+    for j, (ids, span_of, captured, _) in enumerate(runs):
+        for step in sorted(span_of):
             x, mk, conf, m = captured[step]
             mask = None if m is None or bool(m.all()) else m.cpu()
             valid = None if mask is None else mask.bool()  # left padding of shorter prompts is padding

@@ -252,6 +252,8 @@ def export_compressed_tensors(checkpoint: str | os.PathLike, out: str | os.PathL
     qraw = raw.get("quantization_config")
     if qraw is None:
         raise UserError(f"{src} is not quantized; quantize it first with `dllmq quantize`")
+    if not isinstance(qraw, dict):
+        QuantizationConfig.from_dict(qraw)  # the one-line error for a malformed quantization_config
     if qraw.get("quant_method") != "dllmq":
         raise UserError(f"{src} is not a dllmq checkpoint (quant_method {qraw.get('quant_method')!r}); "
                         "export converts checkpoints written by `dllmq quantize`")

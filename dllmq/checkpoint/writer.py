@@ -5,6 +5,7 @@ file) are written. An interrupted or failed run leaves no folder that looks comp
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -132,12 +133,29 @@ class CheckpointWriter:
         """Write one shard (sorted into the final file order by `name`)."""
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         tmp = self.tmp / f"{name}.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, _file_mode())  # safetensors creates 0600 files; the others follow the umask
-        os.replace(tmp, self.tmp / f"{name}.safetensors")
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.chmod(tmp, _file_mode())  # safetensors creates 0600 files; the others follow the umask
+            os.replace(tmp, self.tmp / f"{name}.safetensors")
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            tmp.unlink(missing_ok=True)
+            need = sum(t.numel() * t.element_size() for t in tensors.values())
+            raise DiskFull(self.tmp, f"writing {name}", need) from None
 
     def finalize(self, config: dict, source: Path, manifest: dict) -> Path:
+        from .structure import check_structure, read_headers
+
         shards = sorted(p.name for p in self.tmp.glob("*.safetensors"))
+        # structural check before anything is renamed: every layer the config describes, with its shapes
+        # and dtypes; an unloadable result (e.g. a --resume after a block file was deleted) is never committed
+        try:
+            check_structure(config, read_headers(self.tmp, shards), self.out,
+                            hint="nothing was written; rerun the command without --resume", folder=self.tmp)
+        except UserError as e:
+            self.abort()  # the partial run cannot produce a loadable checkpoint: do not offer to resume it
+            raise UserError(f"{e} (the partial run in {self.tmp} was damaged and has been discarded)") from None
         n = len(shards)
         weight_map, total = {}, 0
         for i, fname in enumerate(shards):
@@ -161,9 +179,9 @@ class CheckpointWriter:
         for f in TOKENIZER_FILES:
             if (source / f).exists():
                 shutil.copyfile(source / f, self.tmp / f)  # mode from the umask, like the shards
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-        (self.tmp / "progress.json").unlink(missing_ok=True)
-        files = sorted(p.name for p in self.tmp.iterdir() if p.is_file())
+        # progress.json and the state folder stay until the manifest is written: a disk that fills up here
+        # leaves a partial run that --resume can still finish
+        files = sorted(p.name for p in self.tmp.iterdir() if p.is_file() and p.name != "progress.json")
         manifest = {
             "tool": "dllmq",
             "tool_version": __version__,
@@ -172,6 +190,8 @@ class CheckpointWriter:
             "files": {f: {"sha256": sha256_file(self.tmp / f), "bytes": (self.tmp / f).stat().st_size} for f in files},
         }
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        (self.tmp / "progress.json").unlink(missing_ok=True)
         self._commit()
         self.lock.release()
         return self.out
@@ -205,7 +225,53 @@ class CheckpointWriter:
             else:
                 msg = f"no block had finished, so nothing was kept and {self.out} was not written; rerun the command"
             raise Interrupted(msg) from None
+        if exc is not None and is_disk_full(exc):
+            what = exc.what if isinstance(exc, DiskFull) else "writing the checkpoint"
+            need = f"at least {_human(exc.need)} for it, " if isinstance(exc, DiskFull) and exc.need else ""
+            free = _free_bytes(self.tmp.parent)
+            head = (f"disk full while {what} in {self.tmp.parent}"
+                    + (f" ({_human(free)} free)" if free is not None else ""))
+            if kept:
+                msg = (f"{head}; the partial run ({self.progress['blocks_done']} finished block(s)) is kept in "
+                       f"{self.tmp}: free space ({need}more for the remaining blocks) and rerun the same command "
+                       "with --resume to continue")
+            else:
+                msg = (f"{head}; nothing was kept and {self.out} was not written: free space ({need}about the size "
+                       "of the model's weights at the chosen bits in all) and rerun the command")
+            raise UserError(msg) from None
         return False
+
+
+class DiskFull(UserError):
+    """No space left while writing into the partial folder; CheckpointWriter.__exit__ words the message."""
+
+    def __init__(self, folder: Path, what: str, need: int = 0):
+        super().__init__(f"disk full while {what} in {folder}")
+        self.what, self.need = what, need
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT as an OSError, or as the message of safetensors' own error (it does not raise OSError)."""
+    if isinstance(e, DiskFull):
+        return True
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return type(e).__name__ == "SafetensorError" and ("StorageFull" in text or "No space left" in text
+                                                       or "code: 28," in text)
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _human(n: int) -> str:
+    from ..ui import human_bytes
+
+    return human_bytes(n)
 
 
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

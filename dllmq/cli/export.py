@@ -28,10 +28,19 @@ def export(
     Example:
       [bold]dllmq export ./llada-w4 --format compressed-tensors --out ./llada-w4-ct[/bold]
     """
-    from ..checkpoint.export_ct import export_compressed_tensors
-
+    # the cheap checks first, before torch is imported
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    src = Path(checkpoint).expanduser()
+    if src.exists() and not src.is_dir():
+        raise UserError(f"{checkpoint} is a file; pass the checkpoint folder written by `dllmq quantize --out`")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a new or empty folder")
+    if src.exists() and out.exists() and src.resolve() == out.resolve():
+        raise UserError(f"--out {out} is the checkpoint itself; give a new or empty folder")
+
+    from ..checkpoint.export_ct import export_compressed_tensors
+
     res = export_compressed_tensors(checkpoint, out, verify=verify)
     if json_out:
         _emit_json(res.summary())

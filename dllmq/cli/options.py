@@ -22,10 +22,46 @@ SeedOpt = typer.Option(0, "--seed", help="Random seed for sampling and Monte-Car
 StepsOpt = typer.Option(64, "--steps", help="Denoising steps (one full forward each).")
 GenLenOpt = typer.Option(64, "--gen-length", help="Number of tokens to generate.")
 BlockLenOpt = typer.Option(32, "--block-length", help="Semi-autoregressive block length (LLaDA); must divide --gen-length.")
-RevisionOpt = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) when MODEL is a Hub id.")
+RevisionOpt = typer.Option(None, "--revision", help="Which version of MODEL to download when it is a Hub id: a branch, tag or commit (default: main).")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show every layer in the per-layer table (default: the worst layers by error, the mean and totals).")
 FastOpt = typer.Option(False, "--fast", help="Fast decoding: dual block KV cache + confidence-threshold parallel decoding (= --cache dual --threshold 0.9).")
 CacheOpt = typer.Option(None, "--cache", help="Approximate block KV cache: none, prefix or dual (refreshed at each block start).")
 ThresholdOpt = typer.Option(None, "--threshold", help="Parallel decoding: commit every masked token of the block whose confidence exceeds this (e.g. 0.9).")
+
+
+# One name per concept across commands (issue 16). The old names keep working as hidden options, so that
+# scripts don't break: old flag -> new flag. `deprecated_alias` declares one, `take_alias` merges it.
+DEPRECATED_FLAGS = {
+    "--calib-seqlen": "--calib-seq-len",  # quantize
+    "--samples": "--calib-samples",       # inspect
+    "--seq-len": "--calib-seq-len",       # inspect (bench and eval keep --seq-len: not calibration)
+    "--batch": "--batch-size",            # bench
+}
+
+
+def deprecated_alias(old: str):
+    """A hidden option for the old name `old` of DEPRECATED_FLAGS[old] (None when not given)."""
+    return typer.Option(None, old, hidden=True, help=f"Deprecated: use {DEPRECATED_FLAGS[old]}.")
+
+
+def take_alias(ctx, name: str, old_value, old: str):
+    """The value of parameter `name`, or of its deprecated flag `old` when that was given instead
+    (both at once is refused). Returns (value, used_old)."""
+    if old_value is None:
+        return ctx.params[name], False
+    src = ctx.get_parameter_source(name)
+    if getattr(src, "name", str(src)) == "COMMANDLINE":
+        raise UserError(f"{old} is the old name of {DEPRECATED_FLAGS[old]}; give only {DEPRECATED_FLAGS[old]}")
+    return old_value, True
+
+
+def note_deprecated(*olds: str) -> None:
+    """One stderr line per deprecated flag used (stdout, e.g. --json, stays clean)."""
+    from ..ui import err_console
+
+    for old in olds:
+        err_console.print(f"[yellow]note:[/yellow] {old} is deprecated; use {DEPRECATED_FLAGS[old]}",
+                          highlight=False, soft_wrap=True)
 
 
 def _fast_settings(fast: bool, cache: Optional[str], threshold: Optional[float]) -> dict:
@@ -51,12 +87,15 @@ def _dtype(name: str):
 
 
 def _device(name: str) -> str:
+    """A validated device name; 'auto' -> 'cuda' when CUDA is available, else 'cpu'."""
     import torch
 
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available in this torch build; use --device cpu")
     if not (name == "cpu" or name.startswith("cuda") or name == "mps"):
-        raise UserError(f"--device must be cpu, cuda, cuda:N or mps; got {name!r}")
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
     return name
 
 

@@ -22,9 +22,8 @@ def check_dtype_name(name: str) -> None:
 
 
 def check_device_name(name: str) -> None:
-    if not (name == "cpu" or name == "mps" or name == "cuda" or
-            (name.startswith("cuda:") and name[5:].isdigit())):
-        raise UserError(f"--device must be cpu, cuda, cuda:N or mps; got {name!r}")
+    if not (name in ("auto", "cpu", "mps", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
 
 
 def check_positive(**flags: int | None) -> None:
@@ -95,3 +94,48 @@ def check_quantize_args(*, method: str, w: int, a: int, group_size: int | None, 
     if alpha is not None:
         check_finite("--alpha", alpha, 0.0, 1.0)
     return parse_proportions(tmas_proportions)
+
+
+BUNDLED_CALIB = ("bundled", "tiny", "offline")  # calibration/sources.py load_items
+
+
+def check_calib_source(calib: str) -> None:
+    """--calib naming a local path: it must be a UTF-8 text file, and a .jsonl one must hold one JSON object per
+    line. Checked before any model is loaded; a name that is not a local path is a Hub dataset (checked later)."""
+    import json
+    from pathlib import Path
+
+    if calib in BUNDLED_CALIB:
+        return
+    p = Path(calib).expanduser()
+    if not p.exists():
+        return
+    fix = "pass a UTF-8 .txt file, a .jsonl file with one JSON object per line, or --calib bundled"
+    if p.is_dir():
+        raise UserError(f"--calib {calib} is a folder; {fix}")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"--calib {calib}: cannot read it ({e.strerror}); {fix}") from None
+    if b"\0" in data[:1 << 16]:
+        raise UserError(f"--calib {calib} is a binary file, not text; {fix}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--calib {calib} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}; "
+                        "Latin-1 or another encoding?): convert it, e.g. `iconv -f latin1 -t utf-8`, or "
+                        f"{fix.replace('pass ', 'pass ', 1)}") from None
+    if p.suffix != ".jsonl":
+        return
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError:
+            raise UserError(f"--calib {calib}:{i + 1} is not valid JSON; a .jsonl file needs one JSON object per "
+                            "line, e.g. {\"text\": \"...\"}") from None
+        if not isinstance(d, dict):
+            kind = {int: "number", float: "number", str: "string", list: "list", bool: "boolean"}.get(type(d), "null")
+            raise UserError(f"--calib {calib}:{i + 1} holds a JSON {kind}, not an object; each line needs "
+                            "{\"text\": \"...\"} or {\"prompt\": \"...\", \"response\": \"...\"}")

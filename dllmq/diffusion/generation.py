@@ -77,13 +77,16 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def generate_ids(model: DiffusionLM, prompt_ids: torch.Tensor, attention_mask, cfg: GenerationConfig,
-                 on_step=None) -> torch.Tensor:
+                 on_step=None, logits_fn=None) -> torch.Tensor:
+    """`logits_fn`: instead of `model.aligned_logits` (calibration's lockstep samplers pass theirs)."""
     dev = next(model.parameters()).device
     prompt_ids = prompt_ids.to(dev)
     attention_mask = attention_mask.to(dev) if attention_mask is not None else None
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    fn = model.aligned_logits
+    fn = logits_fn or model.aligned_logits
     if cfg.fast:
+        if logits_fn is not None:
+            raise ValueError("fast decoding calls the model itself: it takes no logits_fn")
         if cfg.temperature > 0 or cfg.cfg_scale > 0:
             raise ValueError("fast decoding (cache/threshold) is greedy and has no CFG: use temperature 0, cfg 0")
         from .cache import fast_generate
@@ -100,17 +103,28 @@ def generate_ids(model: DiffusionLM, prompt_ids: torch.Tensor, attention_mask, c
                           remasking=cfg.remasking, attention_mask=attention_mask, generator=gen, on_step=on_step)
 
 
-def generate(model: DiffusionLM, tok, prompts: list[str], cfg: GenerationConfig, batch_size: int = 8) -> list[dict]:
-    """Returns one dict per prompt: text (cut at the first stop token) and the generated ids."""
+def generate(model: DiffusionLM, tok, prompts: list[str], cfg: GenerationConfig, batch_size: int = 8,
+             show_progress: bool = False) -> list[dict]:
+    """Returns one dict per prompt: text (cut at the first stop token) and the generated ids.
+
+    Progress: a bar advanced per denoising step, on the active display (dllmq.ui) or, with `show_progress`,
+    on one of its own (stderr, when a terminal)."""
+    from ..ui import bar
+
     results = []
     stops = set(stop_ids(model, tok))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     encoded = encode_prompts(tok, prompts, cfg.chat)
-    for b in range(0, len(prompts), batch_size):
-        seqs = encoded[b : b + batch_size]
-        ids, mask = left_pad(seqs, pad)
-        out = generate_ids(model, ids, mask, cfg).cpu()
-        for row in out[:, ids.shape[1]:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            results.append({"text": tok.decode(row[:cut], skip_special_tokens=True), "ids": row})
+    starts = list(range(0, len(prompts), batch_size))
+    with bar("generate", total=len(starts) * cfg.steps, info="", show=show_progress) as pb:
+        for k, b in enumerate(starts):
+            seqs = encoded[b : b + batch_size]
+            ids, mask = left_pad(seqs, pad)
+            if len(starts) > 1:
+                pb.update(info=f"batch {k + 1}/{len(starts)}")
+            out = generate_ids(model, ids, mask, cfg, on_step=(lambda state: pb.advance(1)) if pb else None).cpu()
+            pb.update(completed=(k + 1) * cfg.steps)  # a threshold sampler may finish in fewer steps
+            for row in out[:, ids.shape[1]:].tolist():
+                cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+                results.append({"text": tok.decode(row[:cut], skip_special_tokens=True), "ids": row})
     return results

@@ -250,6 +250,7 @@ def llada_generate(
                         "transfer_index": transfer,
                     })
                 global_step += 1
+                del logits, cl  # not alive while the next step's forward runs (lockstep samplers share memory)
     return (x, history) if return_history else x
 
 
@@ -426,6 +427,7 @@ def dream_generate(
                     "t": float(t),
                     "s": float(s),
                 })
+            logits = ml = None  # not alive while the next step's forward runs
     return (x, history) if return_history else x
 
 

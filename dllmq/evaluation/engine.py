@@ -35,6 +35,35 @@ class EngineConfig:
     check_greedy: bool = True
 
 
+class _Chunk:
+    """Progress inside a chunk of n requests: `on_batch` (the number of requests done, possibly fractional) gets
+    shares of n as the forwards (likelihood) or denoising steps (generation) go by, and exactly n in all."""
+
+    def __init__(self, on_batch, n: int):
+        self.on_batch, self.n, self.sent = on_batch, n, 0.0
+
+    def add(self, x: float) -> None:
+        x = min(x, 0.999 * self.n - self.sent)  # the rest comes with finish()
+        if x > 0:
+            self.sent += x
+            self.on_batch(x)
+
+    def logits(self, fn, rows_per_request: int):
+        def wrapped(x, attention_mask=None):
+            out = fn(x, attention_mask)
+            self.add(x.shape[0] / rows_per_request)
+            return out
+        return wrapped
+
+    def step(self, steps: int):
+        return lambda state: self.add(self.n / steps)
+
+    def finish(self) -> None:
+        if self.n - self.sent > 0:
+            self.on_batch(self.n - self.sent)
+        self.sent = self.n
+
+
 class DiffusionEvaluator:
     def __init__(self, model: DiffusionLM, tok, config: EngineConfig | None = None):
         self.model = model
@@ -86,13 +115,15 @@ class DiffusionEvaluator:
         for i in range(0, len(enc), chunk):
             part = enc[i : i + chunk]
             tensors = [(torch.tensor(c, device=self.device), torch.tensor(x, device=self.device)) for c, x in part]
-            lls = mc_loglikelihood_batch(self.model.aligned_logits, tensors, self.model.mask_token_id,
+            tick = _Chunk(on_batch, len(part)) if on_batch else None
+            fn = tick.logits(self.model.aligned_logits, cfg.mc_num) if tick else self.model.aligned_logits
+            lls = mc_loglikelihood_batch(fn, tensors, self.model.mask_token_id,
                                          pad_id=self._pad, mc_num=cfg.mc_num, batch_size=mc_batch, generator=g,
                                          max_rows=max(cfg.batch_size, mc_batch))
             greedy = self._greedy(part) if cfg.check_greedy else [False] * len(part)
             out.extend(zip(lls, greedy))
-            if on_batch:
-                on_batch(len(part))
+            if tick:
+                tick.finish()
         return out
 
     def _greedy(self, part: list[tuple[list[int], list[int]]]) -> list[bool]:
@@ -137,7 +168,8 @@ class DiffusionEvaluator:
         for b in range(0, len(order), bs):
             idx = order[b : b + bs]
             ids, mask = left_pad([enc[i] for i in idx], self._pad)
-            out = generate_ids(self.model, ids, mask, gcfg).cpu()
+            tick = _Chunk(on_batch, len(idx)) if on_batch else None
+            out = generate_ids(self.model, ids, mask, gcfg, on_step=tick.step(gcfg.steps) if tick else None).cpu()
             for i, row in zip(idx, out[:, ids.shape[1]:].tolist()):
                 cut = next((k for k, t in enumerate(row) if t in self._stops), len(row))
                 text = self.tok.decode(row[:cut], skip_special_tokens=True)
@@ -145,6 +177,6 @@ class DiffusionEvaluator:
                     if s and s in text:
                         text = text[: text.index(s)]
                 texts[i] = text
-            if on_batch:
-                on_batch(len(idx))
+            if tick:
+                tick.finish()
         return texts  # type: ignore[return-value]

@@ -51,7 +51,17 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def activation_stats(model: nn.Module, batches: list[torch.Tensor], k_sigma: float = 10.0,
-                     attention_masks: list | None = None) -> list[LayerStats]:
+                     attention_masks: list | None = None, show_progress: bool = False,
+                     label: str = "inspect") -> list[LayerStats]:
+    """Progress: one unit per batch, advanced block by block, on the active display (dllmq.ui) or, with
+    `show_progress`, on one of its own."""
+    from ..ui import bar
+
+    with bar(label, total=len(batches), info="", show=show_progress) as pb:
+        return _activation_stats(model, batches, k_sigma, attention_masks, pb)
+
+
+def _activation_stats(model, batches, k_sigma, attention_masks, pb) -> list[LayerStats]:
     mods = _linear_modules(model)
     accs = {n: _Acc() for n in mods}
 
@@ -77,10 +87,20 @@ def activation_stats(model: nn.Module, batches: list[torch.Tensor], k_sigma: flo
             handles.append(t.register_forward_hook(lambda mod, args, out, fn=hook(n): fn(mod, (out,))))
         else:
             handles.append(m.register_forward_pre_hook(hook(n)))
+    if pb:
+        blocks = list(model.get_submodule(model.arch.blocks_path))
+        cur = [0]
+        for k, blk in enumerate(blocks):
+            handles.append(blk.register_forward_hook(
+                lambda mod, args, out, k=k: pb.advance(1 / len(blocks), info=f"batch {cur[0] + 1}/{len(batches)}, "
+                                                                           f"block {k + 1}/{len(blocks)}")))
     try:
         for i, b in enumerate(batches):
             am = attention_masks[i] if attention_masks else None
+            if pb:
+                cur[0] = i
             model(b.to(next(model.parameters()).device), am)
+            pb.update(completed=i + 1)
     finally:
         for h in handles:
             h.remove()

@@ -68,10 +68,11 @@ def disk_bytes(path: Path) -> int:
 def compare_models(model: str, against: str | None = None, text_file: Path | None = None, seq_len: int = 128,
                    max_seqs: int = 16, mc_num: int = 4, n_prompts: int = 8, steps: int = 64, gen_length: int = 64,
                    block_length: int = 32, seed: int = 0, device: str = "cpu", dtype=torch.bfloat16,
-                   show_progress: bool = True) -> dict:
+                   show_progress: bool = True, baseline: bool = True) -> dict:
+    """NLL, step and generation agreement of `model` and (when known, and `baseline`) its full-precision reference."""
     path = resolve_model_path(model)
     quantized = "quantization_config" in read_config(path)
-    ref = against or (base_of(path) if quantized else None)
+    ref = (against or (base_of(path) if quantized else None)) if baseline else None
     labels = []
     if ref is not None:
         labels.append(("full precision", ref))
@@ -154,9 +155,9 @@ def evaluate_tasks(entries: list[tuple[str, str]], tasks: list[str], gcfg: Gener
                                           "batch_size": batch_size, "device": device, "dtype": str(dtype)}}
 
 
-def compare_tasks(model: str, tasks: list[str], against: str | None = None, **kw) -> dict:
-    """Run the tasks on the model and (when known) its full-precision reference."""
-    ref = reference_for(model, against)
+def compare_tasks(model: str, tasks: list[str], against: str | None = None, baseline: bool = True, **kw) -> dict:
+    """Run the tasks on the model and (when known, and `baseline`) its full-precision reference."""
+    ref = reference_for(model, against) if baseline else None
     entries = ([("full precision", ref)] if ref else []) + [("quantized" if ref else "model", model)]
     return evaluate_tasks(entries, tasks, **kw)
 

@@ -161,7 +161,9 @@ def bench(model: str, against: str | None = None, batch: int = 1, seq_len: int =
 
 
 def ratios(res: dict) -> dict:
-    """quantized / full precision for times and bytes; for throughput, quantized over full precision too."""
+    """Raw ratios, quantized / full precision: for times (step_time) and bytes > 1 means slower / larger; for
+    throughput (generation_tok_s, fast_*) > 1 means faster. `dllmq bench` prints them in words
+    (time_ratio_text, throughput_ratio_text, size_ratio_text)."""
     out = {"step_time": res["step_ms"]["quantized"] / res["step_ms"]["full precision"],
            "resident_weight_bytes": res["resident_weight_bytes"]["quantized"] /
            res["resident_weight_bytes"]["full precision"]}
@@ -174,3 +176,32 @@ def ratios(res: dict) -> dict:
     if pk.get("quantized") and pk.get("full precision"):
         out["peak_bytes"] = pk["quantized"] / pk["full precision"]
     return out
+
+
+# -- display: ratios in words, the direction spelled out (the JSON keeps the raw quantized / full-precision ratios)
+
+def _times(x: float) -> str:
+    return f"{x:.2f}×"
+
+
+def time_ratio_text(q_over_fp: float | None) -> str:
+    """A time ratio quantized / full precision: > 1 means the quantized model is slower."""
+    if q_over_fp is None or q_over_fp <= 0:
+        return "-"
+    if round(q_over_fp, 2) == 1.0:
+        return "same (1.00×)"
+    return f"{_times(1 / q_over_fp)} faster" if q_over_fp < 1 else f"{_times(q_over_fp)} slower"
+
+
+def throughput_ratio_text(q_over_fp: float | None) -> str:
+    """A throughput ratio (tokens/s) quantized / full precision: > 1 means the quantized model is faster."""
+    return "-" if q_over_fp is None or q_over_fp <= 0 else time_ratio_text(1 / q_over_fp)
+
+
+def size_ratio_text(q_over_fp: float | None) -> str:
+    """A memory ratio quantized / full precision: < 1 means the quantized model is smaller."""
+    if q_over_fp is None or q_over_fp <= 0:
+        return "-"
+    if round(q_over_fp, 2) == 1.0:
+        return "same (1.00×)"
+    return f"{_times(1 / q_over_fp)} smaller" if q_over_fp < 1 else f"{_times(q_over_fp)} larger"

@@ -67,7 +67,7 @@ def scheme(ckpt: "Checkpoint") -> str:
     return f"w{ckpt.qcfg.weights.num_bits}a{ckpt.qcfg.activations.num_bits}"
 
 
-def card_data(ckpt: "Checkpoint") -> ModelCardData:
+def card_data(ckpt: "Checkpoint", repo_id: str | None = None, record: dict | None = None) -> ModelCardData:
     q = ckpt.qcfg
     tags = ["dllmq", "diffusion", "quantized", f"{q.weights.num_bits}-bit", scheme(ckpt), q.method, ckpt.family]
     if q.method_args.get("cgq"):
@@ -76,13 +76,44 @@ def card_data(ckpt: "Checkpoint") -> ModelCardData:
     base = ckpt.manifest.get("base_model")
     if is_hub_id(base):  # the Hub rejects a local path here, and the relation needs a base
         extra = {"base_model": base, "base_model_relation": "quantized"}
+    evals = eval_results(record)
+    if evals:  # the `model-index` block: the Hub shows it as the model's evaluation results
+        extra.update(model_name=repo_id or ckpt.path.name, eval_results=evals)
     return ModelCardData(library_name="dllmq", pipeline_tag="text-generation",
                          tags=list(dict.fromkeys(t for t in tags if t)), **extra)
 
 
+def eval_results(record: dict | None) -> list:
+    """This checkpoint's results (its record in a `dllmq eval --output` file) as model-index entries."""
+    from huggingface_hub import EvalResult
+
+    if not isinstance(record, dict):
+        return []
+    out = []
+    tasks = record.get("tasks") if isinstance(record.get("tasks"), dict) else {}
+    for name, r in tasks.items():
+        if not isinstance(r, dict) or not _is_num(r.get("value")):
+            continue
+        metric = str(r.get("metric") or "score")
+        out.append(EvalResult(task_type="text-generation", dataset_type=str(name), dataset_name=str(name),
+                              metric_type=metric, metric_name=metric, metric_value=float(r["value"])))
+    for key, label in (("nll", "masked-token NLL (nats/token)"), ("agreement", "greedy token agreement with full "
+                                                                              "precision")):
+        if _is_num(record.get(key)):
+            out.append(EvalResult(task_type="text-generation", dataset_type="dllmq-held-out-text",
+                                  dataset_name="dllmq held-out text", metric_type=key, metric_name=label,
+                                  metric_value=float(record[key])))
+    return out
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def build_card(ckpt: "Checkpoint", repo_id: str, results: dict | None = None,
-               results_file: str | None = None) -> ModelCard:
-    data = card_data(ckpt)
+               results_file: str | None = None, record: dict | None = None) -> ModelCard:
+    """record: this checkpoint's entry in `results` (hub.push.match_results), for the model-index."""
+    data = card_data(ckpt, repo_id, record)
     body = "\n\n".join(s for s in (
         _intro(ckpt, repo_id),
         _settings(ckpt),
@@ -105,7 +136,7 @@ def _intro(ckpt: "Checkpoint", repo_id: str) -> str:
     acts = (f"{q.activations.num_bits}-bit dynamic per-token activations" if q.activations.enabled
             else "activations in floating point")
     family = FAMILY_NAMES.get(ckpt.family, ckpt.family)
-    return (f"# {repo_id.split('/')[-1]}\n\n"
+    return (f"# {repo_id}\n\n"
             f"{base_txt} ({family} diffusion language model) quantized with "
             f"dllmq: {q.weights.num_bits}-bit weights "
             f"({q.weights.describe()}), {acts}, method {method_label(ckpt)}.\n\n"
@@ -126,7 +157,7 @@ def _settings(ckpt: "Checkpoint") -> str:
         ("activation bits", f"{a.num_bits} (dynamic, per token, clip ratio {a.clip_ratio})" if a.enabled
          else "16 (not quantized)"),
         ("quantized linears", len(q.quantized_layers)),
-        ("kept in full precision", ", ".join(f"`{p}`" for p in q.ignore) or "-"),
+        ("kept in full precision", _ignored(q.ignore)),
     ]
     rows += [(ARG_NAMES.get(k, k), _value(v)) for k, v in sorted(q.method_args.items()) if _relevant(ckpt, k)]
     if q.transforms:
@@ -146,14 +177,44 @@ def _settings(ckpt: "Checkpoint") -> str:
                        ("revision", "base model revision"), ("command", "command")):
         if m.get(key):
             rows.append((label, f"`{m[key]}`" if key == "command" else m[key]))
-    return "## Quantization\n\n" + _md_table(["setting", "value"], rows)
+    text = "## Quantization\n\n" + _md_table(["setting", "value"], rows)
+    regexes = [p for p in q.ignore if _literal(p) is None]
+    if regexes:  # in a code block, not the table, where `|` would have to be escaped
+        text += ("\n\nAlso kept in full precision: the modules whose names match these regular expressions:"
+                 "\n\n```text\n" + "\n".join(regexes) + "\n```")
+    return text
+
+
+def _literal(pattern: str) -> str | None:
+    """The module name an ignore pattern matches exactly (`model\\.transformer\\.ff_out` -> the name with
+    plain dots), or None for a real regular expression."""
+    import re
+
+    p = str(pattern)
+    if re.search(r"(?<!\\)[.^$*+?{}\[\]|()]", p) or re.search(r"\\[A-Za-z0-9]", p):
+        return None  # an unescaped metacharacter, or a class / back-reference like \d or \1
+    name = re.sub(r"\\(.)", r"\1", p)
+    try:
+        return name if re.fullmatch(p, name) else None
+    except re.error:
+        return None
+
+
+def _ignored(patterns: list) -> str:
+    names = [n for n in (_literal(p) for p in patterns) if n is not None]
+    text = ", ".join(f"`{n}`" for n in names)
+    if len(names) < len(patterns):
+        text += (" and " if text else "") + "the modules matching the regular expressions below"
+    return text or "-"
 
 
 def _relevant(ckpt: "Checkpoint", key: str) -> bool:
     """The CLI records GPTQ's defaults for every method; show them only where GPTQ rounded the weights."""
     q = ckpt.qcfg
     uses_gptq = q.method == "gptq" or q.method_args.get("w_quantizer") == "gptq"
-    return uses_gptq or key not in ("damp", "act_order", "cgq", "cgq_masked", "cgq_visible")
+    if key in ("cgq_masked", "cgq_visible"):  # CGQ's token weights mean nothing unless CGQ was on
+        return uses_gptq and bool(q.method_args.get("cgq"))
+    return uses_gptq or key not in ("damp", "act_order", "cgq")
 
 
 def _transforms(transforms: dict) -> str:
@@ -260,7 +321,8 @@ def _usage(ckpt: "Checkpoint", repo_id: str) -> str:
     return f"""## Usage
 
 ```bash
-pip install dllmq          # bring your own torch build for your hardware first
+# dllmq is installed from its source checkout (see its README): a torch build for your hardware first, then
+pip install -e .
 dllmq generate {repo_id} "What is 17 * 23?" --steps 64 --gen-length 64 --block-length 32
 dllmq info {repo_id}
 ```

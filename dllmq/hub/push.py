@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint.format import MANIFEST, QuantizationConfig
+from ..checkpoint.structure import check_folder
 from ..checkpoint.writer import verify_manifest
 from ..errors import UserError
 from ..ui import err_console
@@ -53,6 +54,7 @@ class PushPlan:
     card: str
     uploads: dict[str, Path | bytes]  # path in repo -> local file or generated content
     results_file: str | None = None
+    results_matched: bool | None = None  # None: no results; False: pushed anyway with --force
 
     def files(self) -> list[tuple[str, int]]:
         return [(name, len(src) if isinstance(src, bytes) else src.stat().st_size)
@@ -65,6 +67,7 @@ class PushPlan:
             "private": self.private, "commit_message": self.commit_message,
             "files": [{"path": n, "bytes": b} for n, b in files], "bytes": sum(b for _, b in files),
             "not_uploaded": self.checkpoint.extra, "results_file": self.results_file,
+            "results_matched": self.results_matched,
         }
 
 
@@ -95,6 +98,7 @@ def validate_checkpoint(path: str | Path) -> Checkpoint:
         raise UserError(f"{p} has no {MANIFEST}: it was not written by `dllmq quantize` or is incomplete; "
                         "re-create the checkpoint")
     manifest = verify_manifest(p)  # sha256 of every listed file; raises UserError on any mismatch
+    check_folder(p, raw)  # and structure: every layer the config describes, with its shapes and dtypes
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not any(str(f).endswith(".safetensors") for f in listed):
         raise UserError(f"{p / MANIFEST} lists no safetensors files; re-create the checkpoint with `dllmq quantize`")
@@ -137,6 +141,100 @@ def _read_results(f: Path, strict: bool) -> dict | None:
         return None
 
 
+def match_results(ckpt: Checkpoint, doc: dict, source: Path) -> tuple[dict | None, str | None]:
+    """-> (the record of this checkpoint, None) or (None, why the results do not belong to it).
+
+    `dllmq eval --output` writes one record per model ({"label", "model", ...}, full precision first); a record
+    is this checkpoint when its model is this folder, or a dllmq checkpoint with the same base model and the
+    same quantization_config; a full-precision record must name the checkpoint's base model.
+    """
+    records = [m for m in doc.get("models", []) if isinstance(m, dict)] if isinstance(doc.get("models"), list) else []
+    if not any(isinstance(r.get("model"), str) and r["model"] for r in records):
+        return None, "it has no per-model records naming a model (not a file from `dllmq eval --output`)"
+    own, problems = None, []
+    for rec in records:
+        name = rec.get("model")
+        if not isinstance(name, str) or not name:
+            continue
+        folder = _resolve_model(name, source)
+        qc = _quant_config(folder) if folder is not None else None
+        if qc is not None:
+            if folder.resolve() == ckpt.path.resolve():
+                own = own or rec
+                continue
+            why = _qcfg_difference(ckpt, folder, qc)
+            if why:
+                problems.append(f"its record for {name} is a checkpoint with {why}")
+            else:
+                own = own or rec
+        elif str(rec.get("label", "")).startswith("full precision") and not _is_base(ckpt, name, folder):
+            problems.append(f"its full-precision record is {name}, but this checkpoint was made from "
+                            f"{ckpt.manifest.get('base_model') or 'an unknown model'}")
+    if problems:
+        return None, problems[0]
+    if own is None:
+        names = ", ".join(str(r.get("model")) for r in records if r.get("model"))
+        return None, (f"none of its models ({names}) is this checkpoint or a local checkpoint with the same base "
+                      f"model and quantization settings")
+    return own, None
+
+
+def _resolve_model(name: str, source: Path) -> Path | None:
+    p = Path(name).expanduser()
+    for cand in ([p] if p.is_absolute() else [Path.cwd() / p, source.parent / p]):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _quant_config(folder: Path) -> dict | None:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return qc if isinstance(qc, dict) else None
+
+
+def _manifest(folder: Path) -> dict:
+    try:
+        m = json.loads((folder / MANIFEST).read_text())
+        return m if isinstance(m, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _qcfg_difference(ckpt: Checkpoint, folder: Path, qc: dict) -> str | None:
+    try:
+        theirs = QuantizationConfig.from_dict(qc).to_dict()
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return "a malformed quantization_config"
+    ours = ckpt.qcfg.to_dict()
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            return f"different {key}.{sub} ({b.get(sub)!r}, this checkpoint {a.get(sub)!r})"
+        if isinstance(a, list) and isinstance(b, list) and len(a) + len(b) > 6:
+            return f"different {key} ({len(b)} entries, this checkpoint {len(a)})"
+        return f"different {key} ({b!r}, this checkpoint {a!r})"
+    base, other = ckpt.manifest.get("base_model"), _manifest(folder).get("base_model")
+    if other and base and other != base:
+        return f"a different base model ({other}, this checkpoint {base})"
+    return None
+
+
+def _is_base(ckpt: Checkpoint, name: str, folder: Path | None) -> bool:
+    bases = [b for b in (ckpt.manifest.get("base_model"), ckpt.manifest.get("base_model_path")) if isinstance(b, str)]
+    if name in bases:
+        return True
+    if folder is not None:
+        return any(Path(b).expanduser().is_dir() and Path(b).expanduser().resolve() == folder.resolve() for b in bases)
+    return False
+
+
 def check_repo_id(repo_id: str) -> str:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -151,7 +249,7 @@ def check_repo_id(repo_id: str) -> str:
 
 
 def plan_push(checkpoint: str | Path, repo_id: str, revision: str | None = None, private: bool = False,
-              commit_message: str | None = None, results: Path | None = None) -> PushPlan:
+              commit_message: str | None = None, results: Path | None = None, force: bool = False) -> PushPlan:
     """Everything up to the network: validation, the card, the list of files. Used by --dry-run too."""
     from .. import __version__
     from .card import build_card, scheme
@@ -161,6 +259,14 @@ def plan_push(checkpoint: str | Path, repo_id: str, revision: str | None = None,
         raise UserError("--revision must name a branch, e.g. --revision w4-g128")
     ckpt = validate_checkpoint(checkpoint)
     results_path, results_doc = find_results(ckpt, results)
+    own, matched = None, None
+    if results_path is not None:
+        own, why = match_results(ckpt, results_doc, results_path)
+        matched = why is None
+        if why and not force:
+            raise UserError(f"{'--results ' if results is not None else ''}{results_path} does not belong to this "
+                            f"checkpoint: {why}; pass the results of `dllmq eval {ckpt.path.name} --output`, "
+                            "or --force to push them anyway")
     uploads: dict[str, Path | bytes] = {name: ckpt.path / name for name in ckpt.files}
     results_name = None
     if results_path is not None:
@@ -170,11 +276,11 @@ def plan_push(checkpoint: str | Path, repo_id: str, revision: str | None = None,
         uploads[results_name] = results_path
         if in_folder:
             ckpt.extra = [e for e in ckpt.extra if e != results_path.name]
-    card = str(build_card(ckpt, repo_id, results_doc, results_name))
+    card = str(build_card(ckpt, repo_id, results_doc, results_name, record=own))
     uploads[CARD] = card.encode()
     message = commit_message or (f"Upload {scheme(ckpt).upper()} {ckpt.qcfg.method} checkpoint "
                                  f"(dllmq {__version__})")
-    return PushPlan(ckpt, repo_id, revision, private, message, card, uploads, results_name)
+    return PushPlan(ckpt, repo_id, revision, private, message, card, uploads, results_name, matched)
 
 
 def upload(plan: PushPlan) -> dict:

@@ -32,6 +32,21 @@ class Feed:
     kind: str  # "norm" | "linear"
 
 
+# Upper bounds on config.json sizes (well above any published model: LLaMA-405B has hidden 16384, 126 layers,
+# 128 heads, intermediate 53248; the largest vocabularies are ~256k): anything beyond is a typo or an attack.
+SIZE_LIMITS = {"hidden_size": 1 << 17, "num_layers": 1 << 12, "num_heads": 1 << 12, "num_kv_heads": 1 << 12,
+               "intermediate_size": 1 << 20, "vocab_size": 1 << 24}
+# the config.json key behind each DLLMConfig field, per family (for error messages)
+CONFIG_FIELDS = {
+    "llada": {"hidden_size": "d_model", "num_layers": "n_layers", "num_heads": "n_heads", "num_kv_heads": "n_kv_heads",
+              "intermediate_size": "mlp_hidden_size", "vocab_size": "embedding_size"},
+    "dream": {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+              "num_kv_heads": "num_key_value_heads"},
+    "llama": {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+              "num_kv_heads": "num_key_value_heads"},
+}
+
+
 @dataclass(frozen=True)
 class DLLMConfig:
     """Normalised view of a family's config.json (the raw dict is kept to write back unchanged)."""
@@ -53,6 +68,29 @@ class DLLMConfig:
     eos_token_id: int | None
     pad_token_id: int | None
     extra_stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        # sizes come from a user's config.json: refuse a wrong type, a non-positive or an absurd value here,
+        # before any module is built or memory allocated (a vocab of 1e12 would try to allocate terabytes)
+        from ..errors import UserError
+
+        names = CONFIG_FIELDS.get(self.family, {})
+        for attr, limit in SIZE_LIMITS.items():
+            v = getattr(self, attr)
+            key = names.get(attr, attr)
+            if isinstance(v, bool) or not isinstance(v, int):
+                shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+                raise UserError(f"config.json: {key} must be a whole number, got {shown}; fix config.json or "
+                                "re-download the model")
+            if not 0 < v <= limit:
+                raise UserError(f"config.json: {key} = {v} is {'not positive' if v <= 0 else 'absurdly large'} "
+                                f"(expected 1..{limit}); fix config.json or re-download the model")
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"config.json: {names.get('num_heads', 'num_heads')} = {self.num_heads} does not divide "
+                            f"{names.get('hidden_size', 'hidden_size')} = {self.hidden_size}; fix config.json")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"config.json: {names.get('num_kv_heads', 'num_kv_heads')} = {self.num_kv_heads} does "
+                            f"not divide {names.get('num_heads', 'num_heads')} = {self.num_heads}; fix config.json")
 
     @property
     def head_dim(self) -> int:
@@ -154,6 +192,16 @@ class DiffusionLM(nn.Module):
         if self.arch.logits_shifted:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
+
+    def generate(self, prompt, gen_length: int = 64, steps: int = 64, block_length: int = 32,
+                 temperature: float = 0.0, cache: str | None = None, threshold: float | None = None, **kw):
+        """Text in, text out with the model's own tokenizer and chat template: a prompt -> str, a list of
+        prompts -> list[str]. `cache`/`threshold` (or fast=True) decode fast; more in dllmq.textgen.generate_text
+        (chat, remasking, alg, seed, batch_size, tokenizer)."""
+        from ..textgen import generate_text
+
+        return generate_text(self, prompt, gen_length=gen_length, steps=steps, block_length=block_length,
+                             temperature=temperature, cache=cache, threshold=threshold, **kw)
 
     def linear_names(self) -> list[str]:
         """Full names of the block linears, in execution order, block by block."""

@@ -79,16 +79,32 @@ def read_config(path: Path) -> dict:
     f = path / "config.json"
     if not f.exists():
         raise UserError(f"{path} has no config.json; pass a model folder")
+    if not f.is_file():
+        raise UserError(f"{f} is not a file; pass a model folder with a config.json file")
     try:
-        return json.loads(f.read_text())
+        raw = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{f} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{f} is not UTF-8 text; fix or re-download config.json") from None
+    except OSError as e:
+        raise UserError(f"cannot read {f}: {e.strerror}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{f} must hold a JSON object, got a {type(raw).__name__}; fix or re-download config.json")
+    return raw
 
 
 def parse(path: Path) -> tuple[ArchSpec, DLLMConfig]:
     raw = read_config(path)
     arch = arch_for(raw)
-    return arch, arch.parse_config(raw)
+    try:
+        return arch, arch.parse_config(raw)
+    except UserError:
+        raise
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, AttributeError, OverflowError) as e:
+        # e.g. "rope_theta": "fast", "mask_token_id": [1], "mlp_ratio": "4"
+        raise UserError(f"{path / 'config.json'} has a value of the wrong type ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else e!r}); fix or re-download config.json") from None
 
 
 def weight_map(path: Path) -> dict[str, str]:

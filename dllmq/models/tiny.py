@@ -136,13 +136,22 @@ def byte_tokenizer(special: dict[str, int], template: str, bos: str | None, eos:
     cfg_file.write_text(json.dumps(cfg, indent=2))
 
 
-def write_tiny_llada(out: str | Path, seed: int = 0, shards: int = 2, **over) -> Path:
+def write_tiny_llada(out: str | Path, seed: int = 0, shards: int = 2, small_vocab: int | None = None, **over) -> Path:
+    """`small_vocab=N`: an N-row vocabulary (N > 262) with the special tokens right after the 256 bytes
+    instead of at LLaDA's ids, so that wide test models are not dominated by a 126k-row embedding and head."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    special = LLADA_SPECIAL
+    if small_vocab is not None:
+        if small_vocab < 256 + len(LLADA_SPECIAL):
+            raise ValueError(f"small_vocab must be at least {256 + len(LLADA_SPECIAL)}")
+        special = {t: 256 + i for i, t in enumerate(LLADA_SPECIAL)}
+        over = {"vocab_size": small_vocab, "embedding_size": small_vocab, "mask_token_id": special["<|mdm_mask|>"],
+                "eos_token_id": special["<|endoftext|>"], "pad_token_id": special["<|endoftext|>"], **over}
     raw = llada_config(**over)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     write_sharded(_random_state(LLADA, raw, seed), out, shards)
-    byte_tokenizer(LLADA_SPECIAL, LLADA_CHAT_TEMPLATE, "<|startoftext|>", "<|endoftext|>", "<|endoftext|>",
+    byte_tokenizer(special, LLADA_CHAT_TEMPLATE, "<|startoftext|>", "<|endoftext|>", "<|endoftext|>",
                    "<|mdm_mask|>", out)
     return out
 

@@ -33,7 +33,8 @@ Kernel paths (``KERNELS``) and what each really computes:
   *simulates* the integer GEMM in bf16: the only differences from exact integer arithmetic are the
   bf16 rounding of each dequantized weight and of the GEMM output (relative 2^-9), the same as the
   ``dequant`` reference. It costs the dense bf16 copy (2 B/weight, 4x the packed int4 weight).
-* ``triton_w4a8``: CUDA (or the Triton interpreter): packed int4 unpacked in registers, int8 GEMM.
+* ``triton_w4a8``: CUDA (or the Triton interpreter): packed int4 unpacked in registers, int8 GEMM. Chosen for
+  group-wise weights on CUDA; per channel ``int8_act`` measured 3-10x faster on an H200.
 
 A layer that runs both few-row and many-row inputs keeps each path's prepared weight: e.g. a W4A8 g128
 layer of a 4096x4096 weight (packed 8.5 MiB, bf16 32 MiB) adds 8.5 MiB (int4 kernel state) plus 16 MiB
@@ -62,8 +63,17 @@ from . import kernels as K
 # save memory) dequantizing per call costs 12x at 256 rows, so the int4 kernel is used at any size.
 INT4_CPU_MAX_ROWS = 8
 INT8PACK_CPU_MAX_ROWS = 4
-# tinygemm on CUDA has no measured cut-off yet; None = use it for any number of rows.
-INT4_CUDA_MAX_ROWS: int | None = None
+# CUDA, measured on one H200 (benchmarks/gpu_check.py, benchmarks/results/gpu/gpu_check.md, LLaDA-8B layer shapes,
+# time / bf16 F.linear): tinygemm W4A16 is 0.6-1.08x at 1 row, 0.63-0.70x at 8, 0.17-0.24x at 64 and 0.04-0.06x
+# from 512 rows on. Above 8 rows the dense path (dequantize, cuBLAS bf16) is used: one dequantization per call
+# reads the packed weight and writes a bf16 copy (bandwidth-bound, not yet timed on the GPU), against tinygemm's
+# 6.9 ms at 2048 rows of a 4096x12288 layer where bf16 takes 0.28 ms.
+INT4_CUDA_MAX_ROWS: int | None = 8
+# Weight-activation layers on CUDA, same run, per-channel weights: the Triton W4A8 kernel (default block sizes) ran
+# at 0.02-0.15x bf16's speed, one `_int_mm` (int8_act) at 0.10-0.42x, i.e. 3-10x faster. So per-channel layers use
+# `_int_mm`. Group-wise layers keep Triton (0.01-0.07x): their `_int_mm` path is one GEMM per group, not yet timed
+# on a GPU. Both are far from bf16: the next GPU session sweeps Triton block sizes (benchmarks/gpu_check.py).
+CUDA_TRITON_W4A8_STRATEGIES = ("group",)
 
 # Weight-activation layers on CPU (W8A8 / W4A8, per-token int8 activations). Measured at LLaDA-8B layer shapes
 # (benchmarks/kernels.py --rows 1 8 256 2048 --threads 1, time / bf16 F.linear in the same run, shared machine):
@@ -351,8 +361,10 @@ class QuantLinear(nn.Module):
             return _FORCED
         if self.act_spec.enabled:
             # Activation quantization changes the numerics, so it must apply at every size. On CUDA the
-            # Triton kernel keeps 4-bit weights packed and unpacks them inside the int8 GEMM.
-            if x.device.type == "cuda" and self._supported("triton_w4a8", x):
+            # Triton kernel keeps 4-bit weights packed and unpacks them inside the int8 GEMM; per channel it
+            # measured slower than `_int_mm` (see CUDA_TRITON_W4A8_STRATEGIES).
+            if (x.device.type == "cuda" and self.spec.strategy in CUDA_TRITON_W4A8_STRATEGIES
+                    and self._supported("triton_w4a8", x)):
                 return "triton_w4a8"
             rows = x.numel() // self.in_features
             # CPU: measured crossovers, see ACT_INT4_CPU_MAX_ROWS; the activation rounding is the same on every path.
