@@ -6,7 +6,8 @@ run. Writes benchmarks/results/method_matrix.{md,json}.
 
     python benchmarks/method_matrix.py                  # ~15 min on 2 cores
     python benchmarks/method_matrix.py --bits 4 --quick # a smaller matrix
-    python benchmarks/method_matrix.py --quick --bits 3 --tasks tiny-code tiny-mc --out benchmarks/results/method_matrix_w3
+    python benchmarks/method_matrix.py --bits 3 4 --only RTN "GPTQ, TMAS" --tasks tiny-code tiny-mc \
+        --out benchmarks/results/method_matrix_code_mc
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main():
     add_common_args(ap)
     ap.add_argument("--tasks", nargs="+", default=["tiny-math", "tiny-mc"])
     ap.add_argument("--quick", action="store_true", help="only RTN, GPTQ clean, GPTQ TMAS, GPTQ TMAS+CGQ")
+    ap.add_argument("--only", nargs="+", default=None, help="only these configuration labels, e.g. RTN 'GPTQ, TMAS'")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "method_matrix")
     args = ap.parse_args()
     gcfg = GenerationConfig()
@@ -79,7 +81,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         for bits in args.bits:
             for label, method, mask, opts in CONFIGS:
-                if args.quick and label not in QUICK:
+                if (args.quick and label not in QUICK) or (args.only and label not in args.only):
                     continue
                 out = Path(d) / f"{method}-{bits}-{len(rows)}"
                 res, qs = quantize_config(src, out, method, bits, args.group_size, mask, opts, args.samples)
@@ -87,6 +89,12 @@ def main():
                 rows.append({"label": label, "bits": bits, "quant_seconds": qs, "mean_layer_error": err,
                              "tasks": evaluate(out, args.tasks, gcfg, args.mc_num)})
                 print(json.dumps(rows[-1]), flush=True)
+                write(args, rows)
+    print(write(args, rows))
+
+
+def write(args, rows) -> str:
+    """The JSON and Markdown tables (also after every row, so an interrupted run keeps what it measured)."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows},
                                                         indent=2))
@@ -99,7 +107,7 @@ def main():
         lines.append(f"| {r['label']} | {r['bits']} | " + " | ".join(cells) + f" | {delta:+.1f} | {r['quant_seconds']:.1f} |")
     md = "\n".join(lines)
     args.out.with_suffix(".md").write_text(md + "\n")
-    print(md)
+    return md
 
 
 if __name__ == "__main__":

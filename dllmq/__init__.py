@@ -6,7 +6,7 @@
     print(model.generate("What is 12 + 30?", gen_length=32, steps=32))
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from .recipe import (  # noqa: E402  (no torch: `import dllmq` stays cheap)
     ActivationsRecipe, CalibrationRecipe, Recipe, TMASRecipe, WeightsRecipe, recipe_of,

@@ -33,7 +33,7 @@ def tokenizer_of(model):
         if src is None:
             raise UserError("this model was not loaded from a folder, so it has no tokenizer; load it with "
                             "dllmq.load(path) or pass tokenizer=")
-        from .models.loading import load_tokenizer
+        from .models.tokenizer_loading import load_tokenizer
 
         tok = load_tokenizer(src)
         object.__setattr__(model, "_dllmq_tokenizer", tok)

@@ -44,8 +44,11 @@ from dllmq.diffusion.masking import forward_process
 from dllmq.models.llada import LLADA
 from dllmq.models.tiny import llada_config
 
-# the bundled model's shape (the previous, CPU-trained one was d_model 256, 6 blocks, 4 heads, MLP 768)
-ARCH = dict(d_model=384, n_layers=8, n_heads=6, n_kv_heads=6, mlp_hidden_size=1024, rope_theta=10000.0,
+# The next bundled model's shape. The current one (trained 2026-11-30) has 6 heads of 64: QuaRot's online Hadamard
+# across heads needs a Hadamard matrix of order n_heads, and none of order 6 exists (QuaRot's reference refuses it
+# too), so 8 heads of 48 (orders 8 and 48 = 12 * 4 exist). The CPU-trained one before: d_model 256, 6 blocks,
+# 4 heads, MLP 768.
+ARCH = dict(d_model=384, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=1024, rope_theta=10000.0,
             max_sequence_length=512)
 
 

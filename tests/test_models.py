@@ -155,10 +155,10 @@ def test_hub_id_offline_is_one_clear_error(monkeypatch, tmp_path):
 @pytest.mark.parametrize("fixture", ["tiny_llada", "tiny_dream"])
 def test_outlier_injection_preserves_function(fixture, request, tmp_path):
     from dllmq.evaluation.outliers import activation_stats
-    from dllmq.models.variants import write_outlier_variant
+    from dllmq.models.loading import outlier_variant
 
     src = request.getfixturevalue(fixture)
-    out = write_outlier_variant(src, tmp_path / "outl", factor=64.0, channels=2)
+    out = outlier_variant(src, tmp_path / "outl", factor=64.0, channels=2)
     a, b = load_model(src, dtype=torch.float32), load_model(out, dtype=torch.float32)
     x = _ids(16)
     with torch.no_grad():

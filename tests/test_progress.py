@@ -165,3 +165,28 @@ def test_eval_progress_is_per_request_not_per_task(monkeypatch):
     assert abs(sum(steps) - n_requests) < 1e-6
     assert len(steps) > 1  # one batch of 16 requests, yet several advances: per forward
     assert not prog.tasks  # the per-task line goes when the task is done
+
+
+def test_nll_eval_shows_one_bar_per_model(term, capsys, tmp_path):
+    """`dllmq eval CKPT` (NLL + agreement, no --tasks): a line per model that ends complete, none with --json."""
+    from dllmq.evaluation.report import compare_models
+
+    res = compare_models("tiny", max_seqs=2, seq_len=32, mc_num=1, n_prompts=2, steps=4, gen_length=4, block_length=4)
+    assert len(res["models"]) == 1
+    # 2 windows for NLL + 2 for step predictions + 1 generation batch x 4 steps = 8 units
+    assert re.search(r"model .* 8/8 .*done", term())
+    before = term()
+    compare_models("tiny", max_seqs=2, seq_len=32, mc_num=1, n_prompts=2, steps=4, gen_length=4, block_length=4,
+                   show_progress=False)
+    assert term() == before
+
+
+def test_bench_bar_advances_per_timed_call(term, tmp_path):
+    """`dllmq bench`: one bar whose total is the number of timed calls, so its ETA follows the work."""
+    from dllmq.evaluation.speed import bench
+
+    res = bench("tiny", batch=1, seq_len=16, gen_length=4, steps=4, block_length=4, repeats=2, fast=False,
+                memory=False, show_progress=True)
+    assert res["step_ms"]
+    # no reference for a full-precision model: (1 + 2) step calls + (1 + 1) generation calls = 5
+    assert re.search(r"bench .* 5/5 ", term())

@@ -59,9 +59,9 @@ def test_transforms_tame_injected_outliers(tmp_path):
     into every channel's quantization step (measured: SmoothQuant 0.40, QuaRot 0.62, DuQuant 0.36).
     The paper's ordering is checked on the trained bundled model (benchmarks/wa_matrix.py)."""
     from dllmq.models.tiny import write_tiny_llada
-    from dllmq.models.variants import write_outlier_variant
+    from dllmq.models.loading import outlier_variant
 
-    src = write_outlier_variant(write_tiny_llada(tmp_path / "base", d_model=128, n_heads=4, mlp_hidden_size=384),
+    src = outlier_variant(write_tiny_llada(tmp_path / "base", d_model=128, n_heads=4, mlp_hidden_size=384),
                                 tmp_path / "outl", factor=256.0, channels=2)
     errs = {}
     for m in ("rtn", "smoothquant", "quarot", "duquant"):
@@ -83,9 +83,9 @@ def test_inspect_before_after_quarot(tmp_path, capsys):
     from cli_helpers import run_cli
 
     from dllmq.models.tiny import write_tiny_llada
-    from dllmq.models.variants import write_outlier_variant
+    from dllmq.models.loading import outlier_variant
 
-    src = write_outlier_variant(write_tiny_llada(tmp_path / "b", d_model=64, mlp_hidden_size=192), tmp_path / "o")
+    src = outlier_variant(write_tiny_llada(tmp_path / "b", d_model=64, mlp_hidden_size=192), tmp_path / "o")
     code, out, err = run_cli(["inspect", src, "--calib-samples", "4", "--calib-seq-len", "32", "--method", "quarot", "--json"], capsys)
     assert code == 0, err
     res = json.loads(out)

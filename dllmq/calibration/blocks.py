@@ -17,7 +17,7 @@ from torch import nn
 
 from ..models.base import DiffusionLM
 from ..models.loading import ShardReader
-from .states import CalibBatch
+from .batch import CalibBatch
 
 
 class HiddenCache:

@@ -37,18 +37,10 @@ import torch
 
 from ..diffusion.generation import GenerationConfig, generate_ids, left_pad
 from ..errors import UserError
+from .batch import CalibBatch
 from .data import encode_batch, random_masked, resolve_windows
 
 MASK_MODES = ("none", "random", "tmas")
-
-
-@dataclass
-class CalibBatch:
-    ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor | None  # [B, L] or None
-    masked: torch.Tensor  # bool [B, L]
-    confidence: torch.Tensor | None = None  # [B, L], full-precision model confidence
-    valid: torch.Tensor | None = None  # bool [B, L]: True = real token, False = padding; None = all real
 
 
 @dataclass

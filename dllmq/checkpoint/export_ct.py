@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UserError
 from .format import MANIFEST, QUANT_SUFFIXES, QuantizationConfig
 from .packing import pack_cols, pack_rows, packed_words, unpack_cols

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .. import __version__
+from .._version import __version__
 from ..errors import Interrupted, UserError
 from .format import MANIFEST
 from .lock import RunLock

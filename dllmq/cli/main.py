@@ -544,7 +544,7 @@ def _write_output(path: Optional[Path], res: dict) -> None:
 
     import torch
 
-    from .. import __version__
+    from .._version import __version__
 
     doc = {**res, "versions": {"dllmq": __version__, "torch": torch.__version__, "python": platform.python_version()},
            "command": "dllmq " + " ".join(shlex.quote(x) for x in sys.argv[1:])}
@@ -708,15 +708,9 @@ def bench(
     from ..evaluation.speed import bench as run_bench
     from ..evaluation.speed import size_ratio_text, throughput_ratio_text, time_ratio_text
 
-    with_progress = not json_out and sys.stderr.isatty()
-
-    def say(what):
-        if with_progress:
-            err_console.print(f"[dim]timing {what} ...[/dim]")
-
     res = run_bench(model, against=against, batch=batch, seq_len=seq_len, gen_length=gen_length, steps=steps,
                     block_length=block_length, rows=rows, repeats=repeats, fast=fast, memory=memory,
-                    device=_device(device), dtype=_dtype(dtype), progress=say)
+                    device=_device(device), dtype=_dtype(dtype), show_progress=not json_out)
     if json_out:
         _emit_json(res)
         return
@@ -840,7 +834,7 @@ app.command("push")(push_cmd)
 
 def _show_version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from .._version import __version__
 
         out_console.print(f"dllmq {__version__}", highlight=False)
         raise typer.Exit()

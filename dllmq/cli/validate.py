@@ -6,6 +6,7 @@ checks that the lists here match those modules.
 from __future__ import annotations
 
 import math
+import sys
 
 from ..errors import UserError
 from .options import DTYPES
@@ -14,6 +15,14 @@ METHOD_NAMES = ("awq", "duquant", "gptq", "quarot", "rtn", "smoothquant")  # qua
 WEIGHT_ACT_METHODS = ("duquant", "quarot", "smoothquant")  # their Method.quantizes_activations is True
 MASK_MODES = ("none", "random", "tmas")  # calibration/states.py MASK_MODES
 SCALE_SEARCHES = ("minmax", "mse")  # quantization/rtn.py SCALE_SEARCHES
+
+
+def known_methods() -> tuple[str, ...]:
+    """The built-in names (static, so this check needs no torch), plus any method registered in this process
+    (`@register_method`: its code imported the registry already, so reading it costs nothing)."""
+    registry = sys.modules.get("dllmq.quantization.methods.base")
+    extra = tuple(n for n in getattr(registry, "METHODS", {}) if n not in METHOD_NAMES)
+    return METHOD_NAMES + extra
 
 
 def check_dtype_name(name: str) -> None:
@@ -66,8 +75,9 @@ def check_quantize_args(*, method: str, w: int, a: int, group_size: int | None, 
 
     check_dtype_name(dtype)
     check_device_name(device)
-    if method not in METHOD_NAMES:
-        raise UserError(f"unknown method {method!r}; supported: {', '.join(METHOD_NAMES)}")
+    known = known_methods()
+    if method not in known:
+        raise UserError(f"unknown method {method!r}; supported: {', '.join(known)}")
     gs = 128 if group_size is None else group_size
     WeightSpec(num_bits=w, symmetric=True if sym is None else sym, strategy="channel" if gs == -1 else "group",
                group_size=None if gs == -1 else gs)

@@ -8,10 +8,12 @@ costs and what quantization must speed up.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..models.base import DiffusionLM
+if TYPE_CHECKING:  # annotations only: the models import this module's sampler at run time
+    from ..models.base import DiffusionLM
 from .sampling import dream_generate, llada_generate
 
 

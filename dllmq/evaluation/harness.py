@@ -195,14 +195,14 @@ class DLLMQLM(LM):
 
 # ---------------------------------------------------------------------------------------------- tiny tasks
 def _tiny_math_results(doc, results):
-    from .tasks import extract_answer
+    from .task_data import extract_answer
 
     return {"exact_match": float(extract_answer(results[0]) == doc["answer"])}
 
 
 def _tiny_code_results(doc, results):
     from .execution import check_function
-    from .tasks import code_completion
+    from .task_data import code_completion
 
     ok, _ = check_function(code_completion(doc["prompt"], results[0]), doc["test"], doc["entry_point"])
     return {"pass@1": float(ok)}
@@ -210,7 +210,7 @@ def _tiny_code_results(doc, results):
 
 def tiny_task_config(name: str) -> dict:
     """The bundled task `name` as an lm-eval task config over its local jsonl file."""
-    from .tasks import TASK_DIR
+    from .task_data import TASK_DIR
 
     base = {"task": name, "dataset_path": "json", "test_split": "train",
             "dataset_kwargs": {"data_files": {"train": str(TASK_DIR / f"{name}.jsonl")}},

@@ -13,6 +13,7 @@ from ..diffusion.generation import GenerationConfig
 from ..errors import UserError
 from ..models.loading import BUNDLED_DIR, load_tokenizer, read_config, resolve_model_path
 from ..runtime.loader import load
+from ..ui import bar, progress
 from .quality import agreement, chunk_texts, masked_predictions, sample_ids, text_nll
 
 DEFAULT_PROMPTS = [
@@ -86,30 +87,39 @@ def compare_models(model: str, against: str | None = None, text_file: Path | Non
     prompts = (DEFAULT_PROMPTS * 10)[:n_prompts]
     gcfg = GenerationConfig(steps=steps, gen_length=gen_length, block_length=block_length, seed=seed)
     rows, ref_ids, ref_preds = [], None, None
-    for label, name in labels:
-        m = load(name, device=device, dtype=dtype)
-        t0 = time.time()
-        nll = text_nll(m, seqs, mc_num=mc_num, seed=seed)
-        nll_s = time.time() - t0
-        row = {"label": label, "model": str(name), "disk_bytes": disk_bytes(m.source_path),
-               "resident_weight_bytes": resident_bytes(m), "nll": nll, "nll_seconds": nll_s,
-               "gen_seconds": 0.0}
-        # one denoising step's top-1 fill-ins on identical masked inputs: agreement without the cascade
-        # of whole-generation agreement (one early different token changes every later one)
-        preds = masked_predictions(m, seqs, seed=seed)
-        if ref_preds is None:
-            ref_preds = preds
-        else:
-            row["step_agreement"] = agreement(preds, ref_preds)
-        if prompts:
-            ids, gs = sample_ids(m, tok, prompts, gcfg)
-            row["gen_seconds"] = gs
-            if ref_ids is None:
-                ref_ids = ids
-            else:
-                row["agreement"] = agreement(ids, ref_ids)
-        rows.append(row)
-        del m
+    n = int(seqs.shape[0])
+    gen_batches = -(-len(prompts) // 8)  # sample_ids' batch size
+    with progress(show_progress) as prog:
+        for label, name in labels:
+            # one line per model: NLL and step predictions per window, generation per denoising step
+            with bar(f"{label}", total=2 * n + gen_batches * steps, info="load", prog=prog) as pb:
+                m = load(name, device=device, dtype=dtype)
+                pb.update(info="masked-token NLL")
+                t0 = time.time()
+                nll = text_nll(m, seqs, mc_num=mc_num, seed=seed, bar=pb)
+                nll_s = time.time() - t0
+                row = {"label": label, "model": str(name), "disk_bytes": disk_bytes(m.source_path),
+                       "resident_weight_bytes": resident_bytes(m), "nll": nll, "nll_seconds": nll_s,
+                       "gen_seconds": 0.0}
+                # one denoising step's top-1 fill-ins on identical masked inputs: agreement without the cascade
+                # of whole-generation agreement (one early different token changes every later one)
+                pb.update(info="step predictions")
+                preds = masked_predictions(m, seqs, seed=seed, bar=pb)
+                if ref_preds is None:
+                    ref_preds = preds
+                else:
+                    row["step_agreement"] = agreement(preds, ref_preds)
+                if prompts:
+                    pb.update(info="generation")
+                    ids, gs = sample_ids(m, tok, prompts, gcfg, bar=pb)
+                    row["gen_seconds"] = gs
+                    if ref_ids is None:
+                        ref_ids = ids
+                    else:
+                        row["agreement"] = agreement(ids, ref_ids)
+                pb.update(completed=2 * n + gen_batches * steps, info="done")
+                rows.append(row)
+                del m
     return {"models": rows, "config": {"seq_len": seq_len, "windows": int(seqs.shape[0]), "mc_num": mc_num,
                                        "prompts": len(prompts), "generation": gcfg.to_dict(), "device": device,
                                        "dtype": str(dtype)}}

@@ -41,15 +41,18 @@ def _time(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def alternate(fns: dict, repeats: int, device: str, warmup: int = 1) -> dict:
-    """Median seconds of each callable, run in alternation (A B A B ...)."""
+def alternate(fns: dict, repeats: int, device: str, warmup: int = 1, on_call=None) -> dict:
+    """Median seconds of each callable, run in alternation (A B A B ...). `on_call()` after every call."""
+    tick = on_call or (lambda: None)
     for _ in range(warmup):
         for f in fns.values():
             f()
+            tick()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
             times[k].append(_time(f, device))
+            tick()
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -61,7 +64,7 @@ def step_inputs(model, batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     return ids
 
 
-def layer_timings(q, fp, rows: int, repeats: int, device: str, dtype) -> list[dict]:
+def layer_timings(q, fp, rows: int, repeats: int, device: str, dtype, on_call=None) -> list[dict]:
     """Each linear type of block 0 and the LM head: quantized vs full precision on [rows, in_features]."""
     out = []
     names = [f"{q.arch.blocks_path}.0.{n}" for n in q.arch.block_linears] + [q.arch.head_name]
@@ -75,7 +78,7 @@ def layer_timings(q, fp, rows: int, repeats: int, device: str, dtype) -> list[di
             continue
         x = torch.randn(rows, in_f, dtype=dtype, device=device)
         with torch.no_grad():
-            med = alternate({"q": lambda: lq(x), "fp": lambda: lf(x)}, repeats, device)
+            med = alternate({"q": lambda: lq(x), "fp": lambda: lf(x)}, repeats, device, on_call=on_call)
         kernel = lq.kernel_for(x) if isinstance(lq, QuantLinear) else "full precision"
         out.append({"layer": name.split(".")[-1] if name != q.arch.head_name else "lm_head",
                     "shape": f"{lf.out_features}x{in_f}", "rows": rows, "kernel": kernel,
@@ -101,7 +104,20 @@ def peak_rss_subprocess(model: str, device: str, dtype: str, batch: int, seq_len
 
 def bench(model: str, against: str | None = None, batch: int = 1, seq_len: int = 256, gen_length: int = 64,
           steps: int = 64, block_length: int = 32, prompt_len: int = 32, rows: int = 256, repeats: int = 5,
-          fast: bool = True, memory: bool = True, device: str = "cpu", dtype=torch.bfloat16, progress=None) -> dict:
+          fast: bool = True, memory: bool = True, device: str = "cpu", dtype=torch.bfloat16, progress=None,
+          show_progress: bool = False) -> dict:
+    """Step, generation, per-layer and memory measurements of `model` against its full-precision reference.
+    `progress(stage)` is called at each stage; `show_progress` draws a bar (stderr, a terminal) advanced per timed
+    call, so its ETA follows the work."""
+    from ..ui import bar
+
+    with bar("bench", total=None, info="loading", show=show_progress) as pb:
+        return _bench(model, against, batch, seq_len, gen_length, steps, block_length, prompt_len, rows, repeats,
+                      fast, memory, device, dtype, progress, pb)
+
+
+def _bench(model, against, batch, seq_len, gen_length, steps, block_length, prompt_len, rows, repeats, fast, memory,
+           device, dtype, progress, pb) -> dict:
     ref = reference_for(model, against)
     entries = {"quantized": model}
     if ref:
@@ -113,14 +129,24 @@ def bench(model: str, against: str | None = None, batch: int = 1, seq_len: int =
                                                "repeats": repeats, "device": device, "dtype": str(dtype)}}
 
     def tick(what):
+        pb.update(info=what)
         if progress:
             progress(what)
+
+    def call():
+        pb.advance()
+
+    n, r2 = len(models), max(1, repeats // 2)
+    n_layers = (len(any_m.arch.block_linears) + 1) if ref else 0
+    pb.update(total=(1 + repeats) * n + (1 + r2) * n * (2 if fast else 1) + n_layers * 2 * (1 + repeats)
+              + (n if memory else 0))
 
     # denoising step
     tick("denoising step")
     x = step_inputs(any_m, batch, seq_len).to(device)
     with torch.no_grad():
-        med = alternate({k: (lambda m=m: m.aligned_logits(x)) for k, m in models.items()}, repeats, device)
+        med = alternate({k: (lambda m=m: m.aligned_logits(x)) for k, m in models.items()}, repeats, device,
+                        on_call=call)
     res["step_ms"] = {k: 1e3 * v for k, v in med.items()}
 
     # generation
@@ -132,13 +158,14 @@ def bench(model: str, against: str | None = None, batch: int = 1, seq_len: int =
     if fast:
         fcfg = GenerationConfig.fast_defaults(steps=steps, gen_length=gen_length, block_length=block_length)
         runs.update({f"{k} --fast": (lambda m=m: generate_ids(m, prompt, None, fcfg)) for k, m in models.items()})
-    med = alternate(runs, max(1, repeats // 2), device)
+    med = alternate(runs, r2, device, on_call=call)
     res["generation_tok_s"] = {k: batch * gen_length / v for k, v in med.items()}
 
     # per layer type
     if ref:
         tick("layers")
-        res["layers"] = layer_timings(models["quantized"], models["full precision"], rows, repeats, device, dtype)
+        res["layers"] = layer_timings(models["quantized"], models["full precision"], rows, repeats, device, dtype,
+                                      on_call=call)
 
     # memory
     tick("memory")
@@ -151,10 +178,12 @@ def bench(model: str, against: str | None = None, batch: int = 1, seq_len: int =
                 with torch.no_grad():
                     m.aligned_logits(x)
                 peak[k] = torch.cuda.max_memory_allocated()
+                call()
         else:
             del models
             for k, name in entries.items():
                 peak[k] = peak_rss_subprocess(name, device, str(dtype).replace("torch.", ""), batch, seq_len)
+                call()
     res["peak_bytes"] = peak
     res["ratios"] = ratios(res) if ref else {}
     return res

@@ -15,16 +15,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..ui import human_bytes
 
 if TYPE_CHECKING:
-    from .push import Checkpoint
+    from .checkpoint import Checkpoint
 
-METHOD_NAMES = {
-    "rtn": "RTN (round-to-nearest, min-max scales)",
-    "gptq": "GPTQ",
-    "awq": "AWQ",
-    "smoothquant": "SmoothQuant",
-    "quarot": "QuaRot",
-    "duquant": "DuQuant",
-}
 FAMILY_NAMES = {"llada": "LLaDA", "dream": "Dream", "llama": "LLaMA"}
 # method_args keys -> what a reader understands
 ARG_NAMES = {
@@ -51,7 +43,9 @@ def is_hub_id(name: object) -> bool:
 
 def method_label(ckpt: "Checkpoint") -> str:
     q = ckpt.qcfg
-    label = METHOD_NAMES.get(q.method, q.method)
+    from ..quantization.methods import label_of  # the registry names every method, added ones too
+
+    label = label_of(q.method)
     args = q.method_args
     if q.method not in ("rtn", "gptq") and args.get("w_quantizer") == "gptq":
         label += " + GPTQ rounding"

@@ -17,31 +17,11 @@ from ..checkpoint.structure import check_folder
 from ..checkpoint.writer import verify_manifest
 from ..errors import UserError
 from ..ui import err_console
+from .checkpoint import Checkpoint
 
 RESULT_NAMES = ("results.json", "eval_results.json")  # looked for in the checkpoint folder, in this order
 CARD = "README.md"
 LOGIN_HINT = "run `hf auth login` (`huggingface-cli login` with older huggingface_hub) or set HF_TOKEN"
-
-
-@dataclass
-class Checkpoint:
-    """A validated checkpoint folder: every file below passed its sha256 check."""
-
-    path: Path
-    config: dict
-    qcfg: QuantizationConfig
-    manifest: dict
-    family: str
-    files: dict[str, int]  # name -> bytes: the manifest's files and the manifest itself
-    extra: list[str] = field(default_factory=list)  # other entries in the folder, not uploaded
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.files.values())
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(n for f, n in self.files.items() if f.endswith(".safetensors"))
 
 
 @dataclass
@@ -251,7 +231,7 @@ def check_repo_id(repo_id: str) -> str:
 def plan_push(checkpoint: str | Path, repo_id: str, revision: str | None = None, private: bool = False,
               commit_message: str | None = None, results: Path | None = None, force: bool = False) -> PushPlan:
     """Everything up to the network: validation, the card, the list of files. Used by --dry-run too."""
-    from .. import __version__
+    from .._version import __version__
     from .card import build_card, scheme
 
     check_repo_id(repo_id)

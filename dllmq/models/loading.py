@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import UserError
 from .base import ArchSpec, DiffusionLM, DLLMConfig
 from .registry import arch_for
+from .tokenizer_loading import load_tokenizer  # noqa: F401  (re-exported: most callers import it from here)
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
 BUNDLED_MODELS = {"tiny": BUNDLED_DIR / "tiny-llada"}
@@ -32,16 +31,16 @@ def resolve_model_path(name_or_path: str | os.PathLike | None, revision: str | N
     name = str(name_or_path) if name_or_path not in (None, "") else "tiny"
     if name == "tiny-outliers":
         # the bundled model with function-preserving injected outliers, built once into the cache
-        from .variants import cache_dir, write_outlier_variant
-
         import hashlib
+
+        from .variants import cache_dir
 
         base = resolve_model_path("tiny")
         # keyed on the bundled weights, so a retrained bundled model never meets a stale variant
         digest = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()[:12]
         out = cache_dir() / f"tiny-outliers-{digest}"
         if not (out / "config.json").exists():
-            write_outlier_variant(base, out)
+            outlier_variant(base, out)
         return out
     if name in BUNDLED_MODELS:
         path = BUNDLED_MODELS[name]
@@ -227,14 +226,8 @@ def load_model(
     return model.eval()
 
 
-def load_tokenizer(path: Path):
-    """PreTrainedTokenizerFast from tokenizer.json + tokenizer_config.json; never runs remote code."""
-    from transformers import PreTrainedTokenizerFast
+def outlier_variant(src: Path, out: Path, **kw) -> Path:
+    """`src` with function-preserving injected activation outliers (models/variants.py), written to `out`."""
+    from .variants import write_outlier_variant
 
-    if not (path / "tokenizer.json").exists():
-        raise UserError(f"{path} has no tokenizer.json; dllmq needs a fast tokenizer file next to the weights")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-    return tok
+    return write_outlier_variant(load_model(src, dtype=torch.float32), src, out, **kw)

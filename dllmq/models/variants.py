@@ -51,11 +51,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DLLMQ_CACHE", Path.home() / ".cache" / "dllmq"))
 
 
-def write_outlier_variant(src: Path, out: Path, **kw) -> Path:
-    """Load `src`, inject outliers, write a full-precision folder (same format) at `out`, atomically."""
-    from .loading import load_model
-
-    model = load_model(src, dtype=torch.float32)
+def write_outlier_variant(model: DiffusionLM, src: Path, out: Path, **kw) -> Path:
+    """Inject outliers into `model` (loaded from `src`, fp32) and write a full-precision folder (same format) at
+    `out`, atomically. `dllmq.models.loading.outlier_variant(src, out)` loads and calls this; the model comes in
+    as an argument so that this module never imports the loader (no import cycle)."""
     info = inject_outliers(model, **kw)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

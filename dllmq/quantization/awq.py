@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .rtn import _expand, _grouped, fake_quantize
+from .grid import _expand, _grouped, fake_quantize
 from .spec import WeightSpec
 
 

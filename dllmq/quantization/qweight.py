@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .grid import dequantize
 from .spec import WeightSpec
 
 
@@ -41,8 +42,6 @@ class QuantizedWeight:
         return self.q.shape[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from .rtn import dequantize  # local import: rtn imports this module
-
         return dequantize(self.q, self.scale, self.zero_point, self.spec, dtype=dtype)
 
     def to(self, device: torch.device | str) -> "QuantizedWeight":

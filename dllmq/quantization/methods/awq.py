@@ -6,18 +6,18 @@ from __future__ import annotations
 import torch
 
 from ..awq import apply_clip, awq_search_clip, awq_search_scales, fold_scales
-from ..gptq import HessianAccumulator, gptq_quantize
 from ..qweight import QuantizedWeight
-from ..rtn import choose_qparams, quantize
-from .base import GPTQ_OPTIONS, BlockContext, Method
+from .base import BlockContext, GPTQ_OPTIONS, Method, register_method
 
 
+@register_method
 class AWQ(Method):
     """Options: grid (20), duo_scaling (True), clip (True), w_quantizer ('rtn' | 'gptq'), max_tokens (4096:
     rows for the scale and clip searches; the mean |x| uses every token), and with GPTQ rounding damp,
     act_order, cgq (+ its settings)."""
 
     name = "awq"
+    label = "AWQ"
     needs_calibration = True
     default_weight_symmetric = False  # llm-awq: zero_point=True, g128 (QDLM Appendix A)
     OPTIONS = {"scale_search": None, "grid": 20, "duo_scaling": True, "clip": True, "w_quantizer": "rtn",
@@ -59,19 +59,9 @@ class AWQ(Method):
         self.last_ratios = info  # chosen AWQ ratio per feed, for inspection
         return {}
 
-    def new_stats(self, name: str):
-        return HessianAccumulator() if self.options.get("w_quantizer", "rtn") == "gptq" else None
-
     def quantize_linear(self, name: str, weight: torch.Tensor, stats=None) -> QuantizedWeight:
-        spec = self.qcfg.weights
         w = weight.float()
         clip = self._clip.pop(name, None)
-        if clip is not None:
-            w = apply_clip(w, clip, spec)
-        if self.options.get("w_quantizer", "rtn") == "gptq" and stats is not None and stats.n_tokens:
-            qw, _ = gptq_quantize(w, stats.hessian.to(w.device), spec, damp=float(self.options.get("damp", 0.01)),
-                                  act_order=bool(self.options.get("act_order", False)), name=name,
-                                  scale_search=self.scale_search)
-            return qw
-        scale, zp = choose_qparams(w, spec, scale_search=self.scale_search)  # after AWQ's own clip search
-        return QuantizedWeight(quantize(w, scale, zp, spec), scale, zp, spec)
+        if clip is not None:  # AWQ's own per-group clip search, applied before rounding
+            w = apply_clip(w, clip, self.qcfg.weights)
+        return self.round_weight(name, w, stats)

@@ -45,6 +45,7 @@ class BlockContext:
 
 class Method:
     name: ClassVar[str]
+    label: ClassVar[str] = ""  # how a model card names the method (default: `name`)
     needs_calibration: ClassVar[bool] = False
     # False when transform_block never touches the weights: the pipeline then quantizes the weights
     # as stored on disk, even when the block runs in a lower-precision calibration dtype.
@@ -153,12 +154,42 @@ class Method:
         `ctx.capture_inputs`; the pipeline installs whatever is returned and not yet installed."""
         return {}
 
+    @property
+    def rounds_with_gptq(self) -> bool:
+        """True when weights are rounded by GPTQ (GPTQ itself; `w_quantizer: gptq` for the others)."""
+        return self.options.get("w_quantizer", "rtn") == "gptq"
+
     def new_stats(self, name: str):
-        """An object with .add(x [T, K], token_weights [T] | None), or None if no statistics are needed."""
-        return None
+        """An object with .add(x [T, K], token_weights [T] | None), or None if no statistics are needed.
+        Default: the GPTQ Hessian (CGQ-weighted through `token_weights`) when the method rounds with GPTQ."""
+        if not self.rounds_with_gptq:
+            return None
+        from ..gptq import HessianAccumulator
+
+        return HessianAccumulator()
+
+    def round_weight(self, name: str, w: torch.Tensor, stats=None, clip_ratio: float = 1.0) -> QuantizedWeight:
+        """The one weight rounder every method composes, after its own transforms of `w` [N, K] (fp32):
+        GPTQ (damp, act-order, the Hessian in `stats`, CGQ-weighted when on) when the method rounds with GPTQ
+        and the layer saw calibration tokens, else round-to-nearest. Both use the method's scale choice
+        (`scale_search`) below `clip_ratio` (a weight clip: DuQuant's 0.8)."""
+        from ..gptq import gptq_quantize
+        from ..grid import quantize
+        from ..rtn import choose_qparams
+
+        spec = self.qcfg.weights
+        if self.rounds_with_gptq and stats is not None and stats.n_tokens:
+            qw, _info = gptq_quantize(w, stats.hessian.to(w.device), spec, damp=float(self.options.get("damp", 0.01)),
+                                      act_order=bool(self.options.get("act_order", False)), clip_ratio=clip_ratio,
+                                      name=name, scale_search=self.scale_search)
+            return qw
+        scale, zp = choose_qparams(w, spec, clip_ratio, self.scale_search)
+        return QuantizedWeight(quantize(w, scale, zp, spec), scale, zp, spec)
 
     def quantize_linear(self, name: str, weight: torch.Tensor, stats=None) -> QuantizedWeight:
-        raise NotImplementedError
+        """Default: `round_weight` of the (already transformed) weight; methods with per-layer weight edits
+        (AWQ's clip, DuQuant's weight clip) override this and call `round_weight` themselves."""
+        return self.round_weight(name, weight.float(), stats)
 
 
 def _choice(name: str, allowed: tuple):
@@ -225,3 +256,22 @@ def _why_inapplicable(k: str, resolved: dict) -> str:
     if k in CGQ_SETTINGS and not resolved.get("cgq"):
         return "it is a CGQ setting: add --cgq"
     return "see the method's options"
+
+
+#: Every method, by CLI name. Filled by `register_method`; the CLI's method list, the recipe's validation, the
+#: model card's names and `get_method` read it.
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a Method subclass available by its `name` everywhere (CLI, recipes, pipeline)."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"register_method expects a Method subclass, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a class attribute `name` (its CLI name)")
+    if name in METHODS and METHODS[name] is not cls:
+        raise ValueError(f"a method named {name!r} is already registered ({METHODS[name].__name__})")
+    METHODS[name] = cls
+    return cls
+

@@ -1,14 +1,12 @@
-"""GPTQ (optionally with DLLMQuant's CGQ token weighting of the Hessian)."""
+"""GPTQ (optionally with DLLMQuant's CGQ token weighting of the Hessian): the shared rounder (base.Method.round_weight)
+in its GPTQ mode, with the Hessian statistics it collects."""
 
 from __future__ import annotations
 
-import torch
-
-from ..gptq import HessianAccumulator, gptq_quantize
-from ..qweight import QuantizedWeight
-from .base import GPTQ_OPTIONS, Method
+from .base import GPTQ_OPTIONS, Method, register_method
 
 
+@register_method
 class GPTQ(Method):
     """Options: damp (0.01), act_order (False; static groups keep scales aligned),
     cgq (False), cgq_masked (1.0) / cgq_visible (0.7): the indicator values for masked / visible
@@ -16,19 +14,12 @@ class GPTQ(Method):
     clipping searched, see rtn.mse_qparams; 'minmax': the plain range)."""
 
     name = "gptq"
+    label = "GPTQ"
     needs_calibration = True
     rewrites_weights = False
     default_scale_search = "mse"
     OPTIONS = {"scale_search": None, **GPTQ_OPTIONS}
 
-    def new_stats(self, name: str):
-        return HessianAccumulator()
-
-    def quantize_linear(self, name: str, weight: torch.Tensor, stats=None) -> QuantizedWeight:
-        o = self.options
-        H = stats.hessian if stats is not None and stats.n_tokens else torch.eye(weight.shape[1])
-        qw, _info = gptq_quantize(weight.float(), H.to(weight.device), self.qcfg.weights,
-                                  damp=float(o.get("damp", 0.01)),
-                                  act_order=bool(o.get("act_order", False)), name=name,
-                                  scale_search=self.scale_search)
-        return qw
+    @property
+    def rounds_with_gptq(self) -> bool:
+        return True

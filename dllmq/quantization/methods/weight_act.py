@@ -30,11 +30,9 @@ import torch
 
 from ...errors import UserError
 from ..awq import fold_scales
-from ..gptq import HessianAccumulator, gptq_quantize
 from ..qweight import QuantizedWeight
-from ..rtn import choose_qparams, quantize
 from ..smoothquant import fake_quant_act, fold_qk_scales, qk_smooth_scales, smooth_scales
-from .base import GPTQ_OPTIONS, BlockContext, Method
+from .base import BlockContext, GPTQ_OPTIONS, Method, register_method
 
 
 _STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,20 +45,8 @@ class _WeightAct(Method):
     OPTIONS = {"scale_search": None, "w_quantizer": "rtn", "w_clip": 1.0, "ia_aq": False, **GPTQ_OPTIONS}
     kv_follows_activations = True  # QuaRot's --k_bits/--v_bits = a_bits scripts; DuQuant's QuantMatMul at abits
 
-    def new_stats(self, name: str):
-        return HessianAccumulator() if self.options.get("w_quantizer", "rtn") == "gptq" else None
-
     def quantize_linear(self, name: str, weight: torch.Tensor, stats=None) -> QuantizedWeight:
-        spec = self.qcfg.weights
-        w = weight.float()
-        clip = float(self.options.get("w_clip", 1.0))
-        if self.options.get("w_quantizer", "rtn") == "gptq" and stats is not None and stats.n_tokens:
-            qw, _ = gptq_quantize(w, stats.hessian.to(w.device), spec, damp=float(self.options.get("damp", 0.01)),
-                                  act_order=bool(self.options.get("act_order", False)), clip_ratio=clip, name=name,
-                                  scale_search=self.scale_search)
-            return qw
-        scale, zp = choose_qparams(w, spec, clip, self.scale_search)
-        return QuantizedWeight(quantize(w, scale, zp, spec), scale, zp, spec)
+        return self.round_weight(name, weight.float(), stats, clip_ratio=float(self.options.get("w_clip", 1.0)))
 
     # -- shared pieces --------------------------------------------------------------------
     def _smooth_qk(self, block, ctx: BlockContext) -> None:
@@ -110,10 +96,12 @@ class _WeightAct(Method):
         install_kv_quant(block, arch, kv, rotate_qk=kv.rotate_qk, transforms={arch.attn_out: entry})
 
 
+@register_method
 class SmoothQuant(_WeightAct):
     """Options: alpha (0.5), w_quantizer ('rtn' | 'gptq'), ia_aq."""
 
     name = "smoothquant"
+    label = "SmoothQuant"
     default_act_symmetric = False  # DuQuant's code (QDLM's SmoothQuant): asymmetric per-token
     default_weight_symmetric = False  # ... and asymmetric per-channel weights (no --symmetric in QDLM's scripts)
     OPTIONS = {**_WeightAct.OPTIONS, "alpha": 0.5}
@@ -144,10 +132,12 @@ class SmoothQuant(_WeightAct):
         return online
 
 
+@register_method
 class QuaRot(_WeightAct):
     """Options: seed (0), w_quantizer ('rtn' | 'gptq': QuaRot + GPTQ is the strong combination), ia_aq."""
 
     name = "quarot"
+    label = "QuaRot"
     default_act_symmetric = True  # QuaRot: a_asym=False
     # QuaRot's fake_quant defaults: symmetric per-channel weights (w_asym=False, w_groupsize=-1) rounded
     # by GPTQ (w_rtn=False) with the weight-clip search (--w_clip = our MSE scale search)
@@ -185,12 +175,14 @@ class QuaRot(_WeightAct):
         return online
 
 
+@register_method
 class DuQuant(_WeightAct):
     """Options: alpha (0.5), block (128), steps (256), max_rows (256: calibration rows the rotations are fitted
     on), store_dtype ('bfloat16': rotations stored in it, weights folded against the stored values),
     w_clip (0.8), w_quantizer, ia_aq."""
 
     name = "duquant"
+    label = "DuQuant"
     default_act_symmetric = False  # DuQuant: asymmetric per-token dynamic activations
     default_weight_symmetric = False  # asymmetric per-channel weights (DuQuant main.py without --symmetric)
     default_act_clip = 0.9  # --lac 0.9
