@@ -28,6 +28,7 @@ bench: $(STAMP)
 
 train-tiny: $(STAMP)
 	$(BIN)/python examples/train_tiny_dllm.py --out dllmq/bundled/tiny-llada --tokenizer dllmq/bundled/tiny-llada
+	$(BIN)/python benchmarks/gpu_session.py shard dllmq/bundled/tiny-llada
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,10 @@
 """Move a trained model through the device tool's file limits (at most 8 files of 16 MiB each come back).
 
     python benchmarks/gpu_session.py split MODEL_DIR OUT_DIR      # on the GPU machine: 3 balanced shards + logs
-    python benchmarks/gpu_session.py assemble OUT_DIR MODEL_DIR   # here: one model.safetensors + config + tokenizer
+    python benchmarks/gpu_session.py assemble OUT_DIR MODEL_DIR   # here: shards + index + config + tokenizer
+    python benchmarks/gpu_session.py shard MODEL_DIR              # model.safetensors -> shards + index, in place
+
+The bundled model is stored as shards of ~11 MiB: the repository takes no file over 25 MB.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ def assemble(out: Path, model_dir: Path) -> None:
     state = {}
     for f in sorted(out.glob("model-*.safetensors")):
         state.update(load_file(str(f)))
-    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    from dllmq.models.tiny import write_sharded
+
+    write_sharded(state, model_dir, shards=3)
     info = json.loads((out / "training.json").read_text())
     cfg = info.pop("config")
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -51,7 +56,18 @@ def assemble(out: Path, model_dir: Path) -> None:
         shutil.copy(BUNDLED_DIR / "tiny-llada" / name, model_dir / name)
 
 
+def shard(model_dir: Path) -> None:
+    from dllmq.models.tiny import write_sharded
+
+    single = model_dir / "model.safetensors"
+    write_sharded(load_file(str(single)), model_dir, shards=3)
+    single.unlink()
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] not in ("split", "assemble"):
+    if len(sys.argv) == 3 and sys.argv[1] == "shard":
+        shard(Path(sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] in ("split", "assemble"):
+        {"split": split, "assemble": assemble}[sys.argv[1]](Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
         sys.exit(__doc__)
-    {"split": split, "assemble": assemble}[sys.argv[1]](Path(sys.argv[2]), Path(sys.argv[3]))

@@ -283,6 +283,8 @@ def save(model, raw, out, steps, tokens, loss, seconds, n_params, args, arch, de
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / "model.safetensors")  # a kill mid-save leaves the previous save intact
+    for stale in [out / "model.safetensors.index.json", *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)  # an index would win over the new file (e.g. in the sharded bundled folder)
     raw = dict(raw, torch_dtype="bfloat16")
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     info = {

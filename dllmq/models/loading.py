@@ -37,7 +37,10 @@ def resolve_model_path(name_or_path: str | os.PathLike | None, revision: str | N
 
         base = resolve_model_path("tiny")
         # keyed on the bundled weights, so a retrained bundled model never meets a stale variant
-        digest = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()[:12]
+        h = hashlib.sha256()
+        for f in sorted(base.glob("*.safetensors")):  # one file or shards
+            h.update(f.read_bytes())
+        digest = h.hexdigest()[:12]
         out = cache_dir() / f"tiny-outliers-{digest}"
         if not (out / "config.json").exists():
             outlier_variant(base, out)
