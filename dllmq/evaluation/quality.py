@@ -13,6 +13,7 @@ from ..models.base import DiffusionLM
 from ..ui import Bar
 
 _NO_BAR = Bar(None)
+GEN_BATCH = 8  # prompts per generation batch in `sample_ids`
 
 
 def chunk_texts(tok, texts: list[str], seq_len: int, max_seqs: int) -> torch.Tensor:
@@ -46,7 +47,7 @@ def text_nll(model: DiffusionLM, seqs: torch.Tensor, mc_num: int = 4, seed: int 
 
 
 @torch.no_grad()
-def sample_ids(model: DiffusionLM, tok, prompts: list[str], cfg: GenerationConfig, batch_size: int = 8,
+def sample_ids(model: DiffusionLM, tok, prompts: list[str], cfg: GenerationConfig, batch_size: int = GEN_BATCH,
                bar: Bar = _NO_BAR):
     """Greedy/seeded generations of `prompts` (ids after the prompt) and their seconds; `bar` advances by one
     per denoising step of each batch."""

@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..models.loading import BUNDLED_DIR, load_tokenizer, read_config, resolve_model_path
 from ..runtime.loader import load
 from ..ui import bar, progress
-from .quality import agreement, chunk_texts, masked_predictions, sample_ids, text_nll
+from .quality import GEN_BATCH, agreement, chunk_texts, masked_predictions, sample_ids, text_nll
 
 DEFAULT_PROMPTS = [
     "What is 17 + 25?", "Write a Python function that returns the square of x.", "Name a primary colour.",
@@ -88,7 +88,7 @@ def compare_models(model: str, against: str | None = None, text_file: Path | Non
     gcfg = GenerationConfig(steps=steps, gen_length=gen_length, block_length=block_length, seed=seed)
     rows, ref_ids, ref_preds = [], None, None
     n = int(seqs.shape[0])
-    gen_batches = -(-len(prompts) // 8)  # sample_ids' batch size
+    gen_batches = -(-len(prompts) // GEN_BATCH)
     with progress(show_progress) as prog:
         for label, name in labels:
             # one line per model: NLL and step predictions per window, generation per denoising step

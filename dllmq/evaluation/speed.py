@@ -209,17 +209,18 @@ def ratios(res: dict) -> dict:
 
 # -- display: ratios in words, the direction spelled out (the JSON keeps the raw quantized / full-precision ratios)
 
-def _times(x: float) -> str:
-    return f"{x:.2f}×"
-
-
-def time_ratio_text(q_over_fp: float | None) -> str:
-    """A time ratio quantized / full precision: > 1 means the quantized model is slower."""
+def _ratio_text(q_over_fp: float | None, less: str, more: str) -> str:
+    """`q_over_fp` in words: '2.00× <less>' below 1, '1.50× <more>' above, 'same' when it rounds to 1."""
     if q_over_fp is None or q_over_fp <= 0:
         return "-"
     if round(q_over_fp, 2) == 1.0:
         return "same (1.00×)"
-    return f"{_times(1 / q_over_fp)} faster" if q_over_fp < 1 else f"{_times(q_over_fp)} slower"
+    return f"{1 / q_over_fp:.2f}× {less}" if q_over_fp < 1 else f"{q_over_fp:.2f}× {more}"
+
+
+def time_ratio_text(q_over_fp: float | None) -> str:
+    """A time ratio quantized / full precision: > 1 means the quantized model is slower."""
+    return _ratio_text(q_over_fp, "faster", "slower")
 
 
 def throughput_ratio_text(q_over_fp: float | None) -> str:
@@ -229,8 +230,4 @@ def throughput_ratio_text(q_over_fp: float | None) -> str:
 
 def size_ratio_text(q_over_fp: float | None) -> str:
     """A memory ratio quantized / full precision: < 1 means the quantized model is smaller."""
-    if q_over_fp is None or q_over_fp <= 0:
-        return "-"
-    if round(q_over_fp, 2) == 1.0:
-        return "same (1.00×)"
-    return f"{_times(1 / q_over_fp)} smaller" if q_over_fp < 1 else f"{_times(q_over_fp)} larger"
+    return _ratio_text(q_over_fp, "smaller", "larger")

@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..ui import human_bytes
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+    from .checkpoint_info import Checkpoint
 
 FAMILY_NAMES = {"llada": "LLaDA", "dream": "Dream", "llama": "LLaMA"}
 # method_args keys -> what a reader understands

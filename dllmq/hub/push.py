@@ -17,7 +17,7 @@ from ..checkpoint.structure import check_folder
 from ..checkpoint.writer import verify_manifest
 from ..errors import UserError
 from ..ui import err_console
-from .checkpoint import Checkpoint
+from .checkpoint_info import Checkpoint
 
 RESULT_NAMES = ("results.json", "eval_results.json")  # looked for in the checkpoint folder, in this order
 CARD = "README.md"
