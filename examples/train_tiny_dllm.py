@@ -66,9 +66,9 @@ def tokenize_item(tok, item, max_len):
     return ids, [False] * len(p) + [True] * (len(ids) - len(p))
 
 
-def batches(tok, seed, max_len, token_budget, pool=512, shard=0):
+def batches(tok, seed, max_len, token_budget, pool=512, shard=0, mixture=None):
     """Length-bucketed batches padded with EOS (maskable, as LLaDA's SFT pads answers with EOS)."""
-    stream = synthetic.training_stream(seed, shard=shard)
+    stream = synthetic.training_stream(seed, shard=shard, mixture=mixture)
     rng = random.Random(seed if not shard else f"{seed}-{shard}")
     eos = tok.eos_token_id
     pool = max(pool, token_budget // 16)  # several full batches per pool, whatever the budget
@@ -101,8 +101,9 @@ class NoisedBatches(torch.utils.data.IterableDataset):
     """Batches with LLaDA's forward process applied, one independent shard per worker process,
     so that generation, tokenisation and masking stay off the training loop."""
 
-    def __init__(self, tok_dir, seed, max_len, token_budget, mask_id):
+    def __init__(self, tok_dir, seed, max_len, token_budget, mask_id, mixture=None):
         self.tok_dir, self.seed, self.max_len, self.budget, self.mask_id = tok_dir, seed, max_len, token_budget, mask_id
+        self.mixture = mixture
 
     def __iter__(self):
         from dllmq.models.loading import load_tokenizer
@@ -112,7 +113,8 @@ class NoisedBatches(torch.utils.data.IterableDataset):
         torch.set_num_threads(1)
         tok = load_tokenizer(Path(self.tok_dir))
         gen = torch.Generator().manual_seed(self.seed * 1000 + shard)
-        for ids, maskable in batches(tok, self.seed, self.max_len, self.budget, shard=shard):
+        for ids, maskable in batches(tok, self.seed, self.max_len, self.budget, shard=shard,
+                                         mixture=self.mixture):
             noisy, masked, p_mask = forward_process(ids, self.mask_id, maskable=maskable, generator=gen)
             yield ids, maskable, noisy, masked, p_mask.expand_as(ids).contiguous()
 
@@ -130,6 +132,20 @@ def math_accuracy(model, tok, n, device, batch_size=32):
         outs = generate(model, tok, [r["question"] for r in rows], GenerationConfig(), batch_size=batch_size)
     model.train()
     return sum(extract_answer(o["text"]) == r["answer"] for o, r in zip(outs, rows)) / max(1, len(rows))
+
+
+def parse_mix(text):
+    """'math_chat=0.5,arith_text=0.3' -> {source: share} normalised to sum 1 (None: the default mix)."""
+    if not text:
+        return None
+    mix = {}
+    for part in text.split(","):
+        name, _, share = part.partition("=")
+        if name.strip() not in synthetic.MIXTURE or not share:
+            raise SystemExit(f"--mix: bad entry {part!r}; use source=share with sources {sorted(synthetic.MIXTURE)}")
+        mix[name.strip()] = float(share)
+    total = sum(mix.values())
+    return {k: v / total for k, v in mix.items()}
 
 
 def main(argv=None):
@@ -155,9 +171,20 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--save-every-s", type=float, default=None, help="also save every this many seconds")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="fine-tune: start from this model folder's weights, shape and tokenizer")
+    ap.add_argument("--mix", default=None,
+                    help="token shares replacing the default mix, e.g. math_chat=0.5,arith_text=0.3,code_chat=0.2")
     ap.add_argument("--eval-math", type=int, default=0,
                     help="after training, score greedy generation on this many held-out tiny-math problems")
     args = ap.parse_args(argv)
+    mixture = parse_mix(args.mix)
+    if args.init is not None:
+        # fine-tuning keeps the starting model's shape and tokenizer (token ids must not move)
+        init_cfg = json.loads((args.init / "config.json").read_text())
+        args.tokenizer = args.init
+        args.d_model, args.n_layers, args.n_heads = init_cfg["d_model"], init_cfg["n_layers"], init_cfg["n_heads"]
+        args.mlp_hidden = init_cfg["mlp_hidden_size"]
 
     dev_name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     device = torch.device(dev_name)
@@ -196,9 +223,14 @@ def main(argv=None):
     # 3. model + LLaDA objective
     cfg = LLADA.parse_config(raw)
     model = LLADA.build(cfg)
-    for name, p in model.named_parameters():
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, std=0.02)
+    if args.init is not None:
+        from dllmq.models.loading import load_model
+
+        model.load_state_dict(load_model(args.init, dtype=torch.float32).state_dict())
+    else:
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params/1e6:.2f}M parameters, vocab {vocab}, device {device}", flush=True)
@@ -217,7 +249,7 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress(s)))))
     data = torch.utils.data.DataLoader(
-        NoisedBatches(out, args.seed, args.max_len, args.token_budget, cfg.mask_token_id), batch_size=None,
+        NoisedBatches(out, args.seed, args.max_len, args.token_budget, cfg.mask_token_id, mixture), batch_size=None,
         num_workers=args.workers, pin_memory=device.type == "cuda", prefetch_factor=8 if args.workers else None,
         persistent_workers=False)
     data = iter(data)
@@ -292,6 +324,7 @@ def save(model, raw, out, steps, tokens, loss, seconds, n_params, args, arch, de
         "parameters": n_params, "seed": args.seed, "lr": args.lr, "token_budget": args.token_budget,
         "max_len": args.max_len, "arch": arch, "torch": torch.__version__, "device": device,
         "time_budget": args.time_budget, "workers": args.workers,
+        "init": str(args.init) if args.init else None, "mix": args.mix,
     }
     (out / "training.json").write_text(json.dumps(info, indent=2))
     return info

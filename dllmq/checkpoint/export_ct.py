@@ -51,12 +51,6 @@ PACK_QUANTIZED = "pack-quantized"
 INT_QUANTIZED = "int-quantized"
 EXPORT_INFO = "dllmq_export.json"
 
-_TRANSFORM_NAMES = {
-    "hadamard": "online Hadamard rotations (QuaRot)",
-    "duquant": "online DuQuant rotations and permutations",
-    "scale": "online smoothing scales (SmoothQuant scales that could not be folded, e.g. GQA values)",
-}
-
 
 @dataclass
 class ExportResult:
@@ -86,17 +80,9 @@ def check_exportable(qcfg: QuantizationConfig, src: Path) -> str:
     cannot be expressed and what to do instead."""
     requant = "re-quantize with --method rtn, gptq or awq (weight-only) or keep the dllmq format"
     if qcfg.transforms:
-        kinds: dict[str, int] = {}
-        for spec in qcfg.transforms.values():
-            if spec.get("type"):
-                label = _TRANSFORM_NAMES.get(spec["type"], f"online '{spec['type']}' transforms")
-                kinds[label] = kinds.get(label, 0) + 1
-            if "act_clip" in spec:
-                label = "per-layer activation clipping (IA-AQ)"
-                kinds[label] = kinds.get(label, 0) + 1
-            if "v_clip" in spec:
-                label = "per-layer value quantization (IA-AQ)"
-                kinds[label] = kinds.get(label, 0) + 1
+        from ..runtime.transforms import count_kinds
+
+        kinds = count_kinds(qcfg.transforms.values())
         what = ", ".join(f"{k} on {n} layer{'s' if n != 1 else ''}" for k, n in kinds.items())
         raise _refuse(src, f"its {qcfg.method} layers need {what} at run time, which compressed-tensors "
                            "loaders do not apply", requant)

@@ -1236,7 +1236,8 @@ def _train_candidate(family: str, rng: random.Random,
 
 
 def training_stream(seed: int = DEFAULT_SEED,
-                    length_fn: Callable[[str], int] | None = None, shard: int = 0) -> Iterator[dict]:
+                    length_fn: Callable[[str], int] | None = None, shard: int = 0,
+                    mixture: dict[str, float] | None = None) -> Iterator[dict]:
     """Infinite deterministic mix of training items (token shares: :data:`MIXTURE`).
 
     Yields ``{"prompt": str, "response": str}`` (chat SFT: wrap the prompt as a
@@ -1247,20 +1248,25 @@ def training_stream(seed: int = DEFAULT_SEED,
     token-share balancing; pass ``lambda s: len(tok(s).input_ids)`` for exact
     token shares (default :func:`approx_tokens`).  The stdlib part depends on
     the interpreter version.  ``shard`` > 0 gives an independent stream over the same
-    world (one per data-loader worker); shard 0 is the historical stream.
+    world (one per data-loader worker); shard 0 is the historical stream. ``mixture`` replaces
+    :data:`MIXTURE`'s token shares (same keys; e.g. a math-heavy fine-tuning mix).
     """
     from dllmq.data.corpus import stdlib_documents  # local: loads files lazily
 
     measure = length_fn or approx_tokens
     rng = random.Random(f"train-stream-{seed}" + (f"-{shard}" if shard else ""))
     world = build_world(seed)
-    sources = list(MIXTURE)
+    shares = dict(MIXTURE if mixture is None else mixture)
+    unknown = set(shares) - set(MIXTURE)
+    if unknown:
+        raise ValueError(f"unknown training sources {sorted(unknown)}; known: {sorted(MIXTURE)}")
+    sources = [k for k in shares if shares[k] > 0]
     # running (total length, item count) per source, with a weak common prior
     total = {k: 100.0 for k in sources}
     count = {k: 1.0 for k in sources}
     stdlib: list[str] | None = None
     while True:
-        weights = [MIXTURE[k] * count[k] / total[k] for k in sources]
+        weights = [shares[k] * count[k] / total[k] for k in sources]
         src = rng.choices(sources, weights=weights, k=1)[0]
         if src == "math_chat":
             it = _train_candidate("math", rng, _math_candidate)

@@ -212,15 +212,9 @@ def _relevant(ckpt: "Checkpoint", key: str) -> bool:
 
 
 def _transforms(transforms: dict) -> str:
-    counts: dict[str, int] = {}
-    for spec in transforms.values():
-        kinds = [spec.get("type")] if isinstance(spec, dict) and spec.get("type") else []
-        if isinstance(spec, dict) and "act_clip" in spec:
-            kinds.append("activation clipping")
-        if isinstance(spec, dict) and "v_clip" in spec:
-            kinds.append("value quantization (IA-AQ)")
-        for k in kinds:
-            counts[k] = counts.get(k, 0) + 1
+    from ..runtime.transforms import count_kinds
+
+    counts = count_kinds(transforms.values())
     return ", ".join(f"{k} on {n} layer{'s' if n != 1 else ''}" for k, n in sorted(counts.items())) or "-"
 
 

@@ -17,6 +17,10 @@ on the first of them; the others record {"type": "duquant", "shared_with": <that
 and get the very same module, which computes the product once per forward for all its consumers.
 The attention output projection's dict may also carry IA-AQ's {"v_clip": a, "v_bits": b} (the clip and bits
 of the attention values, used by runtime/kv_quant.py), or, in older checkpoints, {"act_clip": r}.
+
+Every kind is a module class registered with `@register_transform` (its `kind`, `label` and `from_spec`): the
+loader builds from the registry, and the model card and the compressed-tensors exporter name transforms through
+`describe`. A method that brings a new kind of online transform registers one class; nothing else changes.
 """
 
 from __future__ import annotations
@@ -28,8 +32,59 @@ from ..errors import UserError
 
 TENSOR_PREFIX = "input_transform"
 
+#: Online transforms by the "type" recorded in a checkpoint. Filled by `register_transform`.
+TRANSFORMS: dict[str, type[nn.Module]] = {}
 
+#: Per-layer settings a spec may carry besides (or instead of) a transform, by key: what they are called.
+ANNOTATIONS = {"act_clip": "per-layer activation clipping (IA-AQ)", "v_clip": "per-layer value quantization (IA-AQ)"}
+
+
+def register_transform(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: an online transform module with class attributes `kind` (the spec's "type") and
+    `label` (how cards and errors name it), built by `cls.from_spec(spec, tensors)`."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_transform expects an nn.Module subclass, got {cls!r}")
+    kind, label = getattr(cls, "kind", None), getattr(cls, "label", None)
+    if not (isinstance(kind, str) and kind and isinstance(label, str) and label):
+        raise TypeError(f"{cls.__name__} needs class attributes `kind` and `label`")
+    if not callable(getattr(cls, "from_spec", None)):
+        raise TypeError(f"{cls.__name__} needs a classmethod from_spec(spec, tensors)")
+    if kind in TRANSFORMS and TRANSFORMS[kind] is not cls:
+        raise ValueError(f"an online transform of type {kind!r} is already registered ({TRANSFORMS[kind].__name__})")
+    TRANSFORMS[kind] = cls
+    return cls
+
+
+def describe(spec: dict) -> list[str]:
+    """What a layer's spec asks for at run time, as labels (a transform and/or annotations)."""
+    if not isinstance(spec, dict):
+        return []
+    kind = spec.get("type")
+    out = []
+    if kind:
+        cls = TRANSFORMS.get(kind)
+        out.append(cls.label if cls is not None else f"online {kind!r} transform")
+    out += [label for key, label in ANNOTATIONS.items() if key in spec]
+    return out
+
+
+def count_kinds(specs) -> dict[str, int]:
+    """{label: number of layers} over many specs, in first-seen order."""
+    counts: dict[str, int] = {}
+    for spec in specs:
+        for label in describe(spec):
+            counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+@register_transform
 class OnlineHadamard(nn.Module):
+    kind, label = "hadamard", "online Hadamard rotations (QuaRot)"
+
+    @classmethod
+    def from_spec(cls, spec: dict, tensors: dict) -> "OnlineHadamard":
+        return cls(int(spec["size"]))
+
     def __init__(self, size: int):
         super().__init__()
         from ..quantization.hadamard import hadamard_factor
@@ -46,9 +101,16 @@ class OnlineHadamard(nn.Module):
         return f"size={self.size}"
 
 
+@register_transform
 class OnlineHeadHadamard(nn.Module):
     """Hadamard across heads: [..., heads * head_dim] viewed as [..., heads, head_dim], H_heads on the
     heads axis. QuaRot's online half of the o_proj input rotation (the per-head half is offline)."""
+
+    kind, label = "hadamard_heads", "online Hadamard rotations across heads (QuaRot)"
+
+    @classmethod
+    def from_spec(cls, spec: dict, tensors: dict) -> "OnlineHeadHadamard":
+        return cls(int(spec["heads"]), int(spec["head_dim"]))
 
     def __init__(self, heads: int, head_dim: int):
         super().__init__()
@@ -68,10 +130,19 @@ class OnlineHeadHadamard(nn.Module):
         return f"heads={self.heads}, head_dim={self.head_dim}"
 
 
+@register_transform
 class OnlineDuQuant(nn.Module):
     """(x / s) R1 P R2. Installed on every linear that reads the same input (q/k/v share one): the
     product is computed once per forward and handed to the other consumers (`consumers` calls with the
     same input tensor object), then the reference is dropped so no activation outlives the forward."""
+
+    kind, label = "duquant", "online DuQuant rotations and permutations"
+
+    @classmethod
+    def from_spec(cls, spec: dict, tensors: dict) -> "OnlineDuQuant":
+        if "shared_with" in spec:
+            raise UserError("internal: a shared DuQuant transform is installed from its owner (install_all)")
+        return cls(tensors)
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         super().__init__()
@@ -105,7 +176,16 @@ class OnlineDuQuant(nn.Module):
         return out
 
 
+@register_transform
 class OnlineScale(nn.Module):
+    kind, label = "scale", "online smoothing scales (SmoothQuant, where no fold is possible, e.g. GQA values)"
+
+    @classmethod
+    def from_spec(cls, spec: dict, tensors: dict) -> "OnlineScale":
+        if "smooth_scale" not in tensors:
+            raise UserError("smoothing transform tensor 'smooth_scale' is missing from the checkpoint")
+        return cls(tensors["smooth_scale"])
+
     def __init__(self, smooth_scale: torch.Tensor):
         super().__init__()
         self.register_buffer("smooth_scale", smooth_scale)
@@ -115,20 +195,15 @@ class OnlineScale(nn.Module):
 
 
 def build(spec: dict, tensors: dict[str, torch.Tensor]) -> nn.Module | None:
+    """The registered module for `spec` (None when the spec asks for no transform)."""
     kind = spec.get("type")
     if kind is None:
         return None
-    if kind == "hadamard":
-        return OnlineHadamard(int(spec["size"]))
-    if kind == "hadamard_heads":
-        return OnlineHeadHadamard(int(spec["heads"]), int(spec["head_dim"]))
-    if kind == "duquant":
-        if "shared_with" in spec:
-            raise UserError("internal: a shared DuQuant transform is installed from its owner (install_all)")
-        return OnlineDuQuant(tensors)
-    if kind == "scale":
-        return OnlineScale(tensors["smooth_scale"])
-    raise UserError(f"unknown online transform {kind!r} in the checkpoint; upgrade dllmq")
+    cls = TRANSFORMS.get(kind)
+    if cls is None:
+        raise UserError(f"unknown online transform {kind!r} in the checkpoint; upgrade dllmq "
+                        f"(this version knows: {', '.join(sorted(TRANSFORMS))})")
+    return cls.from_spec(spec, tensors)
 
 
 def tensor_names(layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

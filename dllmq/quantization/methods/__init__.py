@@ -1,7 +1,7 @@
 """Quantization methods by CLI name. Each is a `Method` subclass (see base.py) registered with
 `@register_method`; importing this package imports the built-in ones. A new method is its math module in
-dllmq/quantization plus one adapter class here (and a transform class in runtime/transforms.py only if it brings
-a new kind of online transform)."""
+dllmq/quantization plus one adapter class here (and a transform class registered with `@register_transform` in
+runtime/transforms.py, only if it brings a new kind of online transform)."""
 
 from __future__ import annotations
 
