@@ -294,7 +294,7 @@ class Checker:
         torch = self.torch
         from dllmq.quantization.rtn import rtn_quantize
         from dllmq.quantization.spec import ActSpec, WeightSpec
-        from dllmq.runtime import kernels as K
+        from dllmq.quantization import grid as G
         from dllmq.runtime import triton_kernels as T
         from dllmq.runtime.qlinear import QuantLinear, force_kernel
 
@@ -332,10 +332,10 @@ class Checker:
 
                     s = (torch.rand(k, device=dev, generator=g) + 0.5).to(torch.bfloat16)
                     qt, st = T.quantize_per_token_triton(x, qmax=aspec.qmax, smooth=s)
-                    qr, sr = K.quantize_per_token(OnlineScale(s)(x), aspec)
+                    qr, sr = G.quantize_per_token(OnlineScale(s)(x), aspec)
                 else:
                     qt, st = T.quantize_per_token_triton(x, qmax=aspec.qmax)
-                    qr, sr = K.quantize_per_token(x, aspec)
+                    qr, sr = G.quantize_per_token(x, aspec)
                 self.sync()
                 diff = (qt.int() - qr.int()).abs()
                 return {"item": f"{kind} M={m} K={k} a{bits}", "code_mismatches": int((diff > 0).sum()),

@@ -235,9 +235,6 @@ class Recipe:
         if "seed" in m_cls.OPTIONS and opt.get("seed") is None:
             opt["seed"] = self.seed
         display = option_flag if style == "cli" else (lambda k: f"options.{k}")
-        for k, v in opt.items():  # OPTIONS' defaults type the switches (cgq, act_order, ia_aq, ...)
-            if isinstance(m_cls.OPTIONS.get(k), bool) and v is not None and not isinstance(v, bool):
-                raise UserError(f"{display(k)} must be true or false, got {v!r}")
         options = m_cls.resolve_options(opt, display=display, weight_bits=w.bits)  # refuses what it would ignore
         resolved = Recipe(
             method=self.method,

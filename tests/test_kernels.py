@@ -5,6 +5,7 @@ from dllmq.errors import UserError
 from dllmq.quantization.rtn import rtn_quantize
 from dllmq.quantization.spec import ActSpec, WeightSpec
 from dllmq.runtime import kernels as K
+from dllmq.quantization import grid as G
 from dllmq.runtime import qlinear as QL
 from dllmq.runtime.qlinear import QuantLinear, force_kernel, set_dispatch
 
@@ -45,7 +46,7 @@ def reference(layer, x):
     """x @ w_hat.T + bias in float64, with the same per-token rounding when acts are quantized."""
     x2 = x.reshape(-1, layer.in_features)
     if layer.act_spec.enabled:
-        xq, xs = K.quantize_per_token(x2, layer.act_spec)
+        xq, xs = G.quantize_per_token(x2, layer.act_spec)
         x2 = xq.double() * xs.double()
     y = x2.double() @ layer.dequantized_weight(torch.float64).t()
     if layer.bias is not None:
@@ -125,7 +126,7 @@ def test_quantize_per_token(bits):
     act = ActSpec(bits)
     x = make_x(3, 7, 64, dtype=torch.float32)
     x[0, 0] = 0.0  # an all-zero token
-    xq, xs = K.quantize_per_token(x, act)
+    xq, xs = G.quantize_per_token(x, act)
     assert xq.dtype == torch.int8 and xq.shape == (21, 64) and xs.shape == (21, 1)
     assert int(xq.min()) >= act.qmin and int(xq.max()) <= act.qmax
     assert int(xq.abs().max()) == act.qmax  # full range used
@@ -133,10 +134,10 @@ def test_quantize_per_token(bits):
     err = (xq.float() * xs - x.reshape(21, 64)).abs()
     assert (err <= xs / 2 * (1 + 1e-5)).all()
     # clipping: scale shrinks, the largest values get clamped
-    xq2, xs2 = K.quantize_per_token(x, ActSpec(bits, clip_ratio=0.5))
+    xq2, xs2 = G.quantize_per_token(x, ActSpec(bits, clip_ratio=0.5))
     torch.testing.assert_close(xs2[1:], xs[1:] * 0.5)
     with pytest.raises(UserError):
-        K.quantize_per_token(x, ActSpec(8, symmetric=False))
+        G.quantize_per_token(x, ActSpec(8, symmetric=False))
 
 
 @pytest.mark.parametrize("layout", ["channel", "group", "channel_zp", "group_zp"])
@@ -370,7 +371,7 @@ def test_checkpoint_tensors_reload_identically(spec):
 def act_reference(layer, x):
     """float64 ``x_hat @ w_hat.T + bias`` with x_hat the per-token (affine when asymmetric) rounding of x."""
     x2 = x.reshape(-1, layer.in_features)
-    xq, xs, xz = K.quantize_per_token_affine(x2, layer.act_spec)
+    xq, xs, xz = G.quantize_per_token_affine(x2, layer.act_spec)
     xd = xq.double() if xz is None else xq.double() - xz.double()
     y = (xd * xs.double()) @ layer.dequantized_weight(torch.float64).t()
     if layer.bias is not None:

@@ -14,6 +14,7 @@ from dllmq.quantization.rtn import rtn_quantize
 from dllmq.quantization.smoothquant import fake_quant_act
 from dllmq.quantization.spec import ActSpec, KVCacheSpec, WeightSpec
 from dllmq.runtime import kernels as K
+from dllmq.quantization import grid as G
 from dllmq.runtime.kv_quant import (
     IA_AQ_GRID, HeadDimHadamard, KVQuantizer, attention_probs, default_kv_spec, install_kv_quant, search_value_clip,
 )
@@ -44,17 +45,17 @@ def test_quantize_per_token_affine(bits, clip):
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(2)) + torch.linspace(-3, 3, 6)[:, None]
     x[0] = 0.0  # degenerate row
     x[1] = x[1].abs() + 1.0  # a single-sign row: the range still holds 0
-    q, s, z = K.quantize_per_token_affine(x, spec)
+    q, s, z = G.quantize_per_token_affine(x, spec)
     assert q.dtype == torch.int8 and z.dtype == torch.int32 and s.shape == z.shape == (6, 1)
     assert int(q.min()) >= spec.qmin and int(q.max()) <= spec.qmax
     assert int(z.min()) >= spec.qmin and int(z.max()) <= spec.qmax  # zero point fits the code range
-    xh = K.dequantize_per_token(q, s, z)
+    xh = G.dequantize_per_token(q, s, z)
     assert torch.equal(xh[0], torch.zeros(64))
     if clip == 1.0:  # no clipping: every value within half a step
         assert ((xh - x).abs() <= s / 2 * (1 + 1e-5) + 1e-6).all()
     # symmetric specs: same codes and scales as quantize_per_token, no zero point
-    q2, s2, z2 = K.quantize_per_token_affine(x, ActSpec(bits, clip_ratio=clip))
-    q3, s3 = K.quantize_per_token(x, ActSpec(bits, clip_ratio=clip))
+    q2, s2, z2 = G.quantize_per_token_affine(x, ActSpec(bits, clip_ratio=clip))
+    q3, s3 = G.quantize_per_token(x, ActSpec(bits, clip_ratio=clip))
     assert z2 is None and torch.equal(q2, q3) and torch.equal(s2, s3)
 
 
@@ -78,7 +79,7 @@ def test_int8_path_matches_fake_quant_with_asymmetric_activations(wspec, bits):
             y = layer(x)
         assert float((y.double() - ref).norm() / ref.norm()) < 1e-5, path
     # the zero-point correction matters: dropping it is far off
-    xq, xs, xz = K.quantize_per_token_affine(x.reshape(-1, k), act)
+    xq, xs, xz = G.quantize_per_token_affine(x.reshape(-1, k), act)
     assert int(xz.abs().max()) > 0
     w, ws, wzp = layer._int8_act_state(x.device)
     y_nozp = K.int8_linear(xq, xs, w, ws, torch.float32, bias, w_zero_point=wzp)

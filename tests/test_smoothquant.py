@@ -6,7 +6,7 @@ from dllmq.quantization.awq import fold_scales
 from dllmq.quantization.rtn import fake_quantize
 from dllmq.quantization.smoothquant import fake_quant_act, smooth_scales
 from dllmq.quantization.spec import ActSpec, WeightSpec
-from dllmq.runtime.kernels import quantize_per_token
+from dllmq.quantization.grid import quantize_per_token
 
 K, T = 64, 128
 OUTLIERS = [3, 17, 40]

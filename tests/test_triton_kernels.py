@@ -21,6 +21,7 @@ from dllmq.checkpoint.packing import pack_rows, unpack_rows  # noqa: E402
 from dllmq.quantization.rtn import rtn_quantize  # noqa: E402
 from dllmq.quantization.spec import ActSpec, WeightSpec  # noqa: E402
 from dllmq.runtime import kernels as K  # noqa: E402
+from dllmq.quantization import grid as G
 from dllmq.runtime import triton_kernels as T  # noqa: E402
 from dllmq.runtime.qlinear import QuantLinear, force_kernel  # noqa: E402
 from dllmq.runtime.transforms import OnlineScale  # noqa: E402
@@ -55,7 +56,7 @@ def test_quantize_matches_reference(dtype, bits, clip):
     x = _act(torch.randn(6, k, generator=gen(bits)) * 2).to(dtype)
     x[2] = 0  # a zero row gets scale 1 and zero codes
     spec = ActSpec(bits, clip_ratio=clip)
-    ref_q, ref_s = K.quantize_per_token(x, spec)
+    ref_q, ref_s = G.quantize_per_token(x, spec)
     q, s = T.quantize_per_token_triton(x, qmax=spec.qmax, clip_ratio=clip)
     assert q.dtype == torch.int8 and q.shape == (6, k)
     assert s.dtype == torch.float32 and s.shape == (6, 1)
@@ -68,7 +69,7 @@ def test_quantize_ties_round_half_to_even():
     # amax 127 -> scale exactly 1, so x / scale lands exactly on the .5 ties
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, -126.5, 126.5, 4.4999, -5.5001]])
     q, s = T.quantize_per_token_triton(x)
-    ref_q, ref_s = K.quantize_per_token(x, ActSpec(8))
+    ref_q, ref_s = G.quantize_per_token(x, ActSpec(8))
     assert s.item() == 1.0
     assert torch.equal(q, ref_q)
     assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 4, -126, 126, 4, -6]]
@@ -77,7 +78,7 @@ def test_quantize_ties_round_half_to_even():
 def test_quantize_multi_block_rows_and_batch_dims():
     """K spread over several blocks (two-pass loop) and a [B, T, K] input."""
     x = _act(torch.randn(2, 3, 100, generator=gen(3)).reshape(6, 100)).reshape(2, 3, 100)
-    ref_q, ref_s = K.quantize_per_token(x, ActSpec(8, clip_ratio=0.9))
+    ref_q, ref_s = G.quantize_per_token(x, ActSpec(8, clip_ratio=0.9))
     q, s = T.quantize_per_token_triton(x, clip_ratio=0.9, block_k=32)
     assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
 
@@ -92,7 +93,7 @@ def test_quantize_fused_smoothing(dtype, clip):
     smooth = torch.rand(k, generator=gen(6)) * 8 + 0.25
     smooth[3] = 37.0  # the outlier channel is scaled down
     spec = ActSpec(8, clip_ratio=clip)
-    ref_q, ref_s = K.quantize_per_token(OnlineScale(smooth)(x), spec)
+    ref_q, ref_s = G.quantize_per_token(OnlineScale(smooth)(x), spec)
     q, s = T.quantize_per_token_triton(x, clip_ratio=clip, smooth=smooth, block_k=16)
     assert torch.equal(s, ref_s)
     assert torch.equal(q, ref_q)
@@ -141,7 +142,7 @@ def _w4_problem(m, n, k, group_size, seed=0):
     q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int32)
     w_scale = torch.rand(n, k // group_size, generator=g) * 0.02 + 1e-3
     x = _act(torch.randn(m, k, generator=g))
-    xq, xs = K.quantize_per_token(x, ActSpec(8))
+    xq, xs = G.quantize_per_token(x, ActSpec(8))
     return q, w_scale, xq, xs
 
 
@@ -209,7 +210,7 @@ def test_w4a8_matmul_rejects_bad_shapes():
 def test_w4a4_codes_run_through_the_same_kernel():
     m, n, k = 5, 16, 64
     q, w_scale, _, _ = _w4_problem(m, n, k, 32, seed=4)
-    xq, xs = K.quantize_per_token(torch.randn(m, k, generator=gen(4)), ActSpec(4))
+    xq, xs = G.quantize_per_token(torch.randn(m, k, generator=gen(4)), ActSpec(4))
     y = T.w4a8_matmul_triton(xq, xs, T.pack_w4_for_triton(q), w_scale, 32, torch.float32)
     torch.testing.assert_close(y, _reference(xq, xs, q, w_scale, 32, torch.float32, None), **FP32_TOL)
 
@@ -280,7 +281,7 @@ def test_interpreter_flag_may_be_set_after_triton_import():
         "from dllmq.runtime import triton_kernels as T\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "assert T.triton_available()\n"
-        "from dllmq.runtime.kernels import quantize_per_token\n"
+        "from dllmq.quantization.grid import quantize_per_token\n"
         "from dllmq.quantization.spec import ActSpec\n"
         "x = torch.randn(3, 40)\n"
         "q, s = T.quantize_per_token_triton(x)\n"

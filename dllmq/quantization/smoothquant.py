@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from .grid import dequantize_per_token, quantize_per_token_affine
 from .spec import ActSpec
 
 
@@ -66,7 +67,7 @@ def smooth_scales(
 def fake_quant_act(x: torch.Tensor, act_spec: ActSpec) -> torch.Tensor:
     """Dynamic per-token fake quantization of ``x`` [..., K], in ``x``'s dtype and shape.
 
-    Same arithmetic as the runtime (`dllmq.runtime.kernels.quantize_per_token_affine`):
+    Same arithmetic as the runtime (`grid.quantize_per_token_affine`, shared with the runtime):
     symmetric specs use one scale per row = ``max|row| · clip_ratio / qmax``, round to nearest,
     clamp to ``[qmin, qmax]`` (4-bit values are the int8 codes in [-8, 7]), then ``q · scale``;
     asymmetric specs add a per-row zero point (range ``[min, max] · clip_ratio``, always holding 0)
@@ -74,8 +75,6 @@ def fake_quant_act(x: torch.Tensor, act_spec: ActSpec) -> torch.Tensor:
     """
     if not act_spec.enabled:
         return x
-    from ..runtime.kernels import dequantize_per_token, quantize_per_token_affine  # lazy: import cycle
-
     q, scale, zp = quantize_per_token_affine(x, act_spec)
     return dequantize_per_token(q, scale, zp).reshape(x.shape).to(x.dtype)
 

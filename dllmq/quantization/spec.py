@@ -142,7 +142,7 @@ class KVCacheSpec:
     """How the attention keys and values are quantized at run time (`dllmq.runtime.kv_quant`).
 
     Dynamic, one scale (and zero point when asymmetric) per token and head, through the same
-    arithmetic as the activations (`kernels.quantize_per_token_affine`); keys after RoPE (and
+    arithmetic as the activations (`quantization.grid.quantize_per_token_affine`); keys after RoPE (and
     after QuaRot's head-dim Hadamard when ``rotate_qk``), values at the v projection's output,
     both before the ``--fast`` block cache stores them. Attention itself (softmax(QKᵀ)V) stays
     in floating point: K and V are quantized and dequantized, which is also what the reference

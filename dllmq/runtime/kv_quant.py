@@ -12,7 +12,7 @@ What the references do, and what this module does:
 * ours: K and V (not Q, not P) are quantized per token and head (one row = head_dim values; the
   same granularity as QuaRot's head_dim groups and DuQuant's per-token quantizer on per-head
   tensors), dynamically, with the arithmetic of the activations
-  (`kernels.quantize_per_token_affine`: asymmetric by default, as all three references), then
+  (`quantization.grid.quantize_per_token_affine`: asymmetric by default, as all three references), then
   dequantized: attention itself runs in floating point SDPA, which is what the references
   simulate as well (their fake-quant matmuls dequantize before a floating-point matmul).
 

@@ -53,6 +53,7 @@ from torch import nn
 
 from ..checkpoint.packing import packed_words, unpack_cols, unpack_rows
 from ..errors import UserError
+from ..quantization.grid import dequantize_per_token, quantize_per_token_affine
 from ..quantization.qweight import QuantizedWeight
 from ..quantization.spec import ActSpec, WeightSpec
 from . import kernels as K
@@ -458,7 +459,7 @@ class QuantLinear(nn.Module):
     def _act_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token activation quantization for the float-GEMM paths: (codes ``q - zp`` in x.dtype, fp32
         scale [M, 1]). Same rounding as ``int8_act``; |q - zp| <= 255 is exact in bf16."""
-        xq, xs, xz = K.quantize_per_token_affine(x2, self.act_spec)
+        xq, xs, xz = quantize_per_token_affine(x2, self.act_spec)
         codes = xq.to(x2.dtype) if xz is None else (xq.to(torch.int32) - xz).to(x2.dtype)
         return codes, xs
 
@@ -484,8 +485,8 @@ class QuantLinear(nn.Module):
         if path == "dequant":
             if self.act_spec.enabled:
                 # Reference for W?A?: same per-token rounding as int8_act, dense float GEMM.
-                xq, xs, xz = K.quantize_per_token_affine(x2, self.act_spec)
-                x2 = K.dequantize_per_token(xq, xs, xz).to(x.dtype)
+                xq, xs, xz = quantize_per_token_affine(x2, self.act_spec)
+                x2 = dequantize_per_token(xq, xs, xz).to(x.dtype)
             y = F.linear(x2, self._dense(x), None if bias is None else bias.to(x.dtype))
         elif path == "triton_w4a8":
             from . import triton_kernels as T
@@ -495,7 +496,7 @@ class QuantLinear(nn.Module):
             y = T.w4a8_linear_triton(x2, packed, self._scale_f32().to(x.device), K._group_len(self.spec, self.in_features),
                                      bias, qmax=self.act_spec.qmax, clip_ratio=self.act_spec.clip_ratio)
         elif path == "int8_act":
-            xq, xs, xz = K.quantize_per_token_affine(x2, self.act_spec)  # xz: asymmetric activations only
+            xq, xs, xz = quantize_per_token_affine(x2, self.act_spec)  # xz: asymmetric activations only
             w, ws, wzp = self._int8_act_state(x.device)
             wsum = None if xz is None else self._cached(
                 ("int8_act_wsum", x.device), lambda: K.weight_code_sums(w, wzp))  # [N] / [G, N] int32: tiny

@@ -7,7 +7,7 @@ GPU results nor speed have been checked; not used by ``QuantLinear``'s dispatch.
 Two kernels, each behind a torch wrapper:
 
 * ``quantize_per_token_triton``: dynamic symmetric per-row quantization of activations, the
-  same arithmetic as ``kernels.quantize_per_token`` (bit-identical codes and scales),
+  same arithmetic as ``quantization.grid.quantize_per_token`` (bit-identical codes and scales),
   optionally fused with SmoothQuant's online division by a per-channel vector.
 * ``w4a8_matmul_triton``: int8 activations times 4-bit weights that stay packed in memory;
   the kernel unpacks each weight tile to int8 in registers, accumulates ``tl.dot`` in int32
@@ -283,7 +283,7 @@ def quantize_per_token_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (int8 codes [M, K], fp32 scales [M, 1]), M = x.numel() // K.
 
-    Same result as ``kernels.quantize_per_token(x, ActSpec(bits, clip_ratio=clip_ratio))``
+    Same result as ``grid.quantize_per_token(x, ActSpec(bits, clip_ratio=clip_ratio))``
     with ``qmax = 2^(bits-1) - 1`` (codes in [-qmax - 1, qmax]). With ``smooth`` [K] the
     kernel quantizes ``x / smooth`` computed like ``transforms.OnlineScale``: the division
     in fp32, rounded back to x's dtype (fp16 / bf16), so it equals

@@ -3,11 +3,22 @@ architecture registry's feeds say), a weight-clipping search, then RTN or GPTQ r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..awq import apply_clip, awq_search_clip, awq_search_scales, fold_scales
 from ..qweight import QuantizedWeight
-from .base import BlockContext, GPTQ_OPTIONS, Method, register_method
+from .base import BlockContext, GPTQRoundingOptions, Method, one_of, positive_int, option, register_method
+
+
+@dataclass(frozen=True)
+class AWQOptions(GPTQRoundingOptions):
+    grid: int = option(20, positive_int)  # llm-awq's n_grid
+    duo_scaling: bool = True
+    clip: bool = True
+    w_quantizer: str = option("rtn", one_of(("rtn", "gptq")))
+    max_tokens: int = option(4096, positive_int)
 
 
 @register_method
@@ -20,8 +31,7 @@ class AWQ(Method):
     label = "AWQ"
     needs_calibration = True
     default_weight_symmetric = False  # llm-awq: zero_point=True, g128 (QDLM Appendix A)
-    OPTIONS = {"scale_search": None, "grid": 20, "duo_scaling": True, "clip": True, "w_quantizer": "rtn",
-               "max_tokens": 4096, **GPTQ_OPTIONS}
+    Options = AWQOptions
 
     def __init__(self, qcfg, **options):
         super().__init__(qcfg, **options)
@@ -29,9 +39,9 @@ class AWQ(Method):
         self._inputs: dict[str, torch.Tensor] = {}
 
     def transform_block(self, block, ctx: BlockContext) -> dict:
-        o = self.options
+        o = self.opts
         spec = self.qcfg.weights
-        max_tokens = int(o.get("max_tokens", 4096))
+        max_tokens = o.max_tokens
         info = {}
         for feed in ctx.arch.feeds:
             if feed.kind == "linear":
@@ -45,17 +55,17 @@ class AWQ(Method):
             lins = [block.get_submodule(t) for t in feed.targets]
             X, x_mean = st["rows"], st["absmean"]  # rows for the search; mean |x| over every token, as llm-awq
             scales, sinfo = awq_search_scales(x_mean, [l.weight.detach().float() for l in lins], spec, X=X,
-                                              grid=int(o.get("grid", 20)), duo_scaling=bool(o.get("duo_scaling", True)))
+                                              grid=o.grid, duo_scaling=o.duo_scaling)
             fold_scales(block.get_submodule(feed.source), lins, scales.to(lins[0].weight.device))
             info[feed.source] = sinfo.get("best_ratio")
-        if o.get("clip", True) or o.get("w_quantizer", "rtn") == "rtn":
+        if o.clip or o.w_quantizer == "rtn":
             names = list(ctx.arch.block_linears)
             X = ctx.capture_inputs(names, min(max_tokens, 1024))
             for n in names:
                 full = ctx.prefix + n
-                if o.get("clip", True) and X[n].numel():
+                if o.clip and X[n].numel():
                     self._clip[full] = awq_search_clip(block.get_submodule(n).weight.detach().float(), X[n], spec,
-                                                       grid=int(o.get("grid", 20)))
+                                                       grid=o.grid)
         self.last_ratios = info  # chosen AWQ ratio per feed, for inspection
         return {}
 

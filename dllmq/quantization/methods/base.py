@@ -13,7 +13,8 @@ The algorithms themselves are pure tensor functions in dllmq.quantization.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -22,6 +23,85 @@ from torch import nn
 from ...checkpoint.format import QuantizationConfig
 from ...errors import UserError
 from ..qweight import QuantizedWeight
+
+
+def one_of(allowed: tuple):
+    def check(name, v):
+        if v not in allowed:
+            raise UserError(f"{name} must be one of {', '.join(map(str, allowed))}, got {v!r}")
+    return check
+
+
+def in_range(lo: float, hi: float, lo_open: bool = False):
+    def check(name, v):
+        if not (lo < float(v) <= hi if lo_open else lo <= float(v) <= hi):
+            raise UserError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+    return check
+
+
+def positive_int(name, v):
+    if v < 1:
+        raise UserError(f"{name} must be a positive integer, got {v!r}")
+
+
+def option(default, check: Callable[[str, Any], None] | None = None):
+    """A method option: its default (the paper's) and the check of its value beyond its type."""
+    return field(default=default, metadata={"check": check})
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_ok(want, v) -> bool:
+    if want is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if want is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, want)
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """A method's options, typed; one subclass per method (`Method.Options`), whose fields are exactly the
+    options the method accepts, with the paper's defaults. `validate` is the one place their values are checked."""
+
+    scale_search: str | None = option(None, one_of(("minmax", "mse")))  # None: the method's default_scale_search
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in fields(cls)}
+
+    @classmethod
+    def validate(cls, values: dict, display: Callable[[str], str]) -> None:
+        """One-line UserError for the first value of the wrong type or out of range (None: not given)."""
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            v = values.get(f.name)
+            if v is None:
+                continue
+            want = hints[f.name]
+            want = next((t for t in typing.get_args(want) if t is not type(None)), want)  # X | None -> X
+            if not _type_ok(want, v):
+                raise UserError(f"{display(f.name)} must be {_TYPE_WORDS.get(want, want.__name__)}, got {v!r}")
+            if f.metadata.get("check"):
+                f.metadata["check"](display(f.name), v)
+
+
+@dataclass(frozen=True)
+class GPTQRoundingOptions(MethodOptions):
+    """GPTQ's options (and DLLMQuant's CGQ weighting of its Hessian), for every method that can round with GPTQ."""
+
+    damp: float = option(0.01, in_range(0.0, 1.0))
+    act_order: bool = False  # static groups keep scales aligned
+    cgq: bool = False
+    cgq_masked: float = option(1.0, in_range(0.0, 100.0))  # CGQ's indicator value for masked tokens
+    cgq_visible: float = option(0.7, in_range(0.0, 100.0))  # ... and for visible ones
+    cgq_conf_power: float = option(0.5, in_range(0.0, 10.0))  # 0.5: the square root of confidence
+
+
+# Options that act through GPTQ rounding, and the CGQ settings that act only with CGQ on.
+GPTQ_OPTIONS = {k: v for k, v in GPTQRoundingOptions.defaults().items() if k != "scale_search"}
+CGQ_SETTINGS = ("cgq_masked", "cgq_visible", "cgq_conf_power")
 
 
 @dataclass
@@ -71,10 +151,15 @@ class Method:
     default_group_size: ClassVar[int | None] = 128
     # The paper's activation clipping ratio when --a-clip is not given.
     default_act_clip: ClassVar[float] = 1.0
-    # Every option the method accepts, with its default (the paper's). Anything else is refused, and an
+    # The options the method accepts, typed, with their defaults (the paper's). Anything else is refused, and an
     # option that only matters in some configurations (`applicable`) is refused outside them: an
-    # accepted option always changes the result (tests/test_option_contract.py).
-    OPTIONS: ClassVar[dict[str, Any]] = {"scale_search": None}  # None: default_scale_search
+    # accepted option always changes the result (tests/test_option_contract.py). OPTIONS: their defaults, derived.
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    OPTIONS: ClassVar[dict[str, Any]] = MethodOptions.defaults()
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.OPTIONS = cls.Options.defaults()
 
     @classmethod
     def act_clip_for(cls, act_bits: int) -> float:
@@ -112,23 +197,23 @@ class Method:
             if k not in live and v != cls.OPTIONS[k]:
                 raise UserError(f"{show(k)} has no effect on --method {cls.name} in this configuration "
                                 f"({_why_inapplicable(k, out)}); drop it")
-        for k, check in _VALIDATORS.items():
-            if k in out:
-                check(out[k])
+        cls.Options.validate(out, show)
         return {k: v for k, v in out.items() if k in live}
 
     def __init__(self, qcfg: QuantizationConfig, **options):
         self.qcfg = qcfg
+        # options: the resolved dict the checkpoint records; opts: the same, typed (inapplicable ones at defaults)
         self.options = self.resolve_options(options, weight_bits=qcfg.weights.num_bits)
+        self.opts = self.Options(**{**self.defaults_for(qcfg.weights.num_bits), **self.options})
 
     @property
     def scale_search(self) -> str:
-        return str(self.options.get("scale_search", self.default_scale_search))
+        return self.opts.scale_search or self.default_scale_search
 
     @property
     def wants_confidence(self) -> bool:
         """True when statistics need the full-precision model's per-token confidence (CGQ)."""
-        return bool(self.options.get("cgq", False))
+        return bool(getattr(self.opts, "cgq", False))
 
     def token_weights(self, batch) -> torch.Tensor | None:
         """CGQ's per-token weights of the GPTQ Hessian (None without CGQ): mask state and confidence."""
@@ -136,10 +221,10 @@ class Method:
             return None
         from ..cgq import token_weights as cgq_token_weights
 
-        o = self.options
-        visible, masked = float(o.get("cgq_visible", 0.7)), float(o.get("cgq_masked", 1.0))
+        o = self.opts
+        visible, masked = float(o.cgq_visible), float(o.cgq_masked)
         return cgq_token_weights(batch.masked, batch.confidence, mask_weight=1.0 + masked - visible,
-                                 base=visible, conf_power=float(o.get("cgq_conf_power", 0.5)))
+                                 base=visible, conf_power=float(o.cgq_conf_power))
 
     def check(self, arch, config) -> None:
         """Raise UserError before any work if the method cannot handle this model."""
@@ -157,7 +242,7 @@ class Method:
     @property
     def rounds_with_gptq(self) -> bool:
         """True when weights are rounded by GPTQ (GPTQ itself; `w_quantizer: gptq` for the others)."""
-        return self.options.get("w_quantizer", "rtn") == "gptq"
+        return getattr(self.opts, "w_quantizer", "rtn") == "gptq"
 
     def new_stats(self, name: str):
         """An object with .add(x [T, K], token_weights [T] | None), or None if no statistics are needed.
@@ -179,8 +264,8 @@ class Method:
 
         spec = self.qcfg.weights
         if self.rounds_with_gptq and stats is not None and stats.n_tokens:
-            qw, _info = gptq_quantize(w, stats.hessian.to(w.device), spec, damp=float(self.options.get("damp", 0.01)),
-                                      act_order=bool(self.options.get("act_order", False)), clip_ratio=clip_ratio,
+            qw, _info = gptq_quantize(w, stats.hessian.to(w.device), spec, damp=float(self.opts.damp),
+                                      act_order=bool(self.opts.act_order), clip_ratio=clip_ratio,
                                       name=name, scale_search=self.scale_search)
             return qw
         scale, zp = choose_qparams(w, spec, clip_ratio, self.scale_search)
@@ -190,54 +275,6 @@ class Method:
         """Default: `round_weight` of the (already transformed) weight; methods with per-layer weight edits
         (AWQ's clip, DuQuant's weight clip) override this and call `round_weight` themselves."""
         return self.round_weight(name, weight.float(), stats)
-
-
-def _choice(name: str, allowed: tuple):
-    def check(v):
-        if v not in allowed:
-            raise UserError(f"option {name!r} must be one of {', '.join(map(str, allowed))}, got {v!r}")
-    return check
-
-
-def _range(name: str, lo: float, hi: float, lo_open: bool = False):
-    def check(v):
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise UserError(f"option {name!r} must be a number, got {v!r}") from None
-        if not (lo < f <= hi if lo_open else lo <= f <= hi):
-            raise UserError(f"option {name!r} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
-    return check
-
-
-def _positive_int(name: str):
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"option {name!r} must be a positive integer, got {v!r}")
-    return check
-
-
-_VALIDATORS = {
-    "scale_search": _choice("scale_search", ("minmax", "mse")),
-    "w_quantizer": _choice("w_quantizer", ("rtn", "gptq")),
-    "store_dtype": _choice("store_dtype", ("float32", "bfloat16", "float16")),
-    "damp": _range("damp", 0.0, 1.0),
-    "alpha": _range("alpha", 0.0, 1.0),
-    "w_clip": _range("w_clip", 0.0, 1.0, lo_open=True),
-    "cgq_masked": _range("cgq_masked", 0.0, 100.0),
-    "cgq_visible": _range("cgq_visible", 0.0, 100.0),
-    "cgq_conf_power": _range("cgq_conf_power", 0.0, 10.0),
-    "grid": _positive_int("grid"),
-    "block": _positive_int("block"),
-    "steps": _positive_int("steps"),
-    "max_rows": _positive_int("max_rows"),
-    "max_tokens": _positive_int("max_tokens"),
-}
-
-# Options that act through GPTQ rounding, and the CGQ settings that act only with CGQ on.
-GPTQ_OPTIONS = {"damp": 0.01, "act_order": False, "cgq": False, "cgq_masked": 1.0, "cgq_visible": 0.7,
-                "cgq_conf_power": 0.5}
-CGQ_SETTINGS = ("cgq_masked", "cgq_visible", "cgq_conf_power")
 
 
 def gptq_applicable(resolved: dict, all_options) -> set[str]:

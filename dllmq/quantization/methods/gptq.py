@@ -3,7 +3,7 @@ in its GPTQ mode, with the Hessian statistics it collects."""
 
 from __future__ import annotations
 
-from .base import GPTQ_OPTIONS, Method, register_method
+from .base import GPTQRoundingOptions, Method, register_method
 
 
 @register_method
@@ -18,7 +18,7 @@ class GPTQ(Method):
     needs_calibration = True
     rewrites_weights = False
     default_scale_search = "mse"
-    OPTIONS = {"scale_search": None, **GPTQ_OPTIONS}
+    Options = GPTQRoundingOptions
 
     @property
     def rounds_with_gptq(self) -> bool:

@@ -26,27 +26,58 @@ the activation bits when activations are quantized; QuaRot also rotates q/k by a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ...errors import UserError
 from ..awq import fold_scales
 from ..qweight import QuantizedWeight
 from ..smoothquant import fake_quant_act, fold_qk_scales, qk_smooth_scales, smooth_scales
-from .base import BlockContext, GPTQ_OPTIONS, Method, register_method
+from .base import BlockContext, GPTQRoundingOptions, Method, in_range, one_of, option, positive_int, register_method
 
 
 _STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class WeightActOptions(GPTQRoundingOptions):
+    w_quantizer: str = option("rtn", one_of(("rtn", "gptq")))
+    w_clip: float = option(1.0, in_range(0.0, 1.0, lo_open=True))  # weight clip ratio (DuQuant's --swc)
+    ia_aq: bool = False  # DLLMQuant's IA-AQ value quantization
+
+
+@dataclass(frozen=True)
+class SmoothQuantOptions(WeightActOptions):
+    alpha: float = option(0.5, in_range(0.0, 1.0))  # migration strength
+
+
+@dataclass(frozen=True)
+class QuaRotOptions(WeightActOptions):
+    w_quantizer: str = option("gptq", one_of(("rtn", "gptq")))  # QuaRot + GPTQ is the strong combination
+    seed: int = 0  # of the random Hadamard's signs
+
+
+@dataclass(frozen=True)
+class DuQuantOptions(WeightActOptions):
+    # --swc 0.8, --alpha 0.5, --block_size 128, --max_rotation_step 256; RTN rounding (--epochs 0, no LWC)
+    w_clip: float = option(0.8, in_range(0.0, 1.0, lo_open=True))
+    alpha: float = option(0.5, in_range(0.0, 1.0))
+    block: int = option(128, positive_int)
+    steps: int = option(256, positive_int)
+    max_rows: int = option(256, positive_int)  # calibration rows the rotations are fitted on
+    store_dtype: str = option("bfloat16", one_of(tuple(_STORE_DTYPES)))
 
 
 class _WeightAct(Method):
     needs_calibration = True
     quantizes_activations = True
     default_group_size = None  # QDLM §4.1: per-channel weights, per-token activations
-    OPTIONS = {"scale_search": None, "w_quantizer": "rtn", "w_clip": 1.0, "ia_aq": False, **GPTQ_OPTIONS}
+    Options = WeightActOptions
     kv_follows_activations = True  # QuaRot's --k_bits/--v_bits = a_bits scripts; DuQuant's QuantMatMul at abits
 
     def quantize_linear(self, name: str, weight: torch.Tensor, stats=None) -> QuantizedWeight:
-        return self.round_weight(name, weight.float(), stats, clip_ratio=float(self.options.get("w_clip", 1.0)))
+        return self.round_weight(name, weight.float(), stats, clip_ratio=float(self.opts.w_clip))
 
     # -- shared pieces --------------------------------------------------------------------
     def _smooth_qk(self, block, ctx: BlockContext) -> None:
@@ -64,7 +95,7 @@ class _WeightAct(Method):
         X = X.to(dev, torch.float32)
         q = torch.nn.functional.linear(X, q_proj.weight.float(), None if q_proj.bias is None else q_proj.bias.float())
         k = torch.nn.functional.linear(X, k_proj.weight.float(), None if k_proj.bias is None else k_proj.bias.float())
-        s = qk_smooth_scales(q, k, ctx.config.head_dim, alpha=float(self.options.get("alpha", 0.5)))
+        s = qk_smooth_scales(q, k, ctx.config.head_dim, alpha=float(self.opts.alpha))
         fold_qk_scales(q_proj, k_proj, s)
 
     def _ia_aq(self, block, ctx: BlockContext, online: dict) -> None:
@@ -77,7 +108,7 @@ class _WeightAct(Method):
         projection's entry of `online` (so it lands in quantization_config.transforms) and installs the K/V
         quantizers with that α on this block, so later passes see V quantized as at run time.
         """
-        if not self.options.get("ia_aq", False) or not self.qcfg.activations.enabled:
+        if not self.opts.ia_aq or not self.qcfg.activations.enabled:
             return
         from ...runtime.kv_quant import ia_aq_value_bits, install_kv_quant, search_value_clip
 
@@ -104,10 +135,10 @@ class SmoothQuant(_WeightAct):
     label = "SmoothQuant"
     default_act_symmetric = False  # DuQuant's code (QDLM's SmoothQuant): asymmetric per-token
     default_weight_symmetric = False  # ... and asymmetric per-channel weights (no --symmetric in QDLM's scripts)
-    OPTIONS = {**_WeightAct.OPTIONS, "alpha": 0.5}
+    Options = SmoothQuantOptions
 
     def transform_block(self, block, ctx: BlockContext) -> dict:
-        alpha = float(self.options.get("alpha", 0.5))
+        alpha = float(self.opts.alpha)
         online: dict = {}
         self._smooth_qk(block, ctx)
         for feed in ctx.arch.feeds:
@@ -142,7 +173,7 @@ class QuaRot(_WeightAct):
     # QuaRot's fake_quant defaults: symmetric per-channel weights (w_asym=False, w_groupsize=-1) rounded
     # by GPTQ (w_rtn=False) with the weight-clip search (--w_clip = our MSE scale search)
     default_scale_search = "mse"
-    OPTIONS = {**_WeightAct.OPTIONS, "w_quantizer": "gptq", "seed": 0}
+    Options = QuaRotOptions
     rotates_qk = True  # online head-dim Hadamard on q and k after RoPE (QKRotationWrapper)
 
     def check(self, arch, cfg) -> None:
@@ -162,12 +193,12 @@ class QuaRot(_WeightAct):
         head_key = f"{arch.head_name}.weight"
         head = tensors[head_key] = tensors[head_key].float() if head_key in tensors else None
         norm = tensors[f"{arch.final_norm_name}.weight"] = tensors[f"{arch.final_norm_name}.weight"].float()
-        rotate_outer(emb, head, norm, cfg, seed=int(self.options.get("seed", 0)))
+        rotate_outer(emb, head, norm, cfg, seed=self.opts.seed)
 
     def transform_block(self, block, ctx: BlockContext) -> dict:
         from ..quarot import rotate_block
 
-        local = rotate_block(block, ctx.arch, ctx.config, seed=int(self.options.get("seed", 0)))
+        local = rotate_block(block, ctx.arch, ctx.config, seed=self.opts.seed)
         online = {k: ({kk: vv for kk, vv in v.items() if kk != "location"}, {}) for k, v in local.items()}
         for k, v in online.items():
             ctx.install(k, *v)
@@ -200,19 +231,18 @@ class DuQuant(_WeightAct):
         if weight_bits is not None and weight_bits > 4:
             d["w_clip"] = 1.0
         return d
-    # --swc 0.8, --alpha 0.5, --block_size 128, --max_rotation_step 256; RTN rounding (--epochs 0, no LWC)
-    OPTIONS = {**_WeightAct.OPTIONS, "w_clip": 0.8, "alpha": 0.5, "block": 128, "steps": 256, "max_rows": 256,
-               "store_dtype": "bfloat16"}
+
+    Options = DuQuantOptions
 
     def transform_block(self, block, ctx: BlockContext) -> dict:
         from ..duquant import duquant_transform
 
-        o = self.options
+        o = self.opts
         online: dict = {}
         groups = [list(f.targets) for f in ctx.arch.feeds]
         covered = {t for g in groups for t in g}
         groups += [[n] for n in ctx.arch.block_linears if n not in covered]
-        store = _STORE_DTYPES[str(o.get("store_dtype", "bfloat16"))]
+        store = _STORE_DTYPES[o.store_dtype]
         self._smooth_qk(block, ctx)
         for group in groups:
             # rows for fitting the rotations, smoothing from max|x| over every token; both through the
@@ -222,10 +252,8 @@ class DuQuant(_WeightAct):
                 continue
             X, absmax = st["rows"], st["absmax"]
             lins = [block.get_submodule(t) for t in group]
-            alpha = o.get("alpha", 0.5)
-            t = duquant_transform(X, [l.weight.detach().float() for l in lins], block=int(o.get("block", 128)),
-                                  steps=int(o.get("steps", 256)), alpha=None if alpha is None else float(alpha),
-                                  max_rows=int(o.get("max_rows", 256)), seed=ctx.index, act_absmax=absmax)
+            t = duquant_transform(X, [l.weight.detach().float() for l in lins], block=o.block, steps=o.steps,
+                                  alpha=float(o.alpha), max_rows=o.max_rows, seed=ctx.index, act_absmax=absmax)
             t = t.rounded(store)  # the stored (rounded) rotations are what the weights are folded against
             for name, lin in zip(group, lins):
                 lin.weight.copy_(t.fold_into(lin.weight.detach().double()).to(lin.weight.dtype))
