@@ -116,7 +116,7 @@ def test_recipe_inputs_and_overrides(tmp_path):
 
 def test_cli_defaults_are_the_recipe_defaults():
     """Flags left at their defaults are not applied onto a recipe: both must mean the same run."""
-    from dllmq.cli.main import quantize
+    from dllmq.cli.quantize import quantize
 
     import inspect
 

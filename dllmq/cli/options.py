@@ -101,3 +101,12 @@ def _device(name: str) -> str:
 
 def _emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def check_sampler(steps: int, gen_length: int, block_length: int) -> None:
+    if gen_length <= 0 or steps <= 0 or block_length <= 0:
+        raise UserError("--steps, --gen-length and --block-length must be positive")
+    if gen_length % block_length:
+        raise UserError(f"--block-length {block_length} must divide --gen-length {gen_length}")
+    if steps % (gen_length // block_length):
+        raise UserError(f"--steps {steps} must be a multiple of the number of blocks ({gen_length // block_length})")
