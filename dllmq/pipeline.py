@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .calibration.block_transform import make_capture, transform_block
-from .calibration.blocks import StopBlock, BlockStream, HiddenCache
+from .calibration.blocks import BlockStream, HiddenCache
+from .calibration.capture import read_inputs, real_rows
 from .calibration.states import CalibBatch, CalibrationSet, TMASConfig
 from .checkpoint.format import QuantizationConfig
 from .checkpoint.serialize import packed_tensors
@@ -352,49 +353,35 @@ def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenC
     * linears fed the very same tensor (q/k/v, gate/up) share one accumulator when the stats say
       they may (`shareable`, e.g. a GPTQ Hessian), so XᵀX is computed once per input, not per linear.
     """
-    cur = {"w": None, "seen": set(), "last": None, "valid": None}
     weights = [getattr(method, "token_weights", lambda b: None)(b) for b in batches]
     hooked = [n for n, s in stats.items() if s is not None]
     alias: dict[str, str] = {}  # linear -> linear whose accumulator it shares (decided on batch 0)
+    last: dict = {"j": -1, "input": None}  # the previous linear's input tensor and name, within this batch
 
-    def hook(n):
-        def fn(mod, args):
-            x = args[0]
-            # the same tensor object as the previous linear's input (kept alive in cur["last"], so identity
-            # cannot be a reused address); linears sharing an input run back to back
-            first = cur["last"][1] if cur["last"] is not None and cur["last"][0] is x else None
-            if cur["j"] == 0 and first is not None and getattr(stats[n], "shareable", False) \
-                    and type(stats[first]) is type(stats[n]):
-                alias[n] = first
-            if n in alias:
-                if alias[n] != first:
-                    raise RuntimeError(f"{n}: its input is no longer shared with {alias[n]}")
-            else:
-                tw = cur["w"]
-                xd = x.detach().reshape(-1, x.shape[-1])
-                tw = None if tw is None else tw.reshape(-1).to(xd.device)
-                if cur["valid"] is not None:  # padding never enters the statistics
-                    v = cur["valid"].to(xd.device)
-                    xd, tw = xd[v], (None if tw is None else tw[v])
-                stats[n].add(xd, tw)
-                if first is None:
-                    cur["last"] = (x, n)
-            cur["seen"].add(n)
-            if len(cur["seen"]) == len(hooked):
-                raise StopBlock
+    def feed(n, x, valid, j):
+        if last["j"] != j:
+            last.update(j=j, input=None)
+        # the same tensor object as the previous linear's input (kept alive in last["input"], so identity
+        # cannot be a reused address); linears sharing an input run back to back
+        first = last["input"][1] if last["input"] is not None and last["input"][0] is x else None
+        if j == 0 and first is not None and getattr(stats[n], "shareable", False) \
+                and type(stats[first]) is type(stats[n]):
+            alias[n] = first
+        if n in alias:
+            if alias[n] != first:
+                raise RuntimeError(f"{n}: its input is no longer shared with {alias[n]}")
+            return
+        tw = weights[j]
+        rows = real_rows(x, valid)  # padding never enters the statistics
+        if tw is not None:
+            tw = tw.reshape(-1).to(rows.device)
+            tw = tw if valid is None else tw[valid.to(rows.device)]
+        stats[n].add(rows, tw)
+        if first is None:
+            last["input"] = (x, n)
 
-        return fn
-
-    def on_batch(j):
-        cur.update(w=weights[j], j=j, seen=set(), last=None, valid=_valid_rows(batches[j]))
-
-    hs = [blk.get_submodule(n).register_forward_pre_hook(hook(n)) for n in hooked]
-    try:
-        with torch.no_grad():
-            stream.run(blk, batches, cache, on_batch=on_batch)
-    finally:
-        for h in hs:
-            h.remove()
+    read_inputs(blk, hooked, lambda on_batch: stream.run(blk, batches, cache, on_batch=on_batch),
+                lambda j: _valid_rows(batches[j]), feed)
     for n, first in alias.items():
         stats[n] = stats[first]
 

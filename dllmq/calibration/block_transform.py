@@ -20,10 +20,7 @@ from torch import nn
 from ..quantization.methods.base import BlockContext
 from ..runtime import transforms as online_transforms
 from ..runtime.kv_quant import install_kv_quant
-from .blocks import StopBlock
-
-# run(on_batch) forwards every calibration batch through the block, calling on_batch(j) before batch j
-Runner = Callable[[Callable[[int], None]], None]
+from .capture import Runner, read_inputs, real_rows
 
 
 def make_capture(blk: nn.Module, run: Runner, valid_of: Callable[[int], torch.Tensor | None], seed: int):
@@ -33,13 +30,9 @@ def make_capture(blk: nn.Module, run: Runner, valid_of: Callable[[int], torch.Te
         channel over every token, plus, when `max_tokens` > 0, the same "rows" subsample, in one pass."""
         got: dict = {n: [] for n in names}
         red: dict = {n: None for n in names}
-        seen: set[str] = set()
-        cur: dict = {"valid": None}
 
-        def grab(n, a):
-            x = a[0].detach().reshape(-1, a[0].shape[-1])
-            if cur["valid"] is not None:
-                x = x[cur["valid"].to(x.device)]
+        def grab(n, x, valid, j):
+            x = real_rows(x, valid)
             if reduce:
                 xa = x.float().abs()
                 mx = xa.amax(0).cpu() if len(xa) else torch.zeros(x.shape[-1])
@@ -47,20 +40,8 @@ def make_capture(blk: nn.Module, run: Runner, valid_of: Callable[[int], torch.Te
                 red[n] = (mx, sm, len(xa)) if r is None else (torch.maximum(r[0], mx), r[1] + sm, r[2] + len(xa))
             if not reduce or max_tokens:
                 got[n].append(x.float().cpu())
-            seen.add(n)
-            if len(seen) == len(names):  # the rest of the block is not needed
-                raise StopBlock
 
-        def on_batch(j):
-            seen.clear()
-            cur["valid"] = valid_of(j)
-
-        hs = [blk.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: grab(n, a)) for n in names]
-        try:
-            run(on_batch)
-        finally:
-            for h in hs:
-                h.remove()
+        read_inputs(blk, names, run, valid_of, grab)
         rows = {}
         for n, xs in got.items():
             x = torch.cat(xs) if xs else torch.empty(0)

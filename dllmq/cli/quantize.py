@@ -15,13 +15,18 @@ from .options import (
     JsonOpt, ModelArg, RevisionOpt, SeedOpt, VerboseOpt, _emit_json, deprecated_alias, note_deprecated,
     take_alias,
 )
+from .validate import METHOD_NAMES, WEIGHT_ACT_METHODS
+
+# the method list of --help, from the registry's static mirror (tests/test_reliability.py checks it against METHODS)
+METHODS_HELP = (f"weight-only: {', '.join(n for n in METHOD_NAMES if n not in WEIGHT_ACT_METHODS)} (rtn needs no "
+                f"calibration); weight-activation, with --a 8 or 4: {', '.join(WEIGHT_ACT_METHODS)}.")
 
 
 def quantize(
     ctx: typer.Context,
     model: Optional[str] = ModelArg,
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="A recipe file (YAML or JSON: method, weights, activations, calibration, options, ...; see examples/recipe.yaml). Flags given explicitly override its fields. `dllmq.quantize(MODEL, RECIPE)` runs the same recipe from Python."),
-    method: str = typer.Option("rtn", "--method", "-m", help="rtn (no calibration), gptq, awq; weight-activation: smoothquant, quarot, duquant (need --a 8 or 4)."),
+    method: str = typer.Option("rtn", "--method", "-m", help=METHODS_HELP),
     w: int = typer.Option(4, "--w", help="Weight bits: 2, 3, 4 or 8."),
     a: int = typer.Option(16, "--a", help="Activation bits: 16 (not quantized), 8 or 4 (dynamic per token)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Weights per scale along the input dim; -1 = one scale per output channel. Default: the method's paper setting (128 for rtn/gptq/awq, per channel for smoothquant/quarot/duquant)."),
