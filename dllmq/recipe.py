@@ -193,7 +193,7 @@ class Recipe:
             return self._resolve(style)
 
     def _resolve(self, style: str) -> "Recipe":
-        from .cli.validate import check_quantize_args
+        from .validation import check_quantize_args
 
         w, a, c, t = self.weights, self.activations, self.calibration, self.calibration.tmas
         opt = dict(self.options)
@@ -213,7 +213,7 @@ class Recipe:
             alpha=num("alpha"), tmas_proportions=",".join(map(str, t.proportions)), tmas_states=t.states,
             tmas_gen_length=t.gen_length, tmas_block_length=t.block_length, tmas_steps=t.steps,
             duquant_block=num("block"), duquant_steps=num("steps"), device="cpu", dtype=self.dtype)
-        from .cli.options import DTYPES
+        from .validation import DTYPES
         from .quantization.methods import get_method
         from .quantization.spec import ActSpec, KVCacheSpec, WeightSpec
 
@@ -299,24 +299,23 @@ def run(model: str | Path | None, recipe: "Recipe | Mapping | str | Path | None"
     flag = (lambda f: f) if style == "cli" else (lambda f: {"--offload-dir": "offload_dir", "--device": "device"}[f])
     if offload_dir is not None and Path(offload_dir).exists() and not Path(offload_dir).is_dir():
         raise UserError(f"{flag('--offload-dir')} {offload_dir} is a file; give a folder (it is created if missing)")
-    from .cli.validate import check_device_name
+    from .validation import check_device_name
 
     try:
         check_device_name("cpu" if device == "auto" else str(device))  # auto: CUDA when available, else CPU
     except UserError:
         raise UserError(f"{flag('--device')} must be auto, cpu, cuda, cuda:N or mps; got {device!r}") from None
-    from .cli import validate
+    from .validation import check_calib_source
 
-    if hasattr(validate, "check_calib_source"):  # a local calibration file must be readable text: checked at once
-        with _naming(style):
-            validate.check_calib_source(rec.calibration.source)
+    with _naming(style):  # a local calibration file must be readable text: checked at once
+        check_calib_source(rec.calibration.source)
     name = str(model) if model not in (None, "") else "tiny"
     out = Path(out) if out is not None else rec.default_out(name)
     from .checkpoint.lock import RunLock
 
     RunLock(out).check()  # another run writing the same output: refuse before loading anything
 
-    from .cli.options import _device, _dtype
+    from .validation import resolve_device as _device, torch_dtype as _dtype
     from .models.loading import read_config, resolve_model_path
     from .models.registry import arch_for
     from .pipeline import quantize as pipeline_quantize

@@ -130,7 +130,7 @@ def test_device_auto_is_the_quantize_default():
     import typer
 
     from dllmq.cli.main import app
-    from dllmq.cli.options import _device
+    from dllmq.validation import resolve_device as _device
 
     assert _device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     cmd = typer.main.get_command(app)

@@ -197,7 +197,7 @@ def test_simple_mistakes_answer_before_torch(args, tmp_path):
 
 def test_cheap_lists_match_their_modules():
     from dllmq.calibration.states import MASK_MODES
-    from dllmq.cli import validate
+    from dllmq import validation as validate
     from dllmq.quantization.methods import METHODS
     from dllmq.quantization.rtn import SCALE_SEARCHES
 
@@ -772,7 +772,7 @@ def test_bad_calib_file_one_line(name, tmp_path, capsys):
 
 
 def test_good_calib_file_passes_the_check(tmp_path):
-    from dllmq.cli.validate import check_calib_source
+    from dllmq.validation import check_calib_source
 
     for name, text in (("a.txt", "caf\u00e9 au lait\n"), ("b.jsonl", '{"text": "x"}\n\n{"prompt": "p", "response": "r"}\n')):
         (tmp_path / name).write_text(text, encoding="utf-8")

@@ -36,7 +36,7 @@ def bench(
 
     Example: [bold]dllmq bench ./tiny-w8a8 --seq-len 256 --rows 512[/bold]
     """
-    from .validate import check_device_name, check_dtype_name
+    from ..validation import check_device_name, check_dtype_name
 
     # the cheap checks first, before torch is imported
     batch, old_batch = take_alias(ctx, "batch", batch_old, "--batch")

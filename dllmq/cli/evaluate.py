@@ -142,7 +142,7 @@ def eval_cmd(
 def _check_eval_args(*, seq_len: int, max_seqs: int, prompts: int, num_fewshot: Optional[int],
                      output: Optional[Path], device: str, dtype: str) -> None:
     """The cheap checks of `dllmq eval`, before torch is imported."""
-    from .validate import check_device_name, check_dtype_name
+    from ..validation import check_device_name, check_dtype_name
 
     check_dtype_name(dtype)
     check_device_name(device)

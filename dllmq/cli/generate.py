@@ -41,7 +41,7 @@ def generate(
     Example: [bold]dllmq generate tiny "What is 12 + 30?" --steps 64 --gen-length 64 --block-length 32[/bold]
     Fast:    [bold]dllmq generate tiny "What is 12 + 30?" --fast[/bold]
     """
-    from .validate import check_device_name, check_dtype_name, check_finite
+    from ..validation import check_device_name, check_dtype_name, check_finite
 
     # the cheap checks first, before torch is imported
     if ctx.args:

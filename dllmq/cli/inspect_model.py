@@ -38,7 +38,7 @@ def inspect(
     import importlib.util
     import math
 
-    from .validate import METHOD_NAMES, WEIGHT_ACT_METHODS, check_device_name, check_dtype_name
+    from ..validation import METHOD_NAMES, WEIGHT_ACT_METHODS, check_device_name, check_dtype_name
 
     # the cheap checks first, before torch is imported
     samples, old_samples = take_alias(ctx, "samples", samples_old, "--samples")

@@ -9,9 +9,8 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
+from ..validation import DTYPES, resolve_device as _device, torch_dtype as _dtype  # noqa: F401  (the commands' names)
 
-DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-          "float32": "float32", "fp32": "float32"}
 
 # Shared options: the same flag means the same thing in every command.
 ModelArg = typer.Argument(None, help="Model folder, Hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or 'tiny' (bundled default).")
@@ -76,27 +75,6 @@ def _fast_settings(fast: bool, cache: Optional[str], threshold: Optional[float])
     if threshold is not None:
         out["threshold"] = threshold
     return out
-
-
-def _dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise UserError(f"--dtype must be one of bfloat16, float16, float32; got {name!r}")
-    return getattr(torch, DTYPES[name])
-
-
-def _device(name: str) -> str:
-    """A validated device name; 'auto' -> 'cuda' when CUDA is available, else 'cpu'."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available in this torch build; use --device cpu")
-    if not (name == "cpu" or name.startswith("cuda") or name == "mps"):
-        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
-    return name
 
 
 def _emit_json(obj) -> None:

@@ -15,7 +15,7 @@ from .options import (
     JsonOpt, ModelArg, RevisionOpt, SeedOpt, VerboseOpt, _emit_json, deprecated_alias, note_deprecated,
     take_alias,
 )
-from .validate import METHOD_NAMES, WEIGHT_ACT_METHODS
+from ..validation import METHOD_NAMES, WEIGHT_ACT_METHODS
 
 # the method list of --help, from the registry's static mirror (tests/test_reliability.py checks it against METHODS)
 METHODS_HELP = (f"weight-only: {', '.join(n for n in METHOD_NAMES if n not in WEIGHT_ACT_METHODS)} (rtn needs no "
@@ -78,7 +78,7 @@ def quantize(
     """
     from ..recipe import CLI_FIELDS, FIELD_FLAGS, Recipe
     from ..recipe import run as run_recipe
-    from .validate import parse_proportions
+    from ..validation import parse_proportions
 
     # Every flag is a recipe field (recipe.CLI_FIELDS): the recipe file (or the defaults) with the flags given
     # on the command line on top, then one call path, the same as dllmq.quantize(MODEL, RECIPE).
@@ -115,7 +115,7 @@ def quantize(
                             f"{'a local folder' if Path(name).expanduser().exists() else 'bundled'}: drop --revision")
         if not revision.strip():
             raise UserError("--revision must name a branch, tag or commit of the Hub model, e.g. --revision main")
-    from .validate import check_calib_source
+    from ..validation import check_calib_source
 
     check_calib_source(rec.calibration.source)  # a local --calib file: UTF-8 text, a .jsonl of objects
     cmd = "dllmq " + " ".join(shlex.quote(x) for x in sys.argv[1:])

@@ -1,6 +1,7 @@
-"""Cheap argument checks that run before the heavy imports (torch, transformers), so that a simple
-mistake is answered at once. They repeat names owned by heavier modules; tests/test_reliability.py
-checks that the lists here match those modules.
+"""Cheap checks of user-given values (CLI flags and recipe fields) that run before the heavy imports (torch,
+transformers), so that a simple mistake is answered at once. Recipes (library code) and the CLI share them.
+They repeat names owned by heavier modules; tests/test_reliability.py checks that the lists here match those
+modules.
 """
 
 from __future__ import annotations
@@ -8,8 +9,10 @@ from __future__ import annotations
 import math
 import sys
 
-from ..errors import UserError
-from .options import DTYPES
+from .errors import UserError
+
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+          "float32": "float32", "fp32": "float32"}
 
 METHOD_NAMES = ("awq", "duquant", "gptq", "quarot", "rtn", "smoothquant")  # quantization/methods METHODS
 WEIGHT_ACT_METHODS = ("duquant", "quarot", "smoothquant")  # their Method.quantizes_activations is True
@@ -71,7 +74,7 @@ def check_quantize_args(*, method: str, w: int, a: int, group_size: int | None, 
     """Every check of `dllmq quantize` that needs neither torch nor the model; returns the TMAS proportions.
     Method-dependent flags are None when not given (the method's paper default applies); whether an option
     applies to the method is checked by the method's own option set (quantization/methods/base.py)."""
-    from ..quantization.spec import ActSpec, WeightSpec  # no torch
+    from .quantization.spec import ActSpec, WeightSpec  # no torch
 
     check_dtype_name(dtype)
     check_device_name(device)
@@ -149,3 +152,24 @@ def check_calib_source(calib: str) -> None:
             kind = {int: "number", float: "number", str: "string", list: "list", bool: "boolean"}.get(type(d), "null")
             raise UserError(f"--calib {calib}:{i + 1} holds a JSON {kind}, not an object; each line needs "
                             "{\"text\": \"...\"} or {\"prompt\": \"...\", \"response\": \"...\"}")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"--dtype must be one of bfloat16, float16, float32; got {name!r}")
+    return getattr(torch, DTYPES[name])
+
+
+def resolve_device(name: str) -> str:
+    """A validated device name; 'auto' -> 'cuda' when CUDA is available, else 'cpu'."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available in this torch build; use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda") or name == "mps"):
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
+    return name
