@@ -116,3 +116,29 @@ def test_library_checkpoints_record_the_resolved_options(tiny_llada, tmp_path):
     _, _, recorded = _run(tiny_llada, tmp_path / "q", "duquant", {})
     assert recorded == METHODS["duquant"].resolve_options({})
     assert recorded["w_clip"] == 0.8 and recorded["alpha"] == 0.5 and recorded["block"] == 128
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"damp": "high"}, "options.damp must be a number"),
+    ({"act_order": "yes"}, "options.act_order must be true or false"),
+    ({"block": 12.5}, "options.block must be an integer"),
+    ({"store_dtype": "int8"}, "options.store_dtype must be one of float32, bfloat16, float16"),
+    ({"steps": 0}, "options.steps must be positive"),
+    ({"max_rows": 0}, "options.max_rows must be a positive integer"),
+])
+def test_typed_options_refuse_wrong_types_in_one_line(options, message, tmp_path):
+    """Each method's options dataclass types its fields: a wrong type or value is one line naming the field."""
+    import dllmq
+
+    recipe = {"method": "duquant", "weights": {"bits": 4}, "activations": {"bits": 8},
+              "options": {**options, "w_quantizer": "gptq"}}
+    with pytest.raises(UserError) as e:
+        dllmq.quantize("tiny", recipe, out=tmp_path / "q")
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert not (tmp_path / "q").exists()
+
+
+def test_options_dataclass_is_the_single_source_of_defaults():
+    for name, cls in METHODS.items():
+        assert cls.OPTIONS == {f: getattr(cls.Options(), f) for f in cls.OPTIONS}, name
+        assert set(cls.resolve_options({})) <= set(cls.OPTIONS), name
