@@ -66,9 +66,9 @@ def tokenize_item(tok, item, max_len):
     return ids, [False] * len(p) + [True] * (len(ids) - len(p))
 
 
-def batches(tok, seed, max_len, token_budget, pool=512, shard=0, mixture=None):
+def batches(tok, seed, max_len, token_budget, pool=512, shard=0, mixture=None, math_format="plain"):
     """Length-bucketed batches padded with EOS (maskable, as LLaDA's SFT pads answers with EOS)."""
-    stream = synthetic.training_stream(seed, shard=shard, mixture=mixture)
+    stream = synthetic.training_stream(seed, shard=shard, mixture=mixture, math_format=math_format)
     rng = random.Random(seed if not shard else f"{seed}-{shard}")
     eos = tok.eos_token_id
     pool = max(pool, token_budget // 16)  # several full batches per pool, whatever the budget
@@ -101,9 +101,9 @@ class NoisedBatches(torch.utils.data.IterableDataset):
     """Batches with LLaDA's forward process applied, one independent shard per worker process,
     so that generation, tokenisation and masking stay off the training loop."""
 
-    def __init__(self, tok_dir, seed, max_len, token_budget, mask_id, mixture=None):
+    def __init__(self, tok_dir, seed, max_len, token_budget, mask_id, mixture=None, math_format="plain"):
         self.tok_dir, self.seed, self.max_len, self.budget, self.mask_id = tok_dir, seed, max_len, token_budget, mask_id
-        self.mixture = mixture
+        self.mixture, self.math_format = mixture, math_format
 
     def __iter__(self):
         from dllmq.models.loading import load_tokenizer
@@ -114,14 +114,14 @@ class NoisedBatches(torch.utils.data.IterableDataset):
         tok = load_tokenizer(Path(self.tok_dir))
         gen = torch.Generator().manual_seed(self.seed * 1000 + shard)
         for ids, maskable in batches(tok, self.seed, self.max_len, self.budget, shard=shard,
-                                         mixture=self.mixture):
+                                         mixture=self.mixture, math_format=self.math_format):
             noisy, masked, p_mask = forward_process(ids, self.mask_id, maskable=maskable, generator=gen)
             yield ids, maskable, noisy, masked, p_mask.expand_as(ids).contiguous()
 
 
-def math_accuracy(model, tok, n, device, batch_size=32):
+def math_accuracy(model, tok, n, device, batch_size=32, gen_length=64):
     """Exact match of greedy diffusion generation on the first n held-out tiny-math problems
-    (the bundled task's preset: 64 tokens, 64 steps, blocks of 32)."""
+    (the bundled task's preset: 64 tokens, 64 steps, blocks of 32; longer for the columns format)."""
     from dllmq.diffusion.generation import GenerationConfig, generate
     from dllmq.evaluation.tasks import extract_answer
 
@@ -129,7 +129,8 @@ def math_accuracy(model, tok, n, device, batch_size=32):
             .read_text().splitlines()[:n]]
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        outs = generate(model, tok, [r["question"] for r in rows], GenerationConfig(), batch_size=batch_size)
+        gcfg = GenerationConfig(steps=gen_length, gen_length=gen_length, block_length=32)
+        outs = generate(model, tok, [r["question"] for r in rows], gcfg, batch_size=batch_size)
     model.train()
     return sum(extract_answer(o["text"]) == r["answer"] for o, r in zip(outs, rows)) / max(1, len(rows))
 
@@ -175,6 +176,10 @@ def main(argv=None):
                     help="fine-tune: start from this model folder's weights, shape and tokenizer")
     ap.add_argument("--mix", default=None,
                     help="token shares replacing the default mix, e.g. math_chat=0.5,arith_text=0.3,code_chat=0.2")
+    ap.add_argument("--math-format", choices=synthetic.MATH_FORMATS, default="plain",
+                    help="how math solutions and drills are written: plain (53 - 49 = 4) or columns "
+                         "(53 - 49: 13-9=4,5-4-1=0>4, see benchmarks/arith_format_probe.py)")
+    ap.add_argument("--eval-gen-length", type=int, default=64, help="tokens generated per --eval-math problem")
     ap.add_argument("--eval-math", type=int, default=0,
                     help="after training, score greedy generation on this many held-out tiny-math problems")
     args = ap.parse_args(argv)
@@ -249,7 +254,8 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress(s)))))
     data = torch.utils.data.DataLoader(
-        NoisedBatches(out, args.seed, args.max_len, args.token_budget, cfg.mask_token_id, mixture), batch_size=None,
+        NoisedBatches(out, args.seed, args.max_len, args.token_budget, cfg.mask_token_id, mixture,
+                      args.math_format), batch_size=None,
         num_workers=args.workers, pin_memory=device.type == "cuda", prefetch_factor=8 if args.workers else None,
         persistent_workers=False)
     data = iter(data)
@@ -300,7 +306,7 @@ def main(argv=None):
     if args.eval_math:
         t1 = time.time()
         try:
-            acc = math_accuracy(model, tok, args.eval_math, device)
+            acc = math_accuracy(model, tok, args.eval_math, device, gen_length=args.eval_gen_length)
         except Exception as e:  # the trained model is saved already; a scoring failure must not lose it
             print(f"tiny-math scoring failed: {type(e).__name__}: {e}", flush=True)
             return
@@ -324,7 +330,7 @@ def save(model, raw, out, steps, tokens, loss, seconds, n_params, args, arch, de
         "parameters": n_params, "seed": args.seed, "lr": args.lr, "token_budget": args.token_budget,
         "max_len": args.max_len, "arch": arch, "torch": torch.__version__, "device": device,
         "time_budget": args.time_budget, "workers": args.workers,
-        "init": str(args.init) if args.init else None, "mix": args.mix,
+        "init": str(args.init) if args.init else None, "mix": args.mix, "math_format": args.math_format,
     }
     (out / "training.json").write_text(json.dumps(info, indent=2))
     return info

@@ -357,3 +357,52 @@ def test_tokenizer_training_deterministic(tmp_path, tok_dir):
     T.train_tokenizer(texts[:800], tmp_path / "a", vocab_size=600)
     T.train_tokenizer(texts[:800], tmp_path / "b", vocab_size=600)
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+
+
+def _value_from_columns(work: str, op: str) -> int:
+    """Rebuild the result from the written columns alone (what a model copying them would get)."""
+    cols = work.split(",")
+    if op == "/":  # long division: quotient digits, most significant first
+        return int("".join(c.split("=")[1].split("r")[0] for c in cols))
+    sums = [int(c.split("=")[1]) for c in cols]
+    digits = [s % 10 for s in sums]  # least significant first
+    top = sums[-1] // 10 if op in "+*" else 0
+    return int((str(top) if top else "") + "".join(map(str, reversed(digits))))
+
+
+@pytest.mark.parametrize("op", ["+", "-", "*", "/"])
+def test_column_format_is_correct_arithmetic(op):
+    import random
+
+    rng = random.Random(op)
+    for _ in range(500):
+        if op == "+":
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+        elif op == "-":
+            a = rng.randint(0, 999)
+            b = rng.randint(0, a)
+        elif op == "*":
+            a, b = rng.randint(2, 9), rng.randint(0, 999)
+        else:
+            b = rng.randint(2, 9)
+            a = b * rng.randint(1, 120)
+        expr, v = S._op(a, op, b)
+        line = S.format_step(expr, v, "columns")
+        head, _, result = line.rpartition(">")
+        assert int(result) == v and head.startswith(expr + ": ")
+        assert _value_from_columns(head[len(expr) + 2:], op) == v, line
+    # no column form: stays plain; the plain format is the historical one
+    assert S.format_step("12 * 30", 360, "columns") == "12 * 30 = 360"
+    assert S.format_step("53 - 49", 4) == "53 - 49 = 4"
+
+
+def test_math_format_changes_training_solutions_not_test_files():
+    import itertools
+
+    cols = [it for it in itertools.islice(S.training_stream(SEED, math_format="columns"), 400)
+            if it["source"] == "math_chat"]
+    assert cols and all(it["response"].splitlines()[-1].startswith("#### ") for it in cols)
+    assert sum(">" in it["response"] for it in cols) > 0.8 * len(cols)
+    plain = [it for it in itertools.islice(S.training_stream(SEED), 400) if it["source"] == "math_chat"]
+    assert not any(">" in it["response"] for it in plain)
+    assert all(">" not in ex["solution"] for ex in S.math_examples("test", 50, SEED))

@@ -466,14 +466,14 @@ def _math_weights() -> list[float]:
 _MATH_WEIGHTS = _math_weights()
 
 
-def _math_candidate(rng: random.Random) -> tuple[tuple, dict]:
+def _math_candidate(rng: random.Random, fmt: str = "plain") -> tuple[tuple, dict]:
     t = rng.choices(MATH_TEMPLATES, weights=_MATH_WEIGHTS, k=1)[0]
     nums, q, steps = t.fn(rng, _Surface(rng))
     for _, v in steps:
         if v < 0:  # pragma: no cover - templates guarantee this
             raise AssertionError(f"negative intermediate in {t.name}")
     answer = steps[-1][1]
-    solution = "\n".join(f"{e} = {v}" for e, v in steps) + f"\n#### {answer}"
+    solution = "\n".join(format_step(e, v, fmt) for e, v in steps) + f"\n#### {answer}"
     key = (t.name,) + tuple(nums)
     return key, {"question": q, "solution": solution, "answer": int(answer),
                  "template": t.name, "steps": t.steps}
@@ -1207,7 +1207,7 @@ def _code_text(rng: random.Random) -> dict:
     return {"text": "\n\n".join(funcs)}
 
 
-def _arith_equation(rng: random.Random) -> str:
+def _arith_equation(rng: random.Random, fmt: str = "plain") -> str:
     op = rng.choices("+-*/", weights=[0.35, 0.3, 0.25, 0.1])[0]
     if op == "+":
         a, b = rng.randint(1, 400), rng.randint(1, 300)
@@ -1220,11 +1220,80 @@ def _arith_equation(rng: random.Random) -> str:
         b, q = rng.randint(2, 12), rng.randint(1, 40)
         a = b * q
     expr, v = _op(a, op, b)
-    return f"{expr} = {v}"
+    return format_step(expr, v, fmt)
 
 
-def _arith_text(rng: random.Random) -> dict:
-    return {"text": "\n".join(_arith_equation(rng) for _ in range(rng.randint(4, 10)))}
+def _arith_text(rng: random.Random, fmt: str = "plain") -> dict:
+    return {"text": "\n".join(_arith_equation(rng, fmt) for _ in range(rng.randint(4, 10)))}
+
+
+#: Solution formats for math training items. "plain": ``53 - 49 = 4``; "columns": the same equation worked one
+#: digit column at a time, least significant first, carries and borrows written out, then the result:
+#: ``53 - 49: 13-9=4,5-4-1=0>4`` (benchmarks/arith_format_probe.py measures why: the plain format is barely learnt
+#: by a small masked-diffusion model). Equations without a column form (two multi-digit factors, three terms) stay
+#: plain. The held-out test files are unchanged: only the final ``#### n`` is scored.
+MATH_FORMATS = ("plain", "columns")
+
+
+def _digits_lsb(n: int) -> list[int]:
+    return [int(c) for c in reversed(str(n))]
+
+
+def column_work(a: int, op: str, b: int) -> str | None:
+    """The digit-column working of ``a op b`` (without the result), or None when it has no column form here."""
+    if op == "+":
+        da, db = _digits_lsb(a), _digits_lsb(b)
+        out, carry = [], 0
+        for i in range(max(len(da), len(db))):
+            x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+            s = x + y + carry
+            out.append(f"{x}+{y}" + ("+1" if carry else "") + f"={s}")
+            carry = s // 10
+        return ",".join(out)
+    if op == "-":
+        if b > a:
+            return None
+        da, db = _digits_lsb(a), _digits_lsb(b)
+        out, borrow = [], 0
+        for i in range(len(da)):
+            x, y = da[i], (db[i] if i < len(db) else 0)
+            s = x - y - borrow
+            nb = s < 0
+            out.append(f"{x + 10 if nb else x}-{y}" + ("-1" if borrow else "") + f"={s + 10 if nb else s}")
+            borrow = int(nb)
+        return ",".join(out)
+    if op == "*":
+        if min(a, b) >= 10:
+            return None
+        big, k = (a, b) if b < 10 else (b, a)
+        out, carry = [], 0
+        for d in _digits_lsb(big):
+            s = d * k + carry
+            out.append(f"{d}*{k}" + (f"+{carry}" if carry else "") + f"={s}")
+            carry = s // 10
+        return ",".join(out)
+    if op == "/":
+        if b >= 10 or b == 0 or a % b:
+            return None
+        out, r = [], 0
+        for d in str(a):  # long division, most significant digit first
+            cur = r * 10 + int(d)
+            out.append(f"{cur}/{b}={cur // b}r{cur % b}")
+            r = cur % b
+        return ",".join(out)
+    return None
+
+
+def format_step(expr: str, value: int, fmt: str = "plain") -> str:
+    """One solution line: ``expr = value`` or, in the columns format, ``expr: <columns>>value``."""
+    if fmt not in MATH_FORMATS:
+        raise ValueError(f"unknown math format {fmt!r}; known: {', '.join(MATH_FORMATS)}")
+    parts = expr.split(" ")
+    if fmt == "columns" and len(parts) == 3 and parts[0].isdigit() and parts[2].isdigit():
+        work = column_work(int(parts[0]), parts[1], int(parts[2]))
+        if work is not None:
+            return f"{expr}: {work}>{value}"
+    return f"{expr} = {value}"
 
 
 def _train_candidate(family: str, rng: random.Random,
@@ -1237,7 +1306,7 @@ def _train_candidate(family: str, rng: random.Random,
 
 def training_stream(seed: int = DEFAULT_SEED,
                     length_fn: Callable[[str], int] | None = None, shard: int = 0,
-                    mixture: dict[str, float] | None = None) -> Iterator[dict]:
+                    mixture: dict[str, float] | None = None, math_format: str = "plain") -> Iterator[dict]:
     """Infinite deterministic mix of training items (token shares: :data:`MIXTURE`).
 
     Yields ``{"prompt": str, "response": str}`` (chat SFT: wrap the prompt as a
@@ -1249,7 +1318,8 @@ def training_stream(seed: int = DEFAULT_SEED,
     token shares (default :func:`approx_tokens`).  The stdlib part depends on
     the interpreter version.  ``shard`` > 0 gives an independent stream over the same
     world (one per data-loader worker); shard 0 is the historical stream. ``mixture`` replaces
-    :data:`MIXTURE`'s token shares (same keys; e.g. a math-heavy fine-tuning mix).
+    :data:`MIXTURE`'s token shares (same keys; e.g. a math-heavy fine-tuning mix). ``math_format``: how
+    math solutions and arithmetic drills are written (:data:`MATH_FORMATS`).
     """
     from dllmq.data.corpus import stdlib_documents  # local: loads files lazily
 
@@ -1269,13 +1339,13 @@ def training_stream(seed: int = DEFAULT_SEED,
         weights = [shares[k] * count[k] / total[k] for k in sources]
         src = rng.choices(sources, weights=weights, k=1)[0]
         if src == "math_chat":
-            it = _train_candidate("math", rng, _math_candidate)
+            it = _train_candidate("math", rng, lambda r: _math_candidate(r, math_format))
             out = {"prompt": it["question"], "response": it["solution"]}
         elif src == "code_chat":
             it = _train_candidate("code", rng, _code_candidate)
             out = {"prompt": it["prompt"], "response": it["canonical_solution"]}
         elif src == "arith_text":
-            out = _arith_text(rng)
+            out = _arith_text(rng, math_format)
         elif src == "code_text":
             out = _code_text(rng)
         elif src == "knowledge_chat":
