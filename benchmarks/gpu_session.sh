@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session (device tool, one H200, ~15 device-minutes in all). The 2026-11-30 run was this with
-# --n-heads 6 and 215 s of training (the bundled model); 8 heads let QuaRot rotate across heads:
+# --n-heads 6, plain math solutions and 215 s of training (the bundled model); 8 heads let QuaRot rotate across heads,
+# and math solutions in digit columns are what a small masked-diffusion model learns (benchmarks/arith_format_probe.py:
+# 71.5 % vs 1.2 % of held-out equations at equal CPU time); the task preset then needs tiny-math's gen_length 128:
 #   bash benchmarks/gpu_session.sh TRAIN_SECONDS CHECK_SECONDS
 # 1. trains the bundled-model candidate (examples/train_tiny_dllm.py, 13 data workers, bf16) for TRAIN_SECONDS and
 #    scores greedy tiny-math on the 150 held-out problems; the model comes back as 3 safetensors shards (<16 MiB
@@ -16,6 +18,7 @@ if [ "$TRAIN" != 0 ]; then
   python3 examples/train_tiny_dllm.py --device cuda --workers 13 --time-budget "$TRAIN" --steps 1000000 \
     --token-budget 65536 --lr 1.5e-3 --warmup 200 --d-model 384 --n-layers 8 --n-heads 8 --mlp-hidden 1024 \
     --tokenizer dllmq/bundled/tiny-llada --out /tmp/tiny --save-every 1000000 --save-every-s 60 --eval-math 150 \
+    --math-format columns --eval-gen-length 128 \
     > "$OUT/train.log" 2>&1
   tail -n 5 "$OUT/train.log"
   python3 benchmarks/gpu_session.py split /tmp/tiny "$OUT"

@@ -64,3 +64,28 @@ def test_a_few_steps_with_workers_and_time_budget(tmp_path):
     assert load_tokenizer(out).get_vocab() == load_tokenizer(BUNDLED_DIR / "tiny-llada").get_vocab()
     log = (out / "training_log.csv").read_text().splitlines()
     assert log[0] == "step,loss,tokens,seconds,lr" and len(log) >= 2
+
+
+def test_fine_tune_from_a_model_with_a_mix_and_column_math(tmp_path):
+    """--init keeps the starting model's shape and tokenizer and starts from its weights; --mix and
+    --math-format reach the data stream."""
+    import torch
+
+    mod = _script()
+    base = tmp_path / "base"
+    mod.main(["--out", str(base), "--tokenizer", str(BUNDLED_DIR / "tiny-llada"), "--d-model", "64", "--n-layers", "2",
+              "--n-heads", "2", "--mlp-hidden", "128", "--steps", "2", "--token-budget", "1024", "--threads", "1"])
+    out = tmp_path / "ft"
+    mod.main(["--out", str(out), "--init", str(base), "--steps", "3", "--token-budget", "1024", "--threads", "1",
+              "--lr", "1e-9", "--warmup", "1", "--mix", "math_chat=3,arith_text=1", "--math-format", "columns"])
+    info = json.loads((out / "training.json").read_text())
+    assert info["arch"]["d_model"] == 64 and info["init"] == str(base) and info["math_format"] == "columns"
+    a, b = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    # a learning rate of 1e-9 barely moves the weights: the fine-tune started from the base model's
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-2) for k in a)
+    it = mod.batches(load_tokenizer(out), 0, 256, 4096, mixture=mod.parse_mix("math_chat=1"), math_format="columns")
+    ids, _ = next(it)
+    texts = [load_tokenizer(out).decode(row) for row in ids]
+    assert all("####" in t for t in texts) and sum(">" in t for t in texts) > len(texts) // 2
+    with pytest.raises(SystemExit, match="--mix"):
+        mod.parse_mix("nonsense=1")
