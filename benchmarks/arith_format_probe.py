@@ -172,7 +172,11 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "arith_format_probe")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = []
+    # formats measured by an earlier run with the same settings are kept (a later run adds or replaces formats)
+    old = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").exists() else {}
+    same = {k: old.get("args", {}).get(k) for k in ("minutes", "seed", "n_test")} == \
+        {"minutes": str(args.minutes), "seed": str(args.seed), "n_test": str(args.n_test)}
+    results = [r for r in old.get("results", []) if same and r["format"] not in args.formats]
     for fmt in args.formats:
         results.append(run(fmt, args.minutes, args.seed, args.n_test))
         args.out.parent.mkdir(parents=True, exist_ok=True)
