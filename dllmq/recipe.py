@@ -315,16 +315,16 @@ def run(model: str | Path | None, recipe: "Recipe | Mapping | str | Path | None"
 
     RunLock(out).check()  # another run writing the same output: refuse before loading anything
 
-    from .validation import resolve_device as _device, torch_dtype as _dtype
+    from .validation import resolve_device, torch_dtype
     from .models.loading import read_config, resolve_model_path
     from .models.registry import arch_for
     from .pipeline import quantize as pipeline_quantize
 
-    device = _device(str(device))  # "auto" -> cuda / cpu
+    device = resolve_device(str(device))  # "auto" -> cuda / cpu
     src = resolve_model_path(name, revision)
     arch = arch_for(read_config(src))
     qcfg = rec.quantization_config(arch.default_ignore())
-    res = pipeline_quantize(name, qcfg, out, overwrite=overwrite, device=str(device), dtype=_dtype(rec.dtype),
+    res = pipeline_quantize(name, qcfg, out, overwrite=overwrite, device=str(device), dtype=torch_dtype(rec.dtype),
                             revision=revision, command=command or f"dllmq.quantize({name!r}, recipe)",
                             method_options=dict(rec.options), calib=rec.calib_options(), sequential=rec.sequential,
                             offload_dir=offload_dir, resume=resume, show_progress=show_progress)

@@ -80,10 +80,9 @@ def check_exportable(qcfg: QuantizationConfig, src: Path) -> str:
     cannot be expressed and what to do instead."""
     requant = "re-quantize with --method rtn, gptq or awq (weight-only) or keep the dllmq format"
     if qcfg.transforms:
-        from ..runtime.transforms import count_kinds
+        from ..runtime.transforms import summarize
 
-        kinds = count_kinds(qcfg.transforms.values())
-        what = ", ".join(f"{k} on {n} layer{'s' if n != 1 else ''}" for k, n in kinds.items())
+        what = summarize(qcfg.transforms.values())
         raise _refuse(src, f"its {qcfg.method} layers need {what} at run time, which compressed-tensors "
                            "loaders do not apply", requant)
     if qcfg.kv_cache.enabled or qcfg.kv_cache.rotate_qk:

@@ -8,8 +8,9 @@ import typer
 
 from ..errors import UserError
 from ..ui import human_bytes, out_console, table
+from ..validation import resolve_device, torch_dtype
 from .options import (
-    BlockLenOpt, DeviceOpt, DtypeOpt, GenLenOpt, JsonOpt, StepsOpt, _device, _dtype, _emit_json,
+    BlockLenOpt, DeviceOpt, DtypeOpt, GenLenOpt, JsonOpt, StepsOpt, _emit_json,
     check_sampler, deprecated_alias, note_deprecated, take_alias,
 )
 
@@ -55,7 +56,7 @@ def bench(
 
     res = run_bench(model, against=against, batch=batch, seq_len=seq_len, gen_length=gen_length, steps=steps,
                     block_length=block_length, rows=rows, repeats=repeats, fast=fast, memory=memory,
-                    device=_device(device), dtype=_dtype(dtype), show_progress=not json_out)
+                    device=resolve_device(device), dtype=torch_dtype(dtype), show_progress=not json_out)
     if json_out:
         _emit_json(res)
         return

@@ -12,8 +12,9 @@ import typer
 
 from ..errors import UserError
 from ..ui import human_bytes, table
+from ..validation import resolve_device, torch_dtype
 from .options import (
-    CacheOpt, DeviceOpt, DtypeOpt, FastOpt, JsonOpt, SeedOpt, ThresholdOpt, _device, _dtype, _emit_json,
+    CacheOpt, DeviceOpt, DtypeOpt, FastOpt, JsonOpt, SeedOpt, ThresholdOpt, _emit_json,
     _fast_settings, check_sampler,
 )
 
@@ -96,8 +97,8 @@ def eval_cmd(
         code = [t for t in names if t in ("tiny-code", "humaneval", "mbpp") or t.startswith(("humaneval", "mbpp"))]
         if code:
             raise UserError(f"{', '.join(code)} run model-generated Python; pass --allow-code-execution to allow it")
-    kw = dict(gcfg=gcfg, limit=limit, mc_num=mc_num, allow_exec=allow_code_execution, device=_device(device),
-              dtype=_dtype(dtype), batch_size=batch_size, num_fewshot=num_fewshot, chat=apply_chat_template,
+    kw = dict(gcfg=gcfg, limit=limit, mc_num=mc_num, allow_exec=allow_code_execution, device=resolve_device(device),
+              dtype=torch_dtype(dtype), batch_size=batch_size, num_fewshot=num_fewshot, chat=apply_chat_template,
               fast=fs or None, show_progress=not json_out)
 
     if compare:
@@ -130,7 +131,7 @@ def eval_cmd(
     g = gcfg or GenerationConfig()
     res = compare_models(model, against=against, text_file=text, seq_len=seq_len, max_seqs=max_seqs,
                          mc_num=mc_num or 8, n_prompts=prompts, steps=g.steps, gen_length=g.gen_length,
-                         block_length=g.block_length, seed=seed, device=_device(device), dtype=_dtype(dtype),
+                         block_length=g.block_length, seed=seed, device=resolve_device(device), dtype=torch_dtype(dtype),
                          show_progress=not json_out, baseline=baseline)
     _write_output(output, res)
     if json_out:

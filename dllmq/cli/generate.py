@@ -10,9 +10,10 @@ import typer
 
 from ..errors import UserError
 from ..ui import err_console, out_console
+from ..validation import resolve_device, torch_dtype
 from .options import (
     BlockLenOpt, CacheOpt, DeviceOpt, DtypeOpt, FastOpt, GenLenOpt, JsonOpt, SeedOpt, StepsOpt, ThresholdOpt,
-    _device, _dtype, _emit_json, _fast_settings, check_sampler,
+    _emit_json, _fast_settings, check_sampler,
 )
 
 
@@ -63,7 +64,7 @@ def generate(
     from ..models.loading import load_tokenizer
     from ..runtime.loader import load
 
-    m = load(model, device=_device(device), dtype=_dtype(dtype))
+    m = load(model, device=resolve_device(device), dtype=torch_dtype(dtype))
     tok = load_tokenizer(m.source_path)
     prompts = [prompt]
     _check_prompt_lengths(m, tok, prompts, gen_length, chat)

@@ -9,8 +9,9 @@ import typer
 
 from ..errors import UserError
 from ..ui import err_console, table
+from ..validation import resolve_device, torch_dtype
 from .options import (
-    DeviceOpt, DtypeOpt, JsonOpt, SeedOpt, _device, _dtype, _emit_json, deprecated_alias, note_deprecated,
+    DeviceOpt, DtypeOpt, JsonOpt, SeedOpt, _emit_json, deprecated_alias, note_deprecated,
     take_alias,
 )
 
@@ -67,7 +68,7 @@ def inspect(
     from ..models.loading import load_tokenizer
     from ..runtime.loader import load
 
-    m = load(model, device=_device(device), dtype=_dtype(dtype))
+    m = load(model, device=resolve_device(device), dtype=torch_dtype(dtype))
     tok = load_tokenizer(m.source_path)
     ids, maskable = encode_items(tok, bundled_items(samples, seed), seq_len)
     noisy = random_masked(ids, maskable, m.mask_token_id, seed)
@@ -90,7 +91,7 @@ def inspect(
             run(model, QuantizationConfig(method, WeightSpec(8, True, "channel", None), ActSpec(8),
                                           ignore=m.arch.default_ignore()), Path(d) / "t",
                 calib=CalibOptions(mask="random", samples=samples, seq_len=seq_len, seed=seed), show_progress=not json_out)
-            mt = load(Path(d) / "t", device=_device(device), dtype=_dtype(dtype))
+            mt = load(Path(d) / "t", device=resolve_device(device), dtype=torch_dtype(dtype))
             after = activation_stats(mt, list(noisy.split(8)), k_sigma=k_sigma, show_progress=not json_out,
                                      label=f"inspect after {method}")
     if plot:

@@ -9,7 +9,6 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from ..validation import DTYPES, resolve_device as _device, torch_dtype as _dtype  # noqa: F401  (the commands' names)
 
 
 # Shared options: the same flag means the same thing in every command.

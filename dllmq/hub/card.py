@@ -212,10 +212,9 @@ def _relevant(ckpt: "Checkpoint", key: str) -> bool:
 
 
 def _transforms(transforms: dict) -> str:
-    from ..runtime.transforms import count_kinds
+    from ..runtime.transforms import summarize
 
-    counts = count_kinds(transforms.values())
-    return ", ".join(f"{k} on {n} layer{'s' if n != 1 else ''}" for k, n in sorted(counts.items())) or "-"
+    return summarize(transforms.values()) or "-"
 
 
 def _value(v) -> str:

@@ -68,13 +68,13 @@ def describe(spec: dict) -> list[str]:
     return out
 
 
-def count_kinds(specs) -> dict[str, int]:
-    """{label: number of layers} over many specs, in first-seen order."""
+def summarize(specs) -> str:
+    """What a set of layer specs asks for at run time, e.g. "online Hadamard rotations (QuaRot) on 2 layers"."""
     counts: dict[str, int] = {}
     for spec in specs:
         for label in describe(spec):
             counts[label] = counts.get(label, 0) + 1
-    return counts
+    return ", ".join(f"{k} on {n} layer{'s' if n != 1 else ''}" for k, n in sorted(counts.items()))
 
 
 @register_transform
