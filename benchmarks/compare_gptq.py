@@ -23,8 +23,9 @@ What it does (everything cached under benchmarks/.cache/, which ignores itself f
        replaces `dllmq.pipeline._build_calibration` in the worker with a function returning a
        CalibrationSet of those ids (mask none), so no text round trip is involved.
        dllmq's GPTQ chooses each group's scale by a clipping search (scale_search "mse", its
-       default); extra reference rows: the calibration forwards in bf16 (`--dtype bfloat16`:
-       AMX on this CPU; the fp32 weights are still what GPTQ quantizes), sequential off (one
+       default) and, by default (`--dtype auto`), runs the calibration forwards in bf16 where the
+       CPU has native bf16 (the fp32 weights are still what GPTQ quantizes); extra reference rows:
+       float32 calibration forwards (`--dtype float32`), sequential off (one
        Hessian pass per block, as llm-compressor's layer-wise pipeline does), min-max scales
        (scale_search "minmax", as the peers), and RTN (no calibration).
    (c) GPTQModel (optional): GPTQModel.load + quantize(batch 8, desc_act off, damp 0.01);
@@ -227,7 +228,7 @@ def worker_dllmq(a) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     res = pl.quantize(a.model, qcfg, a.out, overwrite=True, method_options=opts,
                       calib=pl.CalibOptions(calib="ids", samples=n, seq_len=L, mask="none", batch_size=a.batch_size),
-                      sequential=bool(a.sequential), show_progress=False, dtype=getattr(torch, a.dtype))
+                      sequential=bool(a.sequential), show_progress=False, dtype=a.dtype if a.dtype == "auto" else getattr(torch, a.dtype))
     quant_s, quant_cpu = time.perf_counter() - t0, time.process_time() - c0
     print("RESULT " + json.dumps({"tool": "dllmq", "quant_seconds": quant_s, "quant_cpu_seconds": quant_cpu,
                                   "save_seconds": 0.0, "scale_search": a.scale_search,
@@ -248,10 +249,10 @@ def run_tool(tool: str, variant: str, model_dir: Path, ids_file: Path, gs: int, 
         py = ensure_venv("gptqmodel")
         return _run([str(py), str(PEERS / "gptqmodel_gptq.py"), *common, "--damp", "0.01", "--batch-size", "8",
                      *dense_arg], env_extra={"GPTQMODEL_CPU_WORKERS": "2"}, threads=a.threads)
-    method, seq, search, dtype = {"gptq": ("gptq", 1, "mse", "float32"), "gptq-nonseq": ("gptq", 0, "mse", "float32"),
+    method, seq, search, dtype = {"gptq": ("gptq", 1, "mse", "auto"), "gptq-fp32": ("gptq", 1, "mse", "float32"),
+                                  "gptq-nonseq": ("gptq", 0, "mse", "float32"),
                                   "rtn": ("rtn", 1, "minmax", "float32"),
                                   "gptq-minmax": ("gptq", 0, "minmax", "float32"),
-                                  "gptq-bf16": ("gptq", 1, "mse", "bfloat16"),
                                   "gptq-nonseq-bf16": ("gptq", 0, "mse", "bfloat16")}[variant]
     return _run([sys.executable, str(Path(__file__).resolve()), "worker-dllmq", *common, "--method", method,
                  "--sequential", str(seq), "--damp", "0.01", "--batch-size", "8", "--scale-search", search,
@@ -308,7 +309,7 @@ def main() -> None:
             ap.add_argument(k, type=int, default=d)
         ap.add_argument("--damp", type=float, default=0.01)
         ap.add_argument("--scale-search", default="mse")
-        ap.add_argument("--dtype", default="float32", help="calibration compute dtype (weights quantized as stored)")
+        ap.add_argument("--dtype", default="auto", help="calibration compute dtype (weights quantized as stored)")
         return worker_dllmq(ap.parse_args(sys.argv[2:]))
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -317,6 +318,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=200, help="training steps for the FP model (0: random)")
     ap.add_argument("--no-gptqmodel", action="store_true", help="skip GPTQModel")
     ap.add_argument("--configs", default="g128,channel", help="comma list of g128 / g64 / channel")
+    ap.add_argument("--variants", default=None,
+                    help="comma list of dllmq variants to run (default: all; gptq is dllmq's defaults)")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -350,8 +353,10 @@ def main() -> None:
     del ours_fp
     log(f"FP ppl {fp_metrics['ppl']:.3f}; dllmq-vs-transformers FP max |logit diff| {layout_diff:.2e}")
 
-    tools = [("llm-compressor", "gptq"), ("dllmq", "gptq"), ("dllmq", "gptq-nonseq"), ("dllmq", "gptq-bf16"),
+    tools = [("llm-compressor", "gptq"), ("dllmq", "gptq"), ("dllmq", "gptq-fp32"), ("dllmq", "gptq-nonseq"),
              ("dllmq", "gptq-nonseq-bf16"), ("dllmq", "gptq-minmax"), ("dllmq", "rtn")]
+    if a.variants:
+        tools = [t for t in tools if t[0] != "dllmq" or t[1] in a.variants.split(",")]
     if not a.no_gptqmodel:
         tools.insert(1, ("GPTQModel", "gptq"))
     single: set[str] = set()  # variants run once (none by default)
@@ -408,9 +413,10 @@ def main() -> None:
             log(f"{tool} {variant} {cname}: rel err {m['rel_logits_error']:.5f}, KL {m['kl']:.6f}, ppl {m['ppl']:.3f}")
 
     # ---- table
-    label = {"gptq": "GPTQ", "gptq-nonseq": "GPTQ, sequential off", "rtn": "RTN (no calibration)",
+    label = {"gptq": "GPTQ (defaults)", "gptq-nonseq": "GPTQ, sequential off", "rtn": "RTN (no calibration)",
              "gptq-minmax": "GPTQ, sequential off, min-max scales (as the peers)",
-             "gptq-bf16": "GPTQ, bf16 calibration compute (AMX)", "gptq-nonseq-bf16": "GPTQ, sequential off, bf16 compute"}
+             "gptq-fp32": "GPTQ, float32 calibration compute (`--dtype float32`, the previous default)",
+             "gptq-nonseq-bf16": "GPTQ, sequential off, bf16 compute"}
     cdesc = {"g128": "W4A16 sym, group 128", "g64": "W4A16 sym, group 64", "channel": "W4A16 sym, per channel"}
     lines = ["| tool | config | quant wall time (s) | time ratio vs llm-compressor | quant CPU time (s) | "
              "rel. logits error | KL (mean/token) | ppl |",
@@ -440,9 +446,11 @@ def main() -> None:
         "2-core CPU machine shared with another job; CPU time = process user+sys time of the same call. llm-compressor / GPTQModel: only oneshot() / quantize() is "
         "timed (no imports, loading or saving). dllmq: the whole pipeline.quantize() call, which also reads the "
         "FP shards and writes the packed checkpoint.",
-        "dllmq 'GPTQ' is sequential (q/k/v, then o, then gate/up, then down, each group re-calibrated on the "
-        "already quantized outputs); llm-compressor's sequential pipeline collects all Hessians of a decoder "
-        "layer in one pass; 'sequential off' is the dllmq equivalent of that.",
+        "dllmq 'GPTQ' is sequential (q/k/v, then o, then gate/up, then down, each group calibrated on the "
+        "already quantized outputs: AutoGPTQ's true_sequential) and runs each block's forward once, in stages, "
+        "keeping the state between groups; llm-compressor's sequential pipeline collects all Hessians of a "
+        "decoder layer in one pass; 'sequential off' is the dllmq equivalent of that (one statistics pass, then "
+        "one pass with the quantized weights).",
         f"dllmq vs transformers FP logits (layout check): max |diff| {layout_diff:.1e}.",
         "Scales: llm-compressor and GPTQModel use min-max scales absmax/7.5 (the positive extreme clipped to "
         "7/7.5 of itself); dllmq's min-max scale is absmax/7 (codes -7..7, nothing clipped) and its GPTQ default "

@@ -2,7 +2,8 @@
 # One prepared GPU session (device tool, one H200, ~15 device-minutes in all). The 2026-11-30 run was this with
 # --n-heads 6, plain math solutions and 215 s of training (the bundled model); 8 heads let QuaRot rotate across heads,
 # and math solutions in digit columns are what a small masked-diffusion model learns (benchmarks/arith_format_probe.py:
-# 71.5 % vs 1.2 % of held-out equations at equal CPU time); the task preset then needs tiny-math's gen_length 128:
+# 71.5 % vs 1.2 % of held-out equations at equal CPU time, trained as prompt -> worked equation: the mix's arith_chat);
+# the task preset then needs tiny-math's gen_length 128:
 #   bash benchmarks/gpu_session.sh TRAIN_SECONDS CHECK_SECONDS
 # 1. trains the bundled-model candidate (examples/train_tiny_dllm.py, 13 data workers, bf16) for TRAIN_SECONDS and
 #    scores greedy tiny-math on the 150 held-out problems; the model comes back as 3 safetensors shards (<16 MiB
@@ -19,6 +20,7 @@ if [ "$TRAIN" != 0 ]; then
     --token-budget 65536 --lr 1.5e-3 --warmup 200 --d-model 384 --n-layers 8 --n-heads 8 --mlp-hidden 1024 \
     --tokenizer dllmq/bundled/tiny-llada --out /tmp/tiny --save-every 1000000 --save-every-s 60 --eval-math 150 \
     --math-format columns --eval-gen-length 128 \
+    --mix math_chat=0.30,arith_chat=0.10,arith_text=0.05,code_chat=0.22,code_text=0.05,knowledge_chat=0.08,knowledge_text=0.12,stdlib_text=0.08 \
     > "$OUT/train.log" 2>&1
   tail -n 5 "$OUT/train.log"
   python3 benchmarks/gpu_session.py split /tmp/tiny "$OUT"

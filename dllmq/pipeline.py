@@ -11,6 +11,7 @@ continues an interrupted run and writes the same tensors.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -82,6 +83,30 @@ def compile_ignore(patterns: list[str]) -> list[re.Pattern]:
     return out
 
 
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes bf16 matmuls natively (tensor cores; AVX512-BF16 / AMX on x86 CPUs). Elsewhere bf16 is
+    emulated and slower than float32."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def calibration_dtype(dtype: torch.dtype | str, method, device: str) -> torch.dtype:
+    """The dtype the blocks compute in during calibration. "auto": bfloat16 where the hardware computes it natively and
+    the method only reads activations (GPTQ; RTN reads none), as AutoGPTQ runs the 16-bit model; the weights are
+    still quantized as stored and the Hessian accumulates in float32. float32 for methods that rewrite weights
+    (AWQ, SmoothQuant, QuaRot, DuQuant: a bf16 block would round their transformed weights) and on other hardware."""
+    if dtype != "auto":
+        return dtype
+    return torch.bfloat16 if not method.rewrites_weights and native_bf16(device) else torch.float32
+
+
 def sequential_groups(arch) -> list[list[str]]:
     """Linears that share an input, in execution order (from the registry's feeds)."""
     groups, seen = [], set()
@@ -110,7 +135,7 @@ def quantize(
     out: str | Path,
     overwrite: bool = False,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = "auto",
     revision: str | None = None,
     command: str | None = None,
     method_options: dict | None = None,
@@ -136,6 +161,7 @@ def quantize(
     method_options = dict(method.options)
     qcfg.method_args = method_options  # the full resolved options, also for checkpoints made from Python
     method.check(arch, config)
+    dtype = calibration_dtype(dtype, method, device)
     ignore = compile_ignore(qcfg.ignore)
     calib = calib or CalibOptions()
 
@@ -217,14 +243,31 @@ def quantize(
             specs = transform_block(method, blk, i, prefix, arch, config, capture, device)
             qcfg.transforms.update({prefix + n: s for n, s in specs.items()})
             shared = {n for n, s in specs.items() if online_transforms.owner_of(s) is not None}
-            groups = [[n for n in g if n in local_targets] for g in sequential_groups(arch)] if sequential \
-                else [local_targets]
+            # Each step: a group of linears and the pass that reads their inputs. Staged (sequential groups on a
+            # block that runs its forward in stages, models.base.staged_forward): the batches' states are kept
+            # between stages, so every group reads its inputs at the start of its stage, after the groups before it
+            # were quantized, and the block costs one forward. Otherwise each group's pass reruns the block from its
+            # input (and stops early), and the next block's inputs take one more full pass.
+            staged = (sequential and method.needs_calibration and offload_dir is None
+                      and getattr(blk, "N_STAGES", 0) == len(sequential_groups(arch)))
+            if staged:
+                states = [{"x": cache.get(j).to(device)} for j in range(len(batches))]
+                steps = [(g, functools.partial(stream.run_stage, blk, k, batches, states))
+                         for k, g in enumerate(sequential_groups(arch))]
+            else:
+                run = functools.partial(stream.run, blk, batches, cache)
+                steps = [(g, run) for g in (sequential_groups(arch) if sequential else [local_targets])]
             packed: dict[str, torch.Tensor] = {}
-            for group in [g for g in groups if g]:
+            for group, run in steps:
+                group = [n for n in group if n in local_targets]
+                if not group:
+                    if staged:
+                        run(advance=True)
+                    continue
                 stats = {n: method.new_stats(prefix + n) for n in group}
                 if method.needs_calibration and any(s is not None for s in stats.values()):
                     work.stage(f"inputs of {', '.join(group)}")
-                    _collect(stream, blk, batches, cache, stats, method)
+                    _collect(run, blk, batches, stats, method)
                 work.done_collect(group)
                 for n in group:
                     work.stage(n)
@@ -243,6 +286,8 @@ def quantize(
                     reports.append(LayerReport(prefix + n, tuple(w.shape), err, round(time.time() - t0, 4), kind))
                     work.done_linear(n)
                 stats.clear()
+                if staged:
+                    run(advance=True)  # the next group's inputs, computed with this group quantized
             tensors = {}
             for n, t in blk.state_dict().items():
                 layer, leaf = n.rsplit(".", 1)
@@ -257,8 +302,13 @@ def quantize(
             if method.needs_calibration:
                 work.stage("next block's inputs")
                 nxt = HiddenCache(len(batches), Path(offload_dir) / f"b{(i + 1) % 2}" if offload_dir else None)
-                with torch.no_grad():
-                    stream.run(blk, batches, cache, out=nxt)
+                if staged:
+                    for j, st in enumerate(states):
+                        nxt.set(j, st["x"])
+                    del states
+                else:
+                    with torch.no_grad():
+                        stream.run(blk, batches, cache, out=nxt)
                 cache = nxt
                 save_file({f"h{j}": cache.get(j) for j in range(len(batches))},
                           str(writer.state_dir / "hidden.safetensors"))
@@ -277,6 +327,7 @@ def quantize(
             "command": command or " ".join(sys.argv),
             "method": qcfg.method,
             "method_options": method_options or {},
+            "calibration_dtype": str(dtype).removeprefix("torch."),
             "calibration": calib_desc if method.needs_calibration else None,
             "layers": [asdict(r) for r in reports],
         }
@@ -344,8 +395,9 @@ def _nonblock(reader: ShardReader, arch, config, method) -> dict[str, torch.Tens
     return {n: t.to(raw[n].dtype).contiguous() for n, t in out.items()}
 
 
-def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenCache, stats: dict, method) -> None:
-    """Run the batches through the block, feeding each targeted linear's input to its stats.
+def _collect(run, blk, batches: list[CalibBatch], stats: dict, method) -> None:
+    """Run the batches through the block (`run(on_batch=...)`: the whole block, or one stage of it), feeding each
+    targeted linear's input to its stats.
 
     Two savings that leave the statistics unchanged:
     * the forward stops (StopBlock) once every hooked linear has seen its input, so collecting the
@@ -380,7 +432,7 @@ def _collect(stream: BlockStream, blk, batches: list[CalibBatch], cache: HiddenC
         if first is None:
             last["input"] = (x, n)
 
-    read_inputs(blk, hooked, lambda on_batch: stream.run(blk, batches, cache, on_batch=on_batch),
+    read_inputs(blk, hooked, lambda on_batch: run(on_batch=on_batch),
                 lambda j: _valid_rows(batches[j]), feed)
     for n, first in alias.items():
         stats[n] = stats[first]

@@ -125,7 +125,7 @@ class Recipe:
     ignore: list[str] = field(default_factory=list)  # regex (full match) of layers kept in full precision
     sequential: bool = True
     seed: int = 0
-    dtype: str = "float32"  # dtype of the block computations during calibration
+    dtype: str = "auto"  # dtype of the block computations during calibration (auto: pipeline.calibration_dtype)
 
     # -- conversions ------------------------------------------------------------------------------------------
 
@@ -242,7 +242,7 @@ class Recipe:
             activations=ActivationsRecipe(bits=a.bits, symmetric=a_sym, clip=a_clip, kv_bits=kv_bits),
             calibration=replace(c, tmas=replace(t, proportions=[float(p) for p in t.proportions])),
             options=options, ignore=list(self.ignore), sequential=self.sequential, seed=self.seed,
-            dtype=DTYPES[self.dtype])
+            dtype=self.dtype if self.dtype == "auto" else DTYPES[self.dtype])
         if c.mask == "tmas" and m_cls.needs_calibration:
             resolved.tmas_config().validate()
         return resolved
@@ -324,7 +324,7 @@ def run(model: str | Path | None, recipe: "Recipe | Mapping | str | Path | None"
     src = resolve_model_path(name, revision)
     arch = arch_for(read_config(src))
     qcfg = rec.quantization_config(arch.default_ignore())
-    res = pipeline_quantize(name, qcfg, out, overwrite=overwrite, device=str(device), dtype=torch_dtype(rec.dtype),
+    res = pipeline_quantize(name, qcfg, out, overwrite=overwrite, device=str(device), dtype=rec.dtype if rec.dtype == "auto" else torch_dtype(rec.dtype),
                             revision=revision, command=command or f"dllmq.quantize({name!r}, recipe)",
                             method_options=dict(rec.options), calib=rec.calib_options(), sequential=rec.sequential,
                             offload_dir=offload_dir, resume=resume, show_progress=show_progress)

@@ -76,7 +76,8 @@ def check_quantize_args(*, method: str, w: int, a: int, group_size: int | None, 
     applies to the method is checked by the method's own option set (quantization/methods/base.py)."""
     from .quantization.spec import ActSpec, WeightSpec  # no torch
 
-    check_dtype_name(dtype)
+    if dtype != "auto":  # auto: chosen per method and hardware (pipeline.calibration_dtype)
+        check_dtype_name(dtype)
     check_device_name(device)
     known = known_methods()
     if method not in known:

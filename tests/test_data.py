@@ -406,3 +406,21 @@ def test_math_format_changes_training_solutions_not_test_files():
     plain = [it for it in itertools.islice(S.training_stream(SEED), 400) if it["source"] == "math_chat"]
     assert not any(">" in it["response"] for it in plain)
     assert all(">" not in ex["solution"] for ex in S.math_examples("test", 50, SEED))
+
+
+@pytest.mark.parametrize("fmt", ["plain", "columns"])
+def test_arith_chat_items_pose_the_operands_and_answer_them(fmt):
+    """arith_chat (off in the default mix): the prompt is the bare expression, the response its worked equation,
+    whose result is the true value."""
+    import itertools
+
+    items = list(itertools.islice(S.training_stream(SEED, mixture={"arith_chat": 1.0}, math_format=fmt), 200))
+    assert {it["source"] for it in items} == {"arith_chat"}
+    for it in items:
+        expr, resp = it["prompt"], it["response"]
+        a, op, b = expr.split(" ")
+        result = int(resp.rpartition(">")[2] if ">" in resp else resp.rpartition(" = ")[2])
+        true = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) // int(b)}[op]
+        assert resp.startswith(expr) and result == true, it
+    assert S.MIXTURE["arith_chat"] == 0.0
+    assert not any(it["source"] == "arith_chat" for it in itertools.islice(S.training_stream(SEED), 300))

@@ -85,11 +85,65 @@ def test_awq_on_dream_loads(tiny_dream, tmp_path, wq):
     assert cfg["quantization_config"]["method"] == "awq"
 
 
-def test_offload_dir_gives_identical_checkpoint(tiny_llada, tmp_path):
-    a = _q(tiny_llada, tmp_path / "mem", "gptq", "random")
-    b = _q(tiny_llada, tmp_path / "disk", "gptq", "random", offload_dir=tmp_path / "off")
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_offload_dir_gives_identical_checkpoint(tiny_llada, tiny_dream, tmp_path, family):
+    """In memory, sequential GPTQ runs each block in stages and keeps the state between groups; with --offload-dir
+    it reruns the block from its input for every group. Both must give the same checkpoint, bit for bit."""
+    src = {"llada": tiny_llada, "dream": tiny_dream}[family]
+    a = _q(src, tmp_path / "mem", "gptq", "random", opts={"cgq": True})
+    b = _q(src, tmp_path / "disk", "gptq", "random", opts={"cgq": True}, offload_dir=tmp_path / "off")
     assert _shards(a.out) == _shards(b.out)
     assert any((tmp_path / "off").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "llama"])
+def test_block_stages_start_at_the_sequential_groups(family):
+    """Stage k of a block's forward must begin with the k-th sequential group's linears and run no later group's:
+    the staged pipeline reads group k's inputs at the start of stage k."""
+    from dllmq.models.registry import arch_for
+    from dllmq.models.tiny import dream_config, llada_config
+
+    raw = {"llada": llada_config, "dream": dream_config}[family]() if family != "llama" else {
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320, "rms_norm_eps": 1e-6}
+    arch = arch_for(raw)
+    model = arch.build(arch.parse_config(raw)).eval()
+    blk = model.blocks[0]
+    groups = sequential_groups(arch)
+    assert blk.N_STAGES == len(groups)
+    order: list[str] = []
+    for lin in arch.block_linears:
+        blk.get_submodule(lin).register_forward_pre_hook(lambda m, a, lin=lin: order.append(lin))
+    ctx = model.block_context(torch.zeros(1, 6, dtype=torch.long))
+    s = {"x": torch.randn(1, 6, model.config.hidden_size)}
+    for k, group in enumerate(groups):
+        order.clear()
+        s = blk.stage(k, s, **ctx)
+        assert order[: len(group)] == group and set(order) == set(group), (k, order)
+    whole = blk(torch.ones(1, 6, model.config.hidden_size), **ctx)
+    s = {"x": torch.ones(1, 6, model.config.hidden_size)}
+    for k in range(blk.N_STAGES):
+        s = blk.stage(k, s, **ctx)
+    assert torch.equal(whole, s["x"])
+
+
+def test_sequential_gptq_runs_each_block_once(tiny_llada, tmp_path, monkeypatch):
+    """Sequential GPTQ (the default) costs one attention pass per batch and block (the staged forward); rerunning
+    the block for each of the four groups would cost four."""
+    from dllmq.models.layers import AttentionCore
+
+    calls = {"n": 0}
+    orig = AttentionCore.forward
+
+    def counted(self, *a, **kw):
+        calls["n"] += 1
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(AttentionCore, "forward", counted)
+    res = _q(tiny_llada, tmp_path / "q", "gptq", "none")
+    n_blocks = json.loads((Path(tiny_llada) / "config.json").read_text())["n_layers"]
+    assert calls["n"] == n_blocks * (CAL["samples"] // CAL["batch_size"])
+    assert len(res.layers) == n_blocks * 7
 
 
 @pytest.mark.parametrize("opts", [{}, {"cgq": True}])
@@ -101,7 +155,7 @@ def test_early_stop_and_shared_hessians_change_nothing(tiny_llada, tmp_path, mon
     fast = _q(tiny_llada, tmp_path / "fast", "gptq", "tmas", opts=opts)
     calls = {"n": 0}
 
-    def plain_collect(stream, blk, batches, cache, stats, method):
+    def plain_collect(run, blk, batches, stats, method):
         weights = [method.token_weights(b) for b in batches]
         cur = {}
 
@@ -115,7 +169,7 @@ def test_early_stop_and_shared_hessians_change_nothing(tiny_llada, tmp_path, mon
         hs = [blk.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: add(n, a[0]))
               for n, s in stats.items() if s is not None]
         with torch.no_grad():
-            stream.run(blk, batches, cache, on_batch=lambda j: cur.update(w=weights[j], j=j))
+            run(on_batch=lambda j: cur.update(w=weights[j], j=j))
         for h in hs:
             h.remove()
         calls["n"] += 1
@@ -189,3 +243,20 @@ def test_resume_with_other_settings_starts_over(tiny_llada, tmp_path):
     (partial / "progress.json").write_text(json.dumps({"blocks_done": 1, "run_key": "other"}))
     res = _q(tiny_llada, out, "gptq", "none", resume=True)
     assert res.out.exists() and not partial.exists()
+
+
+def test_auto_calibration_dtype_follows_method_and_hardware(tiny_llada, tmp_path, monkeypatch):
+    """--dtype auto: GPTQ calibrates in bf16 where the hardware has native bf16 (as AutoGPTQ runs the 16-bit model),
+    float32 elsewhere; methods that rewrite weights always get float32. The manifest records the dtype used."""
+    import dllmq.pipeline as pl
+
+    def used(res):
+        return json.loads((res.out / "dllmq_manifest.json").read_text())["calibration_dtype"]
+
+    monkeypatch.setattr(pl, "native_bf16", lambda device: True)
+    assert used(_q(tiny_llada, tmp_path / "g", "gptq", "none")) == "bfloat16"
+    assert used(_q(tiny_llada, tmp_path / "a", "awq", "none")) == "float32"
+    assert used(_q(tiny_llada, tmp_path / "f", "gptq", "none", dtype=torch.float32)) == "float32"
+    monkeypatch.setattr(pl, "native_bf16", lambda device: False)
+    assert used(_q(tiny_llada, tmp_path / "g2", "gptq", "none")) == "float32"
+    assert pl.native_bf16("mps") is False

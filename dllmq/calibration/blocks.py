@@ -74,14 +74,14 @@ class BlockStream:
         self.device = device
         self.dtype = dtype
         self.arch = skeleton.arch
+        self._contexts: dict[int, tuple] = {}
 
     def prefix(self, i: int) -> str:
         return f"{self.arch.blocks_path}.{i}."
 
     def materialize(self, i: int) -> nn.Module:
-        blk = self.model.blocks[i]
-        blk.to_empty(device=self.device)
-        p = self.prefix(i)
+        blk = self.model.blocks[i]  # on the meta device: every tensor is assigned below (no to_empty, whose
+        p = self.prefix(i)          # meta-tensor path imports sympy: half a second per run)
         raw = {n: self.reader.get(p + n) for n in blk.state_dict()}
         self.src_dtypes = {p + n: t.dtype for n, t in raw.items()}  # written back in the original dtype
         # assign=True: the block really computes in self.dtype (copying into the skeleton's fp32
@@ -89,6 +89,9 @@ class BlockStream:
         # reader's tensors, which methods then modify in place
         blk.load_state_dict({n: t.to(device=self.device, dtype=self.dtype, copy=True) for n, t in raw.items()}, strict=True,
                             assign=True)
+        left = [n for n, t in [*blk.named_parameters(), *blk.named_buffers()] if t.is_meta]
+        if left:  # a tensor outside the state dict (a non-persistent buffer) would stay unallocated
+            raise RuntimeError(f"block {i}: {left} not in the checkpoint's state dict")
         return blk.eval()
 
     def stored(self, name: str, t: torch.Tensor, rewritten: bool) -> torch.Tensor:
@@ -120,8 +123,31 @@ class BlockStream:
         del wte
 
     def context(self, b: CalibBatch) -> dict:
-        am = b.attention_mask.to(self.device) if b.attention_mask is not None else None
-        return self.model.block_context(b.ids.to(self.device), am)  # RoPE tables stay fp32, as LLaDA computes them
+        """The batch's RoPE tables and key mask (fp32 tables, as LLaDA computes them). They depend only on the batch,
+        so they are computed once and reused by every pass over every block."""
+        key = id(b)
+        hit = self._contexts.get(key)
+        if hit is None or hit[0] is not b:  # the batch object itself is kept, so its id cannot be reused
+            am = b.attention_mask.to(self.device) if b.attention_mask is not None else None
+            hit = self._contexts[key] = (b, self.model.block_context(b.ids.to(self.device), am))
+        return hit[1]
+
+    def run_stage(self, blk: nn.Module, k: int, batches: list[CalibBatch], states: list[dict],
+                  on_batch=None, advance: bool = False) -> None:
+        """Run stage k of the block's forward (models.base.staged_forward) on every batch's state. advance=True
+        replaces each state by the stage's output; otherwise the pass only feeds hooks (which may StopBlock)."""
+        with torch.no_grad():
+            for j, b in enumerate(batches):
+                if on_batch:
+                    on_batch(j)
+                try:
+                    s = blk.stage(k, states[j], **self.context(b))
+                except StopBlock:
+                    if advance:
+                        raise RuntimeError("StopBlock raised during a pass whose outputs are needed") from None
+                    continue
+                if advance:
+                    states[j] = s
 
     @torch.no_grad()
     def run(self, blk: nn.Module, batches: list[CalibBatch], cache: HiddenCache, out: HiddenCache | None = None,

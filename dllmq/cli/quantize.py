@@ -64,7 +64,7 @@ def quantize(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: ./<model>-w<W>a<A>-<method>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     device: str = typer.Option("auto", "--device", help="Compute device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1 ..."),
-    dtype: str = typer.Option("float32", "--dtype", help="Dtype of the block computations during calibration: float32 (default), bfloat16 (AMX/tensor cores: faster) or float16. RTN and GPTQ still quantize the weights as stored; AWQ/SmoothQuant/QuaRot/DuQuant transform them in this dtype."),
+    dtype: str = typer.Option("auto", "--dtype", help="Dtype of the block computations during calibration: auto (default: bfloat16 for GPTQ on hardware with native bf16, i.e. CUDA or AVX512-BF16/AMX CPUs, as AutoGPTQ runs the model in its 16-bit dtype; float32 otherwise and for the methods that rewrite weights), float32, bfloat16 or float16. RTN and GPTQ always quantize the weights as stored; AWQ/SmoothQuant/QuaRot/DuQuant transform them in this dtype."),
     revision: Optional[str] = RevisionOpt,
     verbose: bool = VerboseOpt,
     json_out: bool = JsonOpt,

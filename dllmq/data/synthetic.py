@@ -98,6 +98,7 @@ DEFAULT_SEED = 0
 MIXTURE: dict[str, float] = {
     "math_chat": 0.38,  # {"prompt": question, "response": solution}
     "arith_text": 0.10,  # {"text": lines of random equations, ``a op b = c``}
+    "arith_chat": 0.0,  # {"prompt": ``a op b``, "response": its worked equation}; for arithmetic-heavy fine-tunes
     "code_chat": 0.22,  # {"prompt": signature+docstring, "response": function body}
     "code_text": 0.05,  # {"text": one to three generated functions}
     "knowledge_chat": 0.08,  # {"prompt": question, "response": answer sentence}
@@ -1227,6 +1228,14 @@ def _arith_text(rng: random.Random, fmt: str = "plain") -> dict:
     return {"text": "\n".join(_arith_equation(rng, fmt) for _ in range(rng.randint(4, 10)))}
 
 
+def _arith_chat(rng: random.Random, fmt: str = "plain") -> dict:
+    """One equation as an SFT pair: the operands stay clean in the prompt, so the whole loss goes to the working
+    and the result (in a text drill most masked tokens are random operands, which cannot be learnt)."""
+    line = _arith_equation(rng, fmt)
+    expr = re.split(r" = |: ", line, maxsplit=1)[0]
+    return {"prompt": expr, "response": line}
+
+
 #: Solution formats for math training items. "plain": ``53 - 49 = 4``; "columns": the same equation worked one
 #: digit column at a time, least significant first, carries and borrows written out, then the result:
 #: ``53 - 49: 13-9=4,5-4-1=0>4`` (benchmarks/arith_format_probe.py measures why: the plain format is barely learnt
@@ -1346,6 +1355,8 @@ def training_stream(seed: int = DEFAULT_SEED,
             out = {"prompt": it["prompt"], "response": it["canonical_solution"]}
         elif src == "arith_text":
             out = _arith_text(rng, math_format)
+        elif src == "arith_chat":
+            out = _arith_chat(rng, math_format)
         elif src == "code_text":
             out = _code_text(rng)
         elif src == "knowledge_chat":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import attention_bias, positions_from_mask, rope_tables
@@ -95,6 +96,47 @@ class DLLMConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+
+def staged_forward(block: nn.Module, x: torch.Tensor, rope, bias) -> torch.Tensor:
+    """A transformer block's forward, written as `block.N_STAGES` stages over a small state dict.
+
+    Stage k begins where the k-th sequential group of the block's linears (pipeline.sequential_groups) reads its
+    input and runs up to where the next group reads its own. The block's forward is these stages in a row; the
+    pipeline runs them one at a time and keeps the state in between, so sequential GPTQ (each group calibrated on
+    the outputs of the already quantized groups before it) costs one forward per block instead of one per group.
+    """
+    s = {"x": x}
+    for k in range(block.N_STAGES):
+        s = block.stage(k, s, rope, bias)
+    return s["x"]
+
+
+class PreNormSwiGLUBlock(nn.Module):
+    """A pre-norm transformer block, x + o(SDPA(q, k, v of norm(x))), then + down(silu(gate(m)) * up(m)) with
+    m = norm(x), computed in the four stages of `staged_forward` (one per sequential group: q/k/v, o, gate/up, down).
+    A family's block builds its modules under their published names and says which plays which part in `parts()`:
+    (attn_norm, q, k, v, core, o, ffn_norm, gate, up, down)."""
+
+    N_STAGES = 4
+
+    def parts(self) -> tuple:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def stage(self, k: int, s: dict, rope, bias) -> dict:
+        attn_norm, q, k_, v, core, o, ffn_norm, gate, up, down = self.parts()
+        if k == 0:
+            n = attn_norm(s["x"])
+            return {"x": s["x"], "a": core(q(n), k_(n), v(n), rope, bias)}
+        if k == 1:
+            x = s["x"] + o(s["a"])
+            return {"x": x, "m": ffn_norm(x)}
+        if k == 2:
+            return {"x": s["x"], "g": F.silu(gate(s["m"])) * up(s["m"])}
+        return {"x": s["x"] + down(s["g"])}
+
+    def forward(self, x: torch.Tensor, rope, bias) -> torch.Tensor:
+        return staged_forward(self, x, rope, bias)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .base import ArchSpec, DiffusionLM, DLLMConfig, Feed
+from .base import ArchSpec, DiffusionLM, DLLMConfig, Feed, PreNormSwiGLUBlock
 from .layers import AttentionCore, RMSNorm
 
 DREAM_MASK_ID = 151666
@@ -70,7 +70,7 @@ class DreamMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DreamDecoderLayer(nn.Module):
+class DreamDecoderLayer(PreNormSwiGLUBlock):
     def __init__(self, c: DLLMConfig, o_bias: bool = False, causal: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -78,9 +78,10 @@ class DreamDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = DreamMLP(c)
 
-    def forward(self, x, rope, bias):
-        x = x + self.self_attn(self.input_layernorm(x), rope, bias)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def parts(self) -> tuple:  # the staged forward computes what DreamAttention and DreamMLP compute
+        at, mlp = self.self_attn, self.mlp
+        return (self.input_layernorm, at.q_proj, at.k_proj, at.v_proj, at.sdpa, at.o_proj,
+                self.post_attention_layernorm, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
 
 class _DreamBaseModel(nn.Module):

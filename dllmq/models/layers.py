@@ -58,9 +58,10 @@ def attention_bias(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def positions_from_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Position ids; with left padding, real tokens count from 0 (as Dream's sampler does)."""
+    """Position ids [B, L]; with left padding, real tokens count from 0 (as Dream's sampler does). Without a mask every
+    row has the same positions: [1, L], so the RoPE tables are computed once and broadcast over the batch."""
     if attention_mask is None:
-        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp(min=0)
 

@@ -7,12 +7,11 @@ the LM head (model.transformer.ff_out): always match on full names.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .base import ArchSpec, DiffusionLM, DLLMConfig, Feed
+from .base import ArchSpec, DiffusionLM, DLLMConfig, Feed, PreNormSwiGLUBlock
 from .layers import AttentionCore, RMSNorm
 
 LLADA_MASK_ID = 126336
@@ -50,7 +49,7 @@ def parse_config(raw: dict) -> DLLMConfig:
     )
 
 
-class LLaDABlock(nn.Module):
+class LLaDABlock(PreNormSwiGLUBlock):
     """Pre-norm block: x + attn_out(SDPA(q,k,v)), then + ff_out(silu(ff_proj(m)) * up_proj(m))."""
 
     def __init__(self, c: DLLMConfig):
@@ -68,11 +67,9 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(c.intermediate_size, d, bias=c.mlp_bias)
         self.sdpa = AttentionCore(c.num_heads, c.num_kv_heads, hd)
 
-    def forward(self, x: torch.Tensor, rope, bias) -> torch.Tensor:
-        n = self.attn_norm(x)
-        x = x + self.attn_out(self.sdpa(self.q_proj(n), self.k_proj(n), self.v_proj(n), rope, bias))
-        m = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+    def parts(self) -> tuple:
+        return (self.attn_norm, self.q_proj, self.k_proj, self.v_proj, self.sdpa, self.attn_out, self.ff_norm,
+                self.ff_proj, self.up_proj, self.ff_out)
 
 
 class _LLaDAModel(nn.Module):
