@@ -300,3 +300,32 @@ def test_gptq_with_mse_scales_lowers_output_error():
     assert errs["mse"] < errs["minmax"]
     with pytest.raises(ValueError, match="scale_search"):
         gptq_quantize(w, h, spec, scale_search="percentile")
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_shared_hessian_factorisation_is_reused_and_exact(act_order, monkeypatch):
+    """Linears fed one Hessian (q/k/v, gate/up) reuse its damped inverse Cholesky factor through the accumulator's
+    solve_cache: one factorisation instead of one per linear, and the same codes as solving afresh. New inputs clear
+    the cache."""
+    import dllmq.quantization.gptq as G
+
+    torch.manual_seed(0)
+    acc = HessianAccumulator()
+    acc.add(torch.randn(256, 64))
+    spec = WeightSpec(4, True, "group", 32)
+    ws = [torch.randn(48, 64) for _ in range(3)]
+    calls = {"n": 0}
+    real = G._inverse_cholesky
+
+    def counted(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(G, "_inverse_cholesky", counted)
+    shared = [gptq_quantize(w, acc.hessian, spec, act_order=act_order, solve_cache=acc.solve_cache)[0] for w in ws]
+    assert calls["n"] == 1
+    fresh = [gptq_quantize(w, acc.hessian, spec, act_order=act_order)[0] for w in ws]
+    assert calls["n"] == 4
+    assert all(torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale) for a, b in zip(shared, fresh))
+    acc.add(torch.randn(16, 64))
+    assert acc.solve_cache == {}

@@ -72,6 +72,7 @@ class HessianAccumulator:
         self.device = device
         self._h: torch.Tensor | None = None
         self.n_tokens = 0
+        self.solve_cache: dict = {}  # gptq_quantize's factorisation of this Hessian, shared by the linears it feeds
 
     def add(self, x: torch.Tensor, token_weights: torch.Tensor | None = None) -> None:
         k = x.shape[-1]
@@ -96,6 +97,7 @@ class HessianAccumulator:
         m = xs.shape[0]
         if m == 0:
             return
+        self.solve_cache.clear()
         n = self.n_tokens
         self._h.mul_(n / (n + m))
         self._h.addmm_(xs.t(), xs, alpha=2.0 / (n + m))
@@ -117,9 +119,11 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Te
         if d > 0:
             hd.diagonal().add_(d * mean_diag)
         l, info = torch.linalg.cholesky_ex(hd)
-        if info.item() == 0 and torch.isfinite(l).all():
+        # a non-finite entry of a Cholesky factor reaches its own row's (column's) diagonal entry: checking the
+        # diagonal is enough, and costs K reads instead of K^2 (1.5 s for a 12288-wide Hessian)
+        if info.item() == 0 and torch.isfinite(torch.diagonal(l)).all():
             u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(l), upper=True)
-            if info.item() == 0 and torch.isfinite(u).all():
+            if info.item() == 0 and torch.isfinite(torch.diagonal(u)).all():
                 if d != damp:
                     warnings.warn(
                         f"GPTQ: Hessian of {name} is not positive definite with damp={damp:g}; "
@@ -148,6 +152,7 @@ def gptq_quantize(
     clip_ratio: float = 1.0,
     name: str = "layer",
     scale_search: str = "minmax",
+    solve_cache: dict | None = None,
 ) -> tuple[QuantizedWeight, dict]:
     """Quantize ``W`` [N, K] with GPTQ given the Hessian ``H`` [K, K] of its inputs.
 
@@ -156,6 +161,8 @@ def gptq_quantize(
     ``clip_ratio`` < 1 shrinks the min/max range of every scale (as in `compute_qparams`);
     ``scale_search="mse"`` searches each group's clipping below it (`rtn.mse_qparams`), on the
     original weights for static groups and on the error-updated ones for dynamic groups.
+    ``solve_cache``: a dict kept with ``H`` (HessianAccumulator.solve_cache); layers quantized against the same
+    Hessian reuse its damped inverse Cholesky factor instead of recomputing it.
     """
     t0 = time.perf_counter()
     if W.dim() != 2:
@@ -179,11 +186,18 @@ def gptq_quantize(
     device = W.device
     W = W.detach().to(torch.float32).clone()
     hdtype = torch.float64 if H.dtype == torch.float64 else torch.float32
-    H = H.detach().to(device=device, dtype=hdtype).clone()
-
-    dead = torch.diagonal(H) == 0
+    # The factorisation depends only on H, damp and act_order: linears that share a Hessian (q/k/v, gate/up) share
+    # it through `solve_cache` (three O(K^3) factorisations per layer, 37 s for LLaDA-8B's down_proj on one core).
+    key = (damp, act_order, hdtype, str(device))
+    solved = solve_cache.get(key) if solve_cache is not None else None
+    if solved is None:
+        H = H.detach().to(device=device, dtype=hdtype).clone()
+        dead = torch.diagonal(H) == 0
+        if dead.any():
+            H[dead, dead] = 1
+    else:
+        dead = solved[0]
     if dead.any():
-        H[dead, dead] = 1
         W[:, dead] = 0
 
     # Up-front parameters (all but dynamic groups), always on the ORIGINAL column order.
@@ -194,18 +208,22 @@ def gptq_quantize(
     else:
         scale, zp = choose_qparams(W, spec, clip_ratio, scale_search)
 
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
+    if solved is None:
+        perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
+        if perm is not None:
+            H = H[perm][:, perm]
+        U, used_damp = _inverse_cholesky(H, damp, name)
+        fallback = U is None
+        if fallback:  # identity "inverse Hessian": no error propagation = round-to-nearest
+            U = torch.eye(k, dtype=torch.float32, device=device)
+        U = U.to(torch.float32)
+        del H
+        if solve_cache is not None:
+            solve_cache[key] = (dead, perm, U, used_damp, fallback)
+    else:
+        _, perm, U, used_damp, fallback = solved
+    if perm is not None:
         W = W[:, perm]
-        H = H[perm][:, perm]
-
-    U, used_damp = _inverse_cholesky(H, damp, name)
-    fallback = U is None
-    if fallback:  # identity "inverse Hessian": no error propagation = round-to-nearest
-        U = torch.eye(k, dtype=torch.float32, device=device)
-    U = U.to(torch.float32)
-    del H
 
     # Column (in processing order) -> group index in the original order.
     orig_col = perm if perm is not None else torch.arange(k, device=device)

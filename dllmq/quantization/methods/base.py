@@ -266,7 +266,8 @@ class Method:
         if self.rounds_with_gptq and stats is not None and stats.n_tokens:
             qw, _info = gptq_quantize(w, stats.hessian.to(w.device), spec, damp=float(self.opts.damp),
                                       act_order=bool(self.opts.act_order), clip_ratio=clip_ratio,
-                                      name=name, scale_search=self.scale_search)
+                                      name=name, scale_search=self.scale_search,
+                                      solve_cache=getattr(stats, "solve_cache", None))
             return qw
         scale, zp = choose_qparams(w, spec, clip_ratio, self.scale_search)
         return QuantizedWeight(quantize(w, scale, zp, spec), scale, zp, spec)
