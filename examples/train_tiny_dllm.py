@@ -149,7 +149,7 @@ def parse_mix(text):
     return {k: v / total for k, v in mix.items()}
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("dllmq/bundled/tiny-llada"))
     ap.add_argument("--seed", type=int, default=0)
@@ -182,7 +182,11 @@ def main(argv=None):
     ap.add_argument("--eval-gen-length", type=int, default=64, help="tokens generated per --eval-math problem")
     ap.add_argument("--eval-math", type=int, default=0,
                     help="after training, score greedy generation on this many held-out tiny-math problems")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     mixture = parse_mix(args.mix)
     if args.init is not None:
         # fine-tuning keeps the starting model's shape and tokenizer (token ids must not move)

@@ -89,3 +89,19 @@ def test_fine_tune_from_a_model_with_a_mix_and_column_math(tmp_path):
     assert all("####" in t for t in texts) and sum(">" in t for t in texts) > len(texts) // 2
     with pytest.raises(SystemExit, match="--mix"):
         mod.parse_mix("nonsense=1")
+
+
+def test_gpu_session_training_flags_parse():
+    """The prepared GPU session (benchmarks/gpu_session.sh) runs once, on borrowed minutes: its --mix must name known
+    sources and its flags must be the training script's."""
+    import re
+    import shlex
+
+    mod = _script()
+    sh = (BUNDLED_DIR.parents[1] / "benchmarks" / "gpu_session.sh").read_text()
+    cmd = re.search(r"python3 examples/train_tiny_dllm\.py(.*?)>", sh, re.S).group(1).replace("\\\n", " ")
+    args = shlex.split(cmd)
+    mix = args[args.index("--mix") + 1]
+    assert set(mod.parse_mix(mix)) >= {"math_chat", "arith_chat"}
+    known = {a.option_strings[0] for a in mod.build_parser()._actions if a.option_strings}
+    assert {a for a in args if a.startswith("--")} <= known
