@@ -42,14 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        src = wide_model(tmp)
-        # the tiny byte tokenizer, with LLaDA's special tokens moved inside the 4096-token vocabulary
-        from dllmq.models.tiny import LLADA_CHAT_TEMPLATE, byte_tokenizer
-
-        special = {"<|startoftext|>": 4090, "<|start_header_id|>": 4091, "<|end_header_id|>": 4092,
-                   "<|eot_id|>": 4093, "<|endoftext|>": 4094, "<|mdm_mask|>": 4095}
-        byte_tokenizer(special, LLADA_CHAT_TEMPLATE, "<|startoftext|>", "<|endoftext|>", "<|endoftext|>",
-                       "<|mdm_mask|>", src)
+        src = wide_model(tmp, tokenizer=True)
         params = 0
         from safetensors import safe_open
 

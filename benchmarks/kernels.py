@@ -120,14 +120,22 @@ def layer_rows(shapes, rows, min_time, before=False):
     return out
 
 
-def wide_model(tmp) -> Path:
+def wide_model(tmp, tokenizer: bool = False) -> Path:
     """Random LLaDA with LLaDA-8B's block shapes (d 4096, 32 heads, MLP 12288), 2 blocks and a 4096-token
-    vocabulary, so the step is dominated by the blocks (LLaDA-8B's LM head stays bf16 in every variant)."""
-    from dllmq.models.tiny import write_tiny_llada
+    vocabulary, so the step is dominated by the blocks (LLaDA-8B's LM head stays bf16 in every variant).
+    tokenizer=True adds the tiny byte tokenizer with LLaDA's special tokens moved inside the vocabulary, so that
+    calibration can read text."""
+    from dllmq.models.tiny import LLADA_CHAT_TEMPLATE, byte_tokenizer, write_tiny_llada
 
-    return write_tiny_llada(Path(tmp) / "wide", n_layers=2, d_model=4096, n_heads=32, n_kv_heads=32,
-                            mlp_hidden_size=12288, vocab_size=4096, embedding_size=4096, mask_token_id=4095,
-                            eos_token_id=4094, pad_token_id=4094, shards=1)
+    src = write_tiny_llada(Path(tmp) / "wide", n_layers=2, d_model=4096, n_heads=32, n_kv_heads=32,
+                           mlp_hidden_size=12288, vocab_size=4096, embedding_size=4096, mask_token_id=4095,
+                           eos_token_id=4094, pad_token_id=4094, shards=1)
+    if tokenizer:
+        special = {"<|startoftext|>": 4090, "<|start_header_id|>": 4091, "<|end_header_id|>": 4092,
+                   "<|eot_id|>": 4093, "<|endoftext|>": 4094, "<|mdm_mask|>": 4095}
+        byte_tokenizer(special, LLADA_CHAT_TEMPLATE, "<|startoftext|>", "<|endoftext|>", "<|endoftext|>",
+                       "<|mdm_mask|>", src)
+    return src
 
 
 def denoising_step(model, batch, seq_len, min_time, tmp, vocab):

@@ -327,9 +327,10 @@ def test_ctrl_c_during_quantize(tmp_path):
     """SIGINT to a real `dllmq quantize tiny --method gptq` once a block is done: exit 130, the partial run
     is kept and resumable, a concurrent run on the same --out is refused meanwhile, and --resume finishes."""
     out = tmp_path / "q"
-    args = [sys.executable, "-m", "dllmq.cli.main", "quantize", "tiny", "--method", "gptq", "--calib-samples", "2",
-            "--calib-seq-len", "32", "--tmas-steps", "8", "--tmas-gen-length", "16", "--tmas-block-length", "8",
-            "--tmas-states", "1", "--out", str(out), "--json"]
+    # enough calibration (and fp32 forwards) that the 8 blocks take seconds each side of the interrupt: one block
+    # of a 2-sample run finished before the concurrent run below had even started
+    args = [sys.executable, "-m", "dllmq.cli.main", "quantize", "tiny", "--method", "gptq", "--calib-samples", "32",
+            "--calib-seq-len", "128", "--calib-mask", "none", "--dtype", "float32", "--out", str(out), "--json"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     prog = tmp_path / ".q.partial" / "progress.json"
