@@ -326,10 +326,13 @@ def test_interrupt_outside_writer_exits_130(monkeypatch, capsys):
 def test_ctrl_c_during_quantize(tmp_path):
     """SIGINT to a real `dllmq quantize tiny --method gptq` once a block is done: exit 130, the partial run
     is kept and resumable, a concurrent run on the same --out is refused meanwhile, and --resume finishes."""
+    from dllmq.models.tiny import write_tiny_llada
+
     out = tmp_path / "q"
-    # enough calibration (and fp32 forwards) that the 8 blocks take seconds each side of the interrupt: one block
-    # of a 2-sample run finished before the concurrent run below had even started
-    args = [sys.executable, "-m", "dllmq.cli.main", "quantize", "tiny", "--method", "gptq", "--calib-samples", "32",
+    # a deep model, so that the run is still going after its first block while the concurrent run below starts
+    # (a Python process: seconds) and the interrupt lands: the bundled model's 8 blocks are done in a few seconds
+    src = write_tiny_llada(tmp_path / "deep", n_layers=32, d_model=384, n_heads=6, n_kv_heads=6, mlp_hidden_size=1024)
+    args = [sys.executable, "-m", "dllmq.cli.main", "quantize", str(src), "--method", "gptq", "--calib-samples", "16",
             "--calib-seq-len", "128", "--calib-mask", "none", "--dtype", "float32", "--out", str(out), "--json"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
@@ -361,7 +364,7 @@ def test_ctrl_c_during_quantize(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "resuming" in res.stderr
     assert (out / "dllmq_manifest.json").exists() and not (tmp_path / ".q.partial").exists()
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["q"]
+    assert sorted(x.name for x in tmp_path.iterdir() if x != src) == ["q"]
 
 
 # ---------------------------------------------------------------------------------------------
