@@ -329,9 +329,8 @@ def test_ctrl_c_during_quantize(tmp_path):
     from dllmq.models.tiny import write_tiny_llada
 
     out = tmp_path / "q"
-    # a deep model, so that the run is still going after its first block while the concurrent run below starts
-    # (a Python process: seconds) and the interrupt lands: the bundled model's 8 blocks are done in a few seconds
-    src = write_tiny_llada(tmp_path / "deep", n_layers=32, d_model=384, n_heads=6, n_kv_heads=6, mlp_hidden_size=1024)
+    # a deep model: many blocks left after the first one, between the moment the test sees it done and SIGSTOP
+    src = write_tiny_llada(tmp_path / "deep", n_layers=16, d_model=384, n_heads=6, n_kv_heads=6, mlp_hidden_size=1024)
     args = [sys.executable, "-m", "dllmq.cli.main", "quantize", str(src), "--method", "gptq", "--calib-samples", "16",
             "--calib-seq-len", "128", "--calib-mask", "none", "--dtype", "float32", "--out", str(out), "--json"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -346,11 +345,15 @@ def test_ctrl_c_during_quantize(tmp_path):
             except (OSError, ValueError):
                 pass
             time.sleep(0.05)
+        # frozen (SIGSTOP) while the concurrent run starts (a fresh interpreter: seconds, more on a cold cache),
+        # so it cannot finish first; the interrupt is pending when it resumes
+        p.send_signal(signal.SIGSTOP)
         assert p.poll() is None, "the run ended before it could be interrupted"
         second = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
         assert second.returncode == 2 and "another dllmq run" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
         p.send_signal(signal.SIGINT)
+        p.send_signal(signal.SIGCONT)
         _, err = p.communicate(timeout=300)
     finally:
         if p.poll() is None:
