@@ -334,7 +334,10 @@ def test_ctrl_c_during_quantize(tmp_path):
     args = [sys.executable, "-m", "dllmq.cli.main", "quantize", str(src), "--method", "gptq", "--calib-samples", "16",
             "--calib-seq-len", "128", "--calib-mask", "none", "--dtype", "float32", "--out", str(out), "--json"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    # SIGINT back to its default in the child: a job started in the background by a shell inherits it ignored,
+    # and Python then installs no KeyboardInterrupt handler (this is how a user's Ctrl-C arrives: default handling)
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     prog = tmp_path / ".q.partial" / "progress.json"
     try:
         deadline = time.time() + 600
