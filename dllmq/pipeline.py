@@ -36,6 +36,7 @@ from .quantization.methods import get_method
 from .quantization.qweight import QuantizedWeight
 from .runtime import transforms as online_transforms
 from .ui import progress
+from .validation import resolve_device
 
 
 @dataclass
@@ -146,8 +147,6 @@ def quantize(
     show_progress: bool = True,
 ) -> QuantizeResult:
     t_start = time.time()
-    from .calibration.fp_model import resolve_device
-
     device = resolve_device(device)  # "auto": CUDA when available
     out = Path(out)
     check_target(out, overwrite)  # fail fast, before reading gigabytes
@@ -227,6 +226,7 @@ def quantize(
         # block the bar advances stage by stage in proportion to the weights involved (_BlockWork), and the ETA
         # is the time per block so far times the blocks left (ui.EtaColumn).
         n_layers = config.num_layers
+        groups = sequential_groups(arch) if sequential else None  # the same for every block
         task = prog.add_task("quantize", total=n_layers, completed=start_block, done_before=start_block,
                              info="") if prog else None
         for i in range(start_block, config.num_layers):
@@ -235,7 +235,7 @@ def quantize(
             work.stage("reading the block")
             blk = stream.materialize(i)
             local_targets = [n for n in arch.block_linears if prefix + n in target_set]
-            work.plan(blk, local_targets, sequential_groups(arch) if sequential else [local_targets],
+            work.plan(blk, local_targets, groups or [local_targets],
                       method.needs_calibration)
 
             capture = make_capture(blk, lambda on_batch, blk=blk: stream.run(blk, batches, cache, on_batch=on_batch),
@@ -249,14 +249,14 @@ def quantize(
             # were quantized, and the block costs one forward. Otherwise each group's pass reruns the block from its
             # input (and stops early), and the next block's inputs take one more full pass.
             staged = (sequential and method.needs_calibration and offload_dir is None
-                      and getattr(blk, "N_STAGES", 0) == len(sequential_groups(arch)))
+                      and getattr(blk, "N_STAGES", 0) == len(groups))
             if staged:
                 states = [{"x": cache.get(j).to(device)} for j in range(len(batches))]
                 steps = [(g, functools.partial(stream.run_stage, blk, k, batches, states))
-                         for k, g in enumerate(sequential_groups(arch))]
+                         for k, g in enumerate(groups)]
             else:
                 run = functools.partial(stream.run, blk, batches, cache)
-                steps = [(g, run) for g in (sequential_groups(arch) if sequential else [local_targets])]
+                steps = [(g, run) for g in (groups or [local_targets])]
             packed: dict[str, torch.Tensor] = {}
             for group, run in steps:
                 group = [n for n in group if n in local_targets]

@@ -9,7 +9,6 @@ pytest.importorskip("lm_eval")
 
 from cli_helpers import run_cli  # noqa: E402
 
-from dllmq.diffusion.generation import GenerationConfig  # noqa: E402
 from dllmq.diffusion.likelihood import mc_loglikelihood  # noqa: E402
 from dllmq.errors import UserError  # noqa: E402
 from dllmq.evaluation.engine import DiffusionEvaluator, EngineConfig  # noqa: E402

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -43,13 +43,6 @@ from .blocks import BlockStream
 MODES = ("auto", "whole", "stream")
 ENV = "DLLMQ_CALIB_FORWARD"
 DTYPE = torch.bfloat16
-
-
-def resolve_device(name: str | None) -> str:
-    """'auto' (or None) -> 'cuda' when CUDA is available, else 'cpu'; other names unchanged."""
-    if name in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def model_bytes(reader: ShardReader, blocks_path: str, dtype: torch.dtype = DTYPE) -> tuple[int, int]:

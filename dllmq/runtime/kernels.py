@@ -37,9 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
 from ..quantization.qweight import QuantizedWeight
-from ..quantization.spec import ActSpec, WeightSpec
+from ..quantization.spec import WeightSpec
 
 INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # preferred first: fewer scales, less traffic
 
