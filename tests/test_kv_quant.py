@@ -45,7 +45,13 @@ def test_quantize_per_token_affine(bits, clip):
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(2)) + torch.linspace(-3, 3, 6)[:, None]
     x[0] = 0.0  # degenerate row
     x[1] = x[1].abs() + 1.0  # a single-sign row: the range still holds 0
+    x0 = x.clone()
     q, s, z = G.quantize_per_token_affine(x, spec)
+    assert torch.equal(x, x0)  # quantized in place on a copy, never on the caller's fp32 tensor
+    assert torch.equal(q, (torch.round(x / s) + z).clamp(spec.qmin, spec.qmax).to(torch.int8))  # the formula
+    xb = x.bfloat16()
+    qb, sb, zb = G.quantize_per_token_affine(xb, spec)
+    assert torch.equal(qb, (torch.round(xb.float() / sb) + zb).clamp(spec.qmin, spec.qmax).to(torch.int8))
     assert q.dtype == torch.int8 and z.dtype == torch.int32 and s.shape == z.shape == (6, 1)
     assert int(q.min()) >= spec.qmin and int(q.max()) <= spec.qmax
     assert int(z.min()) >= spec.qmin and int(z.max()) <= spec.qmax  # zero point fits the code range
