@@ -23,6 +23,7 @@ import time
 import torch
 
 from ..diffusion.generation import GenerationConfig, generate_ids
+from ..runtime import native
 from ..runtime.loader import load
 from ..runtime.qlinear import QuantLinear
 from .report import reference_for, resident_bytes
@@ -126,7 +127,9 @@ def _bench(model, against, batch, seq_len, gen_length, steps, block_length, prom
     any_m = next(iter(models.values()))
     res: dict = {"models": entries, "config": {"batch": batch, "seq_len": seq_len, "gen_length": gen_length,
                                                "steps": steps, "block_length": block_length, "rows": rows,
-                                               "repeats": repeats, "device": device, "dtype": str(dtype)}}
+                                               "repeats": repeats, "device": device, "dtype": str(dtype),
+                                               "torch_threads": torch.get_num_threads(),
+                                               "native_cpu_kernels": native.status()}}
 
     def tick(what):
         pb.update(info=what)

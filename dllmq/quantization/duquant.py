@@ -53,6 +53,7 @@ from typing import Sequence
 
 import torch
 
+from ..runtime import native
 from .smoothquant import smooth_scales
 
 TENSOR_NAMES = ("smooth_scale", "rot1", "perm", "rot2")
@@ -233,9 +234,12 @@ class DuQuantTransform:
 
     def _rotate(self, x2: torch.Tensor) -> torch.Tensor:
         dev, dt = x2.device, x2.dtype
-        y = _apply_blocks(x2, self.rot1.to(device=dev, dtype=dt))
-        y = y[:, self.perm.to(dev)]
-        return _apply_blocks(y, self.rot2.to(device=dev, dtype=dt))
+        r1, r2, perm = self.rot1.to(device=dev, dtype=dt), self.rot2.to(device=dev, dtype=dt), self.perm.to(dev)
+        y = _apply_blocks(x2, r1)
+        # P is a column gather, which PyTorch's indexing runs 10-30x slower than a row copy on CPU (1.1 ms at
+        # 256 x 4096 bf16, a third of the online transform): a plain copy loop when the CPU kernels are there
+        yp = native.gather_columns(y, perm)
+        return _apply_blocks(y[:, perm] if yp is None else yp, r2)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Online activation transform ``(x / s) · T`` for ``x`` [..., K], in x's dtype, O(T·K·b)."""

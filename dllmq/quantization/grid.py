@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from ..runtime import native
 from .spec import ActSpec, WeightSpec
 
 # Smallest scale we emit: keeps w / scale finite for denormal-sized weights.
@@ -134,6 +135,9 @@ def quantize_per_token(x: torch.Tensor, act_spec: ActSpec) -> tuple[torch.Tensor
         # (q, scale) cannot carry a zero point: asymmetric callers use quantize_per_token_affine
         raise UserError("quantize_per_token is symmetric only; use quantize_per_token_affine for asymmetric activations")
     x2 = x.reshape(-1, x.shape[-1])
+    fused = native.quantize_rows(x2, act_spec.qmin, act_spec.qmax, act_spec.clip_ratio, asym=False)
+    if fused is not None:  # CPU: the same arithmetic in one pass (runtime/cpu_kernels.c), bit-identical
+        return fused[0], fused[1]
     amax = x2.abs().amax(dim=-1, keepdim=True).float() * act_spec.clip_ratio  # abs / max are exact in bf16
     scale = torch.where(amax > 0, amax / act_spec.qmax, torch.ones_like(amax))
     # one fp32 copy, divided / rounded / clamped in place: bit-identical to round(x.float() / scale), and
@@ -165,6 +169,9 @@ def quantize_per_token_affine(
     if act_spec.symmetric:
         q, scale = quantize_per_token(x, act_spec)
         return q, scale, None
+    fused = native.quantize_rows(x.reshape(-1, x.shape[-1]), act_spec.qmin, act_spec.qmax, act_spec.clip_ratio, asym=True)
+    if fused is not None:  # CPU: the computation below in one pass (runtime/cpu_kernels.c), bit-identical
+        return fused
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32, copy=True)  # a copy: quantized in place below
     lo = x2.amin(dim=-1, keepdim=True).clamp(max=0.0) * act_spec.clip_ratio
     hi = x2.amax(dim=-1, keepdim=True).clamp(min=0.0) * act_spec.clip_ratio

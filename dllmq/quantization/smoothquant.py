@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from ..runtime import native
 from .grid import dequantize_per_token, quantize_per_token_affine
 from .spec import ActSpec
 
@@ -75,6 +76,10 @@ def fake_quant_act(x: torch.Tensor, act_spec: ActSpec) -> torch.Tensor:
     """
     if not act_spec.enabled:
         return x
+    fused = native.quantize_rows(x.reshape(-1, x.shape[-1]), act_spec.qmin, act_spec.qmax, act_spec.clip_ratio,
+                                 asym=not act_spec.symmetric, dequantize=True)
+    if fused is not None:  # CPU: both steps below in one pass, bit-identical (runtime/cpu_kernels.c)
+        return fused.reshape(x.shape)
     q, scale, zp = quantize_per_token_affine(x, act_spec)
     return dequantize_per_token(q, scale, zp).reshape(x.shape).to(x.dtype)
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..quantization.qweight import QuantizedWeight
 from ..quantization.spec import WeightSpec
+from . import native
 
 INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # preferred first: fewer scales, less traffic
 
@@ -266,6 +267,12 @@ def int8_linear(
     if w_int8.dim() == 2:
         n = w_int8.shape[0]
         acc = _int_mm(x_int8, w_int8.t())
+        if x_zero_point is not None and w_sum is None:
+            w_sum = weight_code_sums(w_int8, w_zero_point)
+        # CPU: the zero-point corrections, both scales, bias and the cast below in one pass, bit-identical
+        y = native.int8_epilogue(acc, x_scale, w_scale, out_dtype, bias, x_zero_point, w_sum, x_int8, w_zero_point)
+        if y is not None:
+            return y
         if w_zero_point is not None:
             acc = acc - x_int8.sum(dim=-1, dtype=torch.int32)[:, None] * w_zero_point.reshape(1, n).to(torch.int32)
         if x_zero_point is not None:

@@ -1,0 +1,163 @@
+/* Fused CPU kernels for the weight-activation paths (see native.py, which compiles and loads this file).
+ *
+ * Each kernel is one pass over its rows doing what several PyTorch element-wise ops do one after another,
+ * with the same float32 operations in the same order, so the results are bit-identical to the torch code
+ * they replace (tests/test_native_kernels.py checks it): no -ffast-math, IEEE division, round half to even
+ * (nearbyintf in the default rounding mode = torch.round), bf16 rounded to nearest even as c10 does.
+ *
+ * dtype codes: 0 = float32, 1 = bfloat16.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0; /* NaN, as c10::BFloat16 */
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load(const void *x, int dtype, int64_t i) {
+    return dtype == 1 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+/* Per-row quantization of x [M, K] (row stride ldx elements) to int8 codes q [M, K], fp32 scale [M] and,
+ * when asym, fp32-valued zero point zp [M] (as int32). Same arithmetic as grid.quantize_per_token(_affine):
+ *   sym:  amax = max|row| * clip;  scale = amax > 0 ? amax / qmax : 1;  q = clamp(round(x / scale))
+ *   asym: lo = min(min(row), 0) * clip;  hi = max(max(row), 0) * clip;  rng = hi - lo
+ *         scale = rng > 0 ? rng / (qmax - qmin) : 1;  zp = clamp(qmin - round(lo / scale))
+ *         q = clamp(round(x / scale) + zp)
+ * If deq is not NULL the row is written back dequantized instead of as codes (fake quantization, K/V):
+ * deq [M, K] in dtype, (q - zp) * scale. */
+/* One row of dllmq_quant_rows; `dtype` is a constant at each (inlined) call, so each dtype gets its own
+ * straight-line, vectorizable loops. */
+static inline __attribute__((always_inline)) void quant_row(const void *x, const int dtype, int64_t k, int asym,
+                                                            float clip, int qmin, int qmax, int8_t *qr,
+                                                            float *scale_out, int32_t *zp_out, void *deqr) {
+    /* min / max over 16 independent lanes (element-wise, so it vectorizes: a plain float min-reduction does
+     * not without -fno-signed-zeros), then across lanes; min and max are exact, so the order is free. */
+    float lo16[16] = {0}, hi16[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16)
+        for (int j = 0; j < 16; j++) {
+            float v = load(x, dtype, i + j);
+            lo16[j] = v < lo16[j] ? v : lo16[j];
+            hi16[j] = v > hi16[j] ? v : hi16[j];
+        }
+    float lo = 0.0f, hi = 0.0f, scale, zp = 0.0f;
+    for (int j = 0; j < 16; j++) {
+        lo = lo16[j] < lo ? lo16[j] : lo;
+        hi = hi16[j] > hi ? hi16[j] : hi;
+    }
+    for (; i < k; i++) {
+        float v = load(x, dtype, i);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    const float fqmin = (float)qmin, fqmax = (float)qmax;
+    if (asym) {
+        lo = lo * clip;
+        hi = hi * clip;
+        float rng = hi - lo;
+        scale = rng > 0.0f ? rng / (float)(qmax - qmin) : 1.0f;
+        zp = fqmin - nearbyintf(lo / scale);
+        zp = zp < fqmin ? fqmin : (zp > fqmax ? fqmax : zp);
+        *zp_out = (int32_t)zp;
+    } else {
+        float amax = (-lo > hi ? -lo : hi) * clip;
+        scale = amax > 0.0f ? amax / fqmax : 1.0f;
+    }
+    *scale_out = scale;
+    if (deqr == NULL) {
+        for (int64_t i = 0; i < k; i++) {
+            float c = nearbyintf(load(x, dtype, i) / scale) + zp;
+            c = c < fqmin ? fqmin : (c > fqmax ? fqmax : c);
+            qr[i] = (int8_t)c;
+        }
+    } else {
+        for (int64_t i = 0; i < k; i++) {
+            float c = nearbyintf(load(x, dtype, i) / scale) + zp;
+            c = c < fqmin ? fqmin : (c > fqmax ? fqmax : c);
+            float v = (c - zp) * scale;
+            if (dtype == 1)
+                ((uint16_t *)deqr)[i] = f32_to_bf16(v);
+            else
+                ((float *)deqr)[i] = v;
+        }
+    }
+}
+
+/* Per-row quantization of x [M, K] (row stride ldx elements) to int8 codes q [M, K], fp32 scale [M] and,
+ * when asym, the zero point zp [M] (int32). Same arithmetic as grid.quantize_per_token(_affine):
+ *   sym:  amax = max|row| * clip;  scale = amax > 0 ? amax / qmax : 1;  q = clamp(round(x / scale))
+ *   asym: lo = min(min(row), 0) * clip;  hi = max(max(row), 0) * clip;  rng = hi - lo
+ *         scale = rng > 0 ? rng / (qmax - qmin) : 1;  zp = clamp(qmin - round(lo / scale))
+ *         q = clamp(round(x / scale) + zp)
+ * If deq is not NULL the rows are written dequantized instead of as codes (fake quantization, K/V):
+ * deq [M, K] in x's dtype, (q - zp) * scale, as grid.dequantize_per_token. */
+void dllmq_quant_rows(const void *x, int dtype, int64_t m, int64_t k, int64_t ldx, int asym, float clip, int qmin,
+                      int qmax, int8_t *q, float *scale_out, int32_t *zp_out, void *deq, int nthreads) {
+    const int64_t es = dtype == 1 ? 2 : 4;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < m; r++) {
+        const char *xr = (const char *)x + r * ldx * es;
+        int8_t *qr = q ? q + r * k : NULL;
+        void *dr = deq ? (char *)deq + r * k * es : NULL;
+        int32_t *zr = asym ? zp_out + r : NULL;
+        if (dtype == 1)
+            quant_row(xr, 1, k, asym, clip, qmin, qmax, qr, scale_out + r, zr, dr);
+        else
+            quant_row(xr, 0, k, asym, clip, qmin, qmax, qr, scale_out + r, zr, dr);
+    }
+}
+
+/* The int8 GEMM's epilogue for per-channel weights, as int8_linear computes it in torch:
+ *   acc' = acc - sum_k(xq[m, :]) * wzp[n]           (int32, only with wzp: 8-bit asymmetric weights)
+ *              - xz[m] * wsum[n]                     (int32, only with xz: asymmetric activations)
+ *   y = ((float)acc' * xs[m]) * ws[n] (+ bias[n])   -> out [M, N] in out_dtype
+ * int32 arithmetic wraps as torch's does, so the order of the two corrections does not matter. bias is in
+ * bias_dtype (or NULL). */
+void dllmq_int8_epilogue(const int32_t *acc, int64_t m, int64_t n, const int8_t *xq, int64_t k, const int32_t *wzp,
+                         const int32_t *xz, const int32_t *wsum, const float *xs, const float *ws, const void *bias,
+                         int bias_dtype, void *out, int out_dtype, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < m; r++) {
+        const int32_t *a = acc + r * n;
+        const float s = xs[r];
+        const uint32_t z = xz ? (uint32_t)xz[r] : 0u;
+        uint32_t xsum = 0;
+        if (wzp)
+            for (int64_t i = 0; i < k; i++) xsum += (uint32_t)(int32_t)xq[r * k + i];
+        for (int64_t j = 0; j < n; j++) {
+            uint32_t v = (uint32_t)a[j];
+            if (wzp) v -= xsum * (uint32_t)wzp[j];
+            if (xz) v -= z * (uint32_t)wsum[j];
+            float y = ((float)(int32_t)v * s) * ws[j];
+            if (bias) y = y + load(bias, bias_dtype, j);
+            if (out_dtype == 1)
+                ((uint16_t *)out)[r * n + j] = f32_to_bf16(y);
+            else
+                ((float *)out)[r * n + j] = y;
+        }
+    }
+}
+
+/* out[m, t] = x[m, perm[t]] for 2-byte elements (bf16 / fp16), rows of length k: a column permutation,
+ * which PyTorch's advanced indexing runs 10-30x slower than a row copy. */
+void dllmq_gather_cols16(const uint16_t *x, int64_t m, int64_t k, const int64_t *perm, uint16_t *out, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < m; r++) {
+        const uint16_t *xr = x + r * k;
+        uint16_t *o = out + r * k;
+        for (int64_t t = 0; t < k; t++) o[t] = xr[perm[t]];
+    }
+}

@@ -1,0 +1,228 @@
+"""Fused CPU kernels (cpu_kernels.c): per-token activation quantization, the int8 GEMM's epilogue and a
+column permutation, each one pass where PyTorch runs 4-10 element-wise ops with a fresh tensor each.
+
+At the bundled model's width (384) those op chains cost more than the int8 GEMM saves, which made W8A8 and
+W4A8 checkpoints slower than bf16; fused, they cost a few microseconds per layer. The results are
+bit-identical to the torch code they replace (same float32 operations in the same order), so every path
+that uses them keeps its numbers; tests/test_native_kernels.py checks it.
+
+The C file is compiled on first use with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native
+-fopenmp``, no fast-math) into ``$DLLMQ_CACHE/native/`` (default ``~/.cache/dllmq``), keyed by source, flags
+and CPU, and loaded with ctypes: no torch headers, so compiling takes about a second. It links the OpenMP
+runtime that PyTorch itself loaded (libgomp.so.1), so both share one thread pool. Without a compiler, or
+with ``DLLMQ_NATIVE=0``, every caller falls back to the torch code: same results, slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# Below this many elements one thread does it: waking the pool costs more than the work.
+_PARALLEL_MIN = 1 << 15
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_status = "not loaded yet"
+_off = threading.local()  # `torch_only()` sets it: the kernels are skipped in this thread
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DLLMQ_CACHE", Path.home() / ".cache" / "dllmq")) / "native"
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: a library built on one CPU may not run on another sharing the cache."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compile(cc: str, out: Path, extra: list[str]) -> bool:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                           timeout=120)
+        if r.returncode != 0:
+            log.debug("compiling %s failed: %s", SOURCE.name, r.stderr.strip()[-500:])
+            return False
+        os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the whole new one
+        return True
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("compiling %s failed: %s", SOURCE.name, e)
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build() -> ctypes.CDLL | None:
+    global _status
+    if os.environ.get("DLLMQ_NATIVE", "1") == "0":
+        _status = "disabled (DLLMQ_NATIVE=0)"
+        return None
+    if platform.system() != "Linux":
+        _status = f"not built on {platform.system()} (Linux only for now)"
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        _status = "no C compiler found (set CC); using the torch fallback"
+        return None
+    for extra in (["-march=native"], []):
+        # torch's version is in the key: its OpenMP runtime is the one the library binds to
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, *extra, _cpu_id(), torch.__version__])
+                             .encode()).hexdigest()[:16]
+        so = _cache_dir() / f"cpu_kernels-{key}.so"
+        if so.exists() or _compile(cc, so, extra):
+            try:
+                lib = ctypes.CDLL(str(so))
+            except OSError as e:
+                log.debug("loading %s failed: %s", so, e)
+                continue
+            _declare(lib)
+            _status = f"loaded {so}"
+            return lib
+    _status = f"compiling {SOURCE.name} with {cc} failed; using the torch fallback"
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.dllmq_quant_rows.argtypes = [p, i32, i64, i64, i64, i32, f32, i32, i32, p, p, p, p, i32]
+    lib.dllmq_quant_rows.restype = None
+    lib.dllmq_int8_epilogue.argtypes = [p, i64, i64, p, i64, p, p, p, p, p, p, i32, p, i32, i32]
+    lib.dllmq_int8_epilogue.restype = None
+    lib.dllmq_gather_cols16.argtypes = [p, i64, i64, p, p, i32]
+    lib.dllmq_gather_cols16.restype = None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, compiling them on first call; None if unavailable (callers fall back)."""
+    global _lib, _tried
+    if getattr(_off, "on", False):
+        return None
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _lib = _build()
+                _tried = True
+    return _lib
+
+
+@contextlib.contextmanager
+def torch_only() -> Iterator[None]:
+    """Run the torch code instead of the kernels in this block (tests and benchmarks compare the two)."""
+    before = getattr(_off, "on", False)
+    _off.on = True
+    try:
+        yield
+    finally:
+        _off.on = before
+
+
+def status() -> str:
+    """One line on the native kernels (for `dllmq bench` and bug reports)."""
+    library()
+    return _status
+
+
+def _threads(work: int) -> int:
+    return torch.get_num_threads() if work >= _PARALLEL_MIN else 1
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _usable(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _DTYPES and not x.requires_grad
+
+
+def quantize_rows(x2: torch.Tensor, qmin: int, qmax: int, clip: float, asym: bool, dequantize: bool = False):
+    """Per-row quantization of x2 [M, K] (see `grid.quantize_per_token_affine`): (int8 codes [M, K], fp32 scale
+    [M, 1], int32 zero point [M, 1] or None), or with ``dequantize`` the fake-quantized x2 in its dtype.
+    None when the kernels are unavailable or x2 does not suit them (the caller runs its torch code)."""
+    lib = library()
+    if lib is None or x2.dim() != 2 or not _usable(x2) or (x2.shape[0] > 1 and x2.stride(1) != 1):
+        return None
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m, k = x2.shape
+    scale = torch.empty(m, 1, dtype=torch.float32)
+    zp = torch.empty(m, 1, dtype=torch.int32) if asym else None
+    q = None if dequantize else torch.empty(m, k, dtype=torch.int8)
+    deq = torch.empty(m, k, dtype=x2.dtype) if dequantize else None
+    if m:
+        lib.dllmq_quant_rows(x2.data_ptr(), _DTYPES[x2.dtype], m, k, x2.stride(0), int(asym), float(clip), qmin, qmax,
+                             _ptr(q), scale.data_ptr(), _ptr(zp), _ptr(deq), _threads(m * k))
+    return deq if dequantize else (q, scale, zp)
+
+
+def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
+                  bias: torch.Tensor | None = None, x_zero_point: torch.Tensor | None = None,
+                  w_sum: torch.Tensor | None = None, x_int8: torch.Tensor | None = None,
+                  w_zero_point: torch.Tensor | None = None) -> torch.Tensor | None:
+    """What `kernels.int8_linear` computes from the int32 accumulator acc [M, N] for per-channel weights:
+    ``acc - rowsum(x_int8) * w_zero_point - x_zero_point * w_sum``, times ``x_scale * w_scale``, plus bias, cast
+    to out_dtype. None when unavailable or the inputs do not suit the kernel."""
+    lib = library()
+    if lib is None or acc.device.type != "cpu" or acc.dtype != torch.int32 or out_dtype not in _DTYPES:
+        return None
+    if bias is not None and (bias.dtype not in _DTYPES or bias.device.type != "cpu"):
+        return None
+    m, n = acc.shape
+    acc = acc.contiguous()
+    xs = x_scale.reshape(m).to(torch.float32).contiguous()
+    ws = w_scale.reshape(n).to(torch.float32).contiguous()
+    xz = wsum = xq = wzp = None
+    if x_zero_point is not None:
+        xz = x_zero_point.reshape(m).to(torch.int32).contiguous()
+        wsum = w_sum.reshape(n).to(torch.int32).contiguous()
+    if w_zero_point is not None:
+        xq = x_int8.contiguous()
+        wzp = w_zero_point.reshape(n).to(torch.int32).contiguous()
+    b = None if bias is None else bias.reshape(n).contiguous()
+    out = torch.empty(m, n, dtype=out_dtype)
+    lib.dllmq_int8_epilogue(acc.data_ptr(), m, n, _ptr(xq), 0 if xq is None else xq.shape[1], _ptr(wzp), _ptr(xz),
+                            _ptr(wsum), xs.data_ptr(), ws.data_ptr(), _ptr(b), _DTYPES[b.dtype] if b is not None else 0,
+                            out.data_ptr(), _DTYPES[out_dtype], _threads(m * n))
+    return out
+
+
+def gather_columns(x2: torch.Tensor, perm: torch.Tensor) -> torch.Tensor | None:
+    """``x2[:, perm]`` for a 2-byte float x2 [M, K] and int64 perm [K], which must be a permutation of range(K)
+    (not checked here: `DuQuantTransform` validates it once); None when unavailable."""
+    lib = library()
+    if (lib is None or x2.dim() != 2 or x2.device.type != "cpu" or x2.element_size() != 2
+            or not x2.is_floating_point() or perm.dtype != torch.int64 or perm.device.type != "cpu"):
+        return None
+    x2 = x2.contiguous()
+    perm = perm.contiguous()
+    out = torch.empty_like(x2)
+    lib.dllmq_gather_cols16(x2.data_ptr(), x2.shape[0], x2.shape[1], perm.data_ptr(), out.data_ptr(),
+                            _threads(x2.numel()))
+    return out

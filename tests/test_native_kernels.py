@@ -1,0 +1,172 @@
+"""The fused CPU kernels (dllmq/runtime/cpu_kernels.c) give bit-identical results to the torch code they replace,
+and everything still works, with the same numbers, where they cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dllmq.quantization import grid as G
+from dllmq.quantization.duquant import DuQuantTransform
+from dllmq.quantization.rtn import rtn_quantize
+from dllmq.quantization.smoothquant import fake_quant_act
+from dllmq.quantization.spec import ActSpec, WeightSpec
+from dllmq.runtime import kernels as K
+from dllmq.runtime import native
+from dllmq.runtime.qlinear import QuantLinear, force_kernel
+
+needs_native = pytest.mark.skipif(native.library() is None, reason=f"native kernels unavailable: {native.status()}")
+
+
+def _rows(m: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 4 + torch.randn(m, 1, generator=g)
+    if m > 2:
+        x[1] = 0.0  # a degenerate row: scale 1
+        x[2] = x[2].abs() + 0.1  # one sign only: the range still holds 0
+    if m > 0 and k > 5:
+        x[0, 5] = 60.0  # an outlier, as at LLaDA's FFN down-projection input
+    return x.to(dtype)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    if a is None or b is None:
+        return a is None and b is None
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_library_builds_where_a_compiler_exists():
+    if os.environ.get("DLLMQ_NATIVE") == "0" or not any(
+            os.path.exists(os.path.join(p, "cc")) for p in os.environ.get("PATH", "").split(os.pathsep)):
+        pytest.skip("no C compiler / native kernels disabled")
+    assert native.library() is not None, native.status()
+    assert native.status().startswith("loaded ")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("bits,symmetric,clip", [(8, False, 1.0), (8, True, 1.0), (4, False, 0.9), (4, True, 0.85)])
+@pytest.mark.parametrize("m,k", [(37, 384), (1, 100), (5, 7), (0, 64)])
+def test_per_token_quantization_is_bit_identical(dtype, bits, symmetric, clip, m, k):
+    spec = ActSpec(bits, symmetric=symmetric, clip_ratio=clip)
+    x = _rows(m, k, dtype)
+    fused = G.quantize_per_token_affine(x, spec)
+    with native.torch_only():
+        ref = G.quantize_per_token_affine(x, spec)
+        ref_fake = fake_quant_act(x, spec)
+    assert _same(fused, ref)
+    assert _same(fake_quant_act(x, spec), ref_fake)
+    if symmetric:
+        with native.torch_only():
+            ref_sym = G.quantize_per_token(x, spec)
+        assert _same(G.quantize_per_token(x, spec), ref_sym)
+    if m:
+        assert int(fused[0].min()) >= spec.qmin and int(fused[0].max()) <= spec.qmax
+    if m > 2:
+        assert float(fused[1][1]) == 1.0  # the all-zero row
+
+
+@needs_native
+def test_strided_rows_and_leading_dims():
+    spec = ActSpec(8, symmetric=False)
+    wide = _rows(24, 160, torch.bfloat16, seed=1)
+    x = wide[:, 16:144]  # rows with a stride wider than their length
+    assert x.stride(0) == 160
+    fused = G.quantize_per_token_affine(x, spec)
+    with native.torch_only():
+        ref = G.quantize_per_token_affine(x, spec)
+    assert _same(fused, ref)
+    x3 = _rows(24, 64, torch.float32, seed=2).reshape(2, 12, 64)
+    with native.torch_only():
+        ref3 = fake_quant_act(x3, spec)
+    assert _same(fake_quant_act(x3, spec), ref3)
+
+
+W_SPECS = [WeightSpec(8, True, "channel", None), WeightSpec(8, False, "channel", None),
+           WeightSpec(4, False, "channel", None), WeightSpec(4, True, "group", 32)]
+
+
+@needs_native
+@pytest.mark.parametrize("wspec", W_SPECS, ids=lambda s: s.describe())
+@pytest.mark.parametrize("act_sym", [True, False], ids=["sym-act", "asym-act"])
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_int8_layer_is_bit_identical(wspec, act_sym, bias_dtype, out_dtype):
+    g = torch.Generator().manual_seed(4)
+    n, k = 40, 128
+    qw = rtn_quantize(torch.randn(n, k, generator=g) * 0.05 + 0.01, wspec)
+    bias = None if bias_dtype is None else (torch.randn(n, generator=g) * 0.1).to(bias_dtype)
+    layer = QuantLinear.from_quantized(qw, bias, act_spec=ActSpec(8, symmetric=act_sym), compute_dtype=out_dtype)
+    x = (torch.randn(3, 9, k, generator=g) + 0.5).to(out_dtype)
+    with force_kernel("int8_act"):
+        y = layer(x)
+        with native.torch_only():
+            ref = layer(x)
+    assert y.dtype == ref.dtype == out_dtype
+    assert torch.equal(y, ref)
+
+
+@needs_native
+def test_epilogue_corrections_are_all_applied():
+    """Each zero-point correction changes the result: the kernel cannot silently skip one."""
+    g = torch.Generator().manual_seed(5)
+    m, n, k = 6, 16, 32
+    xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    wq = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    xs, ws = torch.rand(m, 1, generator=g), torch.rand(n, generator=g)
+    xz = torch.randint(-20, 20, (m, 1), generator=g, dtype=torch.int32)
+    wzp = torch.randint(-20, 20, (n,), generator=g, dtype=torch.int32)
+    full = K.int8_linear(xq, xs, wq, ws, torch.float32, None, w_zero_point=wzp, x_zero_point=xz)
+    exact = ((xq.double() - xz.double()) @ (wq.double() - wzp.double()[:, None]).t()) * xs.double() * ws.double()
+    torch.testing.assert_close(full.double(), exact, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(full, K.int8_linear(xq, xs, wq, ws, torch.float32, None, x_zero_point=xz))
+    assert not torch.equal(full, K.int8_linear(xq, xs, wq, ws, torch.float32, None, w_zero_point=wzp))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_column_gather_and_duquant_transform(dtype):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(33, 256, generator=g).to(dtype)
+    perm = torch.randperm(256, generator=g)
+    assert torch.equal(native.gather_columns(x, perm), x[:, perm])
+    rots = [torch.linalg.qr(torch.randn(4, 64, 64, generator=g, dtype=torch.float64))[0] for _ in range(2)]
+    tr = DuQuantTransform(torch.rand(256, generator=g, dtype=torch.float64) + 0.5, rots[0], perm, rots[1])
+    xb = x.to(torch.bfloat16)
+    with native.torch_only():
+        ref = tr.apply(xb)
+    assert torch.equal(tr.apply(xb), ref)
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+PROBE = ("import torch; from dllmq.runtime import native; from dllmq.quantization import grid as G; "
+         "from dllmq.quantization.spec import ActSpec; torch.manual_seed(0); x = torch.randn(8, 96).bfloat16(); "
+         "q, s, z = G.quantize_per_token_affine(x, ActSpec(8, symmetric=False)); "
+         "print(native.status()); print(int(q.int().sum()), float(s.sum()), int(z.sum()))")
+
+
+def test_fallback_without_compiler_or_when_disabled(tmp_path):
+    """No compiler (CC that fails) and DLLMQ_NATIVE=0 both fall back to torch with the same numbers; a fresh
+    cache compiles the library (about a second)."""
+    fresh = _run(PROBE, DLLMQ_CACHE=str(tmp_path / "fresh"))
+    broken = _run(PROBE, DLLMQ_CACHE=str(tmp_path / "broken"), CC="false")
+    off = _run(PROBE, DLLMQ_NATIVE="0")
+    for r in (fresh, broken, off):
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "failed; using the torch fallback" in broken.stdout
+    assert "disabled (DLLMQ_NATIVE=0)" in off.stdout
+    assert broken.stdout.splitlines()[1] == off.stdout.splitlines()[1]
+    if fresh.stdout.startswith("loaded "):
+        assert fresh.stdout.splitlines()[1] == off.stdout.splitlines()[1]
+        assert list((tmp_path / "fresh" / "native").glob("cpu_kernels-*.so"))
+        assert not list((tmp_path / "fresh" / "native").glob("tmp*"))  # compiled to a temp file, then renamed
