@@ -7,7 +7,7 @@ from dllmq.quantization.spec import ActSpec, WeightSpec
 from dllmq.runtime import kernels as K
 from dllmq.quantization import grid as G
 from dllmq.runtime import qlinear as QL
-from dllmq.runtime.qlinear import QuantLinear, force_kernel, set_dispatch
+from dllmq.runtime.qlinear import ACT_INT8_CPU_MAX_GROUPS, QuantLinear, force_kernel, set_dispatch
 
 cuda = pytest.mark.skipif(not K.cuda_int4_available(), reason="needs a CUDA GPU (sm80+)")
 
@@ -233,10 +233,13 @@ def test_dispatch_by_rows_device_and_dtype():
     odd, _ = make_layer(WeightSpec(4, True, "group", 128), n=40)  # N % 16 != 0
     assert odd.kernel_for(make_x(1, 256)) == "dequant"
     act, _ = make_layer(WeightSpec(4, True, "group", 128), act=ActSpec(8))
-    # W4A8 on CPU: int4 kernel on the activation codes for few rows; group-wise scales at many rows use the
-    # bf16 fold when a dense copy may be cached, else one int GEMM per group (see test_act_dispatch_* below)
+    # W4A8 on CPU: int4 kernel on the activation codes for few rows; group-wise scales at many rows: one int GEMM
+    # per group while there are few groups, the bf16 fold beyond ACT_INT8_CPU_MAX_GROUPS when a dense copy may be
+    # cached (see test_act_dispatch_* below)
     assert act.kernel_for(make_x(1, 256)) == "int4_cpu_act"
-    assert act.kernel_for(make_x(64, 256)) == "fold_bf16"
+    assert act.kernel_for(make_x(64, 256)) == "int8_act"
+    many, _ = make_layer(WeightSpec(4, True, "group", 16), act=ActSpec(8))  # 16 groups
+    assert many.kernel_for(make_x(64, 256)) == "fold_bf16"
 
 
 def test_forced_dispatch():
@@ -439,14 +442,14 @@ def test_int8_act_weight_prepared_once():
 
 
 def test_fold_bf16_builds_dense_copy_once_when_cached():
-    layer, _ = make_layer(WeightSpec(4, True, "group", 128), act=ActSpec(8))
+    layer, _ = make_layer(WeightSpec(4, True, "group", 16), act=ActSpec(8))
     x = make_x(40, 256)
     assert layer.kernel_for(x) == "fold_bf16"
     layer(x)
     dense = layer._cache[("dequant", x.device, torch.bfloat16)]
     layer(x)
     assert layer._cache[("dequant", x.device, torch.bfloat16)] is dense
-    lean, _ = make_layer(WeightSpec(4, True, "group", 128), act=ActSpec(8), cache_dequantized=False)
+    lean, _ = make_layer(WeightSpec(4, True, "group", 16), act=ActSpec(8), cache_dequantized=False)
     with force_kernel("fold_bf16"):  # allowed when forced, but the dense copy is not kept
         torch.testing.assert_close(lean(x).float(), layer(x).float())
     assert not any(key[0] == "dequant" for key in lean._cache)
@@ -459,8 +462,16 @@ def test_act_dispatch_on_cpu():
     for layer in (cached, lean):
         assert layer.kernel_for(make_x(1, 256)) == layer.kernel_for(make_x(2, 4, 256)) == "int4_cpu_act"
         assert layer.kernel_for(make_x(1, 256, dtype=torch.float32)) == "int8_act"  # bf16-only kernels
-    assert cached.kernel_for(make_x(9, 256)) == "fold_bf16"
+    assert cached.kernel_for(make_x(9, 256)) == "int8_act"  # 2 groups: the int GEMMs beat the fold
     assert lean.kernel_for(make_x(9, 256)) == "int8_act"  # no dense copy allowed: one int GEMM per group
+    g16 = WeightSpec(4, True, "group", 16)
+    many = ACT_INT8_CPU_MAX_GROUPS + 1
+    cached_many, _ = make_layer(g16, k=16 * many, act=ActSpec(8))
+    lean_many, _ = make_layer(g16, k=16 * many, act=ActSpec(8), cache_dequantized=False)
+    assert cached_many.kernel_for(make_x(9, 16 * many)) == "fold_bf16"
+    assert lean_many.kernel_for(make_x(9, 16 * many)) == "int8_act"
+    at_limit, _ = make_layer(g16, k=16 * ACT_INT8_CPU_MAX_GROUPS, act=ActSpec(8))
+    assert at_limit.kernel_for(make_x(9, 16 * ACT_INT8_CPU_MAX_GROUPS)) == "int8_act"
     pc, _ = make_layer(ch, act=ActSpec(8))
     assert pc.kernel_for(make_x(8, 256)) == "int4_cpu_act" and pc.kernel_for(make_x(9, 256)) == "int8_act"
     p8, _ = make_layer(w8, act=ActSpec(8))

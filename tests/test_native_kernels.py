@@ -89,7 +89,8 @@ def test_strided_rows_and_leading_dims():
 
 
 W_SPECS = [WeightSpec(8, True, "channel", None), WeightSpec(8, False, "channel", None),
-           WeightSpec(4, False, "channel", None), WeightSpec(4, True, "group", 32)]
+           WeightSpec(4, False, "channel", None), WeightSpec(4, True, "group", 32), WeightSpec(4, False, "group", 64),
+           WeightSpec(8, False, "group", 32)]
 
 
 @needs_native
@@ -127,6 +128,32 @@ def test_epilogue_corrections_are_all_applied():
     torch.testing.assert_close(full.double(), exact, rtol=1e-6, atol=1e-6)
     assert not torch.equal(full, K.int8_linear(xq, xs, wq, ws, torch.float32, None, x_zero_point=xz))
     assert not torch.equal(full, K.int8_linear(xq, xs, wq, ws, torch.float32, None, w_zero_point=wzp))
+
+
+@needs_native
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_group_epilogue_tiles_and_corrections(out_dtype):
+    """Group layout with N beyond one column tile (256): equal to the torch loop, exact against float64, and each
+    correction changes the result."""
+    g = torch.Generator().manual_seed(6)
+    m, n, k, groups = 7, 300, 96, 3
+    xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    wq = torch.randint(-128, 128, (groups, n, k // groups), generator=g, dtype=torch.int8)
+    xs, ws = torch.rand(m, 1, generator=g), torch.rand(n, groups, generator=g)
+    xz = torch.randint(-20, 20, (m, 1), generator=g, dtype=torch.int32)
+    wzp = torch.randint(-20, 20, (n, groups), generator=g, dtype=torch.int32)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    args = (xq, xs, wq, ws, out_dtype, bias)
+    full = K.int8_linear(*args, w_zero_point=wzp, x_zero_point=xz)
+    with native.torch_only():
+        assert torch.equal(full, K.int8_linear(*args, w_zero_point=wzp, x_zero_point=xz))
+    w_deq = (wq.double() - wzp.t().double()[:, :, None]).transpose(0, 1).reshape(n, k)  # [N, K] codes minus zp
+    w_deq = w_deq * ws.double().repeat_interleave(k // groups, dim=1)
+    exact = ((xq.double() - xz.double()) @ w_deq.t()) * xs.double() + bias.double()
+    tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-4  # fp32 sums of ~1e5-sized products: relative 1e-5 each
+    torch.testing.assert_close(full.double(), exact, rtol=tol, atol=tol)
+    assert not torch.equal(full, K.int8_linear(*args, x_zero_point=xz))
+    assert not torch.equal(full, K.int8_linear(*args, w_zero_point=wzp))
 
 
 @needs_native

@@ -77,7 +77,7 @@ def bench(
                                                   for k in names] + [size_ratio_text(r.get("peak_bytes"))])
     table(f"Speed and memory ({res['config']['device']}, batch {batch}, seq {seq_len}; medians of {repeats})",
           ["measure"] + names + ["quantized vs full precision"], rows_out)
-    if res["config"]["device"] == "cpu":
+    if res["config"].get("native_cpu_kernels") and res["config"]["device"] == "cpu":
         out_console.print(f"Fused CPU kernels: {res['config']['native_cpu_kernels']}", highlight=False)
     if "fast_vs_plain_quantized" in r:
         out_console.print(f"--fast vs plain sampler (quantized): "

@@ -151,6 +151,56 @@ void dllmq_int8_epilogue(const int32_t *acc, int64_t m, int64_t n, const int8_t 
     }
 }
 
+/* The epilogue of a group-wise int8 GEMM (`kernels.int8_linear`, weights [G, N, K/G]): acc [G, M, N] holds each
+ * group's int32 product. Per output, in the torch code's order:
+ *   acc_g' = acc_g - sum_{k in g}(xq[m, k]) * wzp[n, g] - xz[m] * wsum[g, n]     (int32, wrapping)
+ *   y = 0;  y = fma((float)acc_g', ws_t[g, n], y)  for g = 0..G-1;  y = y * xs[m] (+ bias[n])  -> out in out_dtype
+ * torch's addcmul_ rounds once (its vector kernel is a fused multiply-add), hence fmaf here; elsewhere ISO C
+ * contracts nothing, so every other product and sum rounds as torch's separate ops do.
+ * Columns go in tiles so the fp32 partial sums stay in L1 while the G accumulators stream past. */
+#define GROUP_TILE 256
+void dllmq_int8_group_epilogue(const int32_t *acc, int64_t groups, int64_t m, int64_t n, const int8_t *xq, int64_t k,
+                               const int32_t *wzp, const int32_t *xz, const int32_t *wsum, const float *xs,
+                               const float *ws_t, const void *bias, int bias_dtype, void *out, int out_dtype,
+                               int nthreads) {
+    const int64_t gs = groups ? k / groups : 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < m; r++) {
+        const float s = xs[r];
+        const uint32_t z = xz ? (uint32_t)xz[r] : 0u;
+        float y[GROUP_TILE];
+        for (int64_t j0 = 0; j0 < n; j0 += GROUP_TILE) {
+            const int64_t nj = n - j0 < GROUP_TILE ? n - j0 : GROUP_TILE;
+            for (int64_t j = 0; j < nj; j++) y[j] = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                const int32_t *a = acc + (g * m + r) * n + j0;
+                const float *w = ws_t + g * n + j0;
+                uint32_t xsum = 0;
+                if (wzp)
+                    for (int64_t i = 0; i < gs; i++) xsum += (uint32_t)(int32_t)xq[r * k + g * gs + i];
+                if (!wzp && !xz) {
+                    for (int64_t j = 0; j < nj; j++) y[j] = fmaf((float)a[j], w[j], y[j]);
+                    continue;
+                }
+                for (int64_t j = 0; j < nj; j++) {
+                    uint32_t v = (uint32_t)a[j];
+                    if (wzp) v -= xsum * (uint32_t)wzp[(j0 + j) * groups + g];
+                    if (xz) v -= z * (uint32_t)wsum[g * n + j0 + j];
+                    y[j] = fmaf((float)(int32_t)v, w[j], y[j]);
+                }
+            }
+            for (int64_t j = 0; j < nj; j++) {
+                float f = y[j] * s;
+                if (bias) f = f + load(bias, bias_dtype, j0 + j);
+                if (out_dtype == 1)
+                    ((uint16_t *)out)[r * n + j0 + j] = f32_to_bf16(f);
+                else
+                    ((float *)out)[r * n + j0 + j] = f;
+            }
+        }
+    }
+}
+
 /* out[m, t] = x[m, perm[t]] for 2-byte elements (bf16 / fp16), rows of length k: a column permutation,
  * which PyTorch's advanced indexing runs 10-30x slower than a row copy. */
 void dllmq_gather_cols16(const uint16_t *x, int64_t m, int64_t k, const int64_t *perm, uint16_t *out, int nthreads) {

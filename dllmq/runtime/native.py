@@ -116,6 +116,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dllmq_quant_rows.restype = None
     lib.dllmq_int8_epilogue.argtypes = [p, i64, i64, p, i64, p, p, p, p, p, p, i32, p, i32, i32]
     lib.dllmq_int8_epilogue.restype = None
+    lib.dllmq_int8_group_epilogue.argtypes = [p, i64, i64, i64, p, i64, p, p, p, p, p, p, i32, p, i32, i32]
+    lib.dllmq_int8_group_epilogue.restype = None
     lib.dllmq_gather_cols16.argtypes = [p, i64, i64, p, p, i32]
     lib.dllmq_gather_cols16.restype = None
 
@@ -210,6 +212,38 @@ def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tenso
     lib.dllmq_int8_epilogue(acc.data_ptr(), m, n, _ptr(xq), 0 if xq is None else xq.shape[1], _ptr(wzp), _ptr(xz),
                             _ptr(wsum), xs.data_ptr(), ws.data_ptr(), _ptr(b), _DTYPES[b.dtype] if b is not None else 0,
                             out.data_ptr(), _DTYPES[out_dtype], _threads(m * n))
+    return out
+
+
+def int8_group_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale_t: torch.Tensor, out_dtype: torch.dtype,
+                        bias: torch.Tensor | None = None, x_zero_point: torch.Tensor | None = None,
+                        w_sum: torch.Tensor | None = None, x_int8: torch.Tensor | None = None,
+                        w_zero_point: torch.Tensor | None = None) -> torch.Tensor | None:
+    """What `kernels.int8_linear` computes for group-wise weights from acc [G, M, N] (each group's int32 product):
+    per group the zero-point corrections (``w_zero_point`` [N, G], ``w_sum`` [G, N]), times ``w_scale_t`` [G, N],
+    summed over groups in fp32, times ``x_scale`` [M, 1], plus bias, cast. None when unavailable."""
+    lib = library()
+    if lib is None or acc.device.type != "cpu" or acc.dtype != torch.int32 or acc.dim() != 3 or out_dtype not in _DTYPES:
+        return None
+    if bias is not None and (bias.dtype not in _DTYPES or bias.device.type != "cpu"):
+        return None
+    groups, m, n = acc.shape
+    acc = acc.contiguous()
+    xs = x_scale.reshape(m).to(torch.float32).contiguous()
+    ws = w_scale_t.reshape(groups, n).to(torch.float32).contiguous()
+    xz = wsum = xq = wzp = None
+    if x_zero_point is not None:
+        xz = x_zero_point.reshape(m).to(torch.int32).contiguous()
+        wsum = w_sum.reshape(groups, n).to(torch.int32).contiguous()
+    if w_zero_point is not None:
+        xq = x_int8.contiguous()
+        wzp = w_zero_point.reshape(n, groups).to(torch.int32).contiguous()
+    b = None if bias is None else bias.reshape(n).contiguous()
+    out = torch.empty(m, n, dtype=out_dtype)
+    lib.dllmq_int8_group_epilogue(acc.data_ptr(), groups, m, n, _ptr(xq), 0 if xq is None else xq.shape[1], _ptr(wzp),
+                                  _ptr(xz), _ptr(wsum), xs.data_ptr(), ws.data_ptr(), _ptr(b),
+                                  _DTYPES[b.dtype] if b is not None else 0, out.data_ptr(), _DTYPES[out_dtype],
+                                  _threads(groups * m * n))
     return out
 
 
