@@ -74,10 +74,11 @@ def main() -> None:
                 rows_out.append(row)
                 print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "native_cpu_kernels": native.status()}
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "native_cpu_kernels": native.status(),
+            "cpu": native.cpu_description()}
     (RESULTS / "act_paths.json").write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=1))
     lines = ["# Weight-activation layer paths on CPU (time / bf16 F.linear, same run)", "",
-             f"`python benchmarks/act_paths.py`; torch {meta['torch']}, {meta['threads']} threads; "
+             f"`python benchmarks/act_paths.py`; {meta['cpu']}; torch {meta['torch']}, {meta['threads']} threads; "
              f"fused kernels: {'loaded' if meta['native_cpu_kernels'].startswith('loaded') else meta['native_cpu_kernels']}.",
              "", "| layer | N x K | weights | groups | rows | bf16 (us) | int8_act | fold_bf16 | dispatch |",
              "|---|---|---|---|---|---|---|---|---|"]

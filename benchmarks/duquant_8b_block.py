@@ -73,7 +73,16 @@ def main() -> None:
         out["bench"] = b
         print(json.dumps(b, indent=1)[:3000], flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "duquant_8b_block.json").write_text(json.dumps(out, indent=2, default=str))
+    out["date"] = time.strftime("%Y-%m-%d")
+    prev_file = RESULTS / "duquant_8b_block.json"
+    if "headline" not in out and prev_file.exists():
+        # a run without --headline keeps the last headline timing (an hour of CPU), labelled with its own date
+        prev = json.loads(prev_file.read_text())
+        if "headline" in prev:
+            out["headline"] = {**prev["headline"], "date": prev["headline"].get("date", prev.get("date", "earlier run"))}
+    elif "headline" in out:
+        out["headline"]["date"] = out["date"]
+    prev_file.write_text(json.dumps(out, indent=2, default=str))
     d = out["duquant_w4a8"]
     md = ["# DuQuant W4A8 at LLaDA-8B block shapes (2 blocks)", "",
           f"`python benchmarks/duquant_8b_block.py{' --headline' if args.headline else ''}` (this CPU, one run).", "",
@@ -84,7 +93,8 @@ def main() -> None:
           *([f"- headline command with every default (`dllmq quantize MODEL --method duquant --w 4 --a 8`, TMAS "
              f"calibration): {out['headline']['seconds']:.0f} s for 2 blocks, {out['headline']['calibration_seconds']:.0f} s "
              f"of it the calibration sampler; extrapolated to LLaDA-8B's 32 blocks (+ its LM head in every sampler "
-             f"step): {out['headline']['extrapolated_32_blocks_seconds'] / 60:.0f} min on this CPU"]
+             f"step): {out['headline']['extrapolated_32_blocks_seconds'] / 60:.0f} min on this CPU "
+             f"(measured {out['headline']['date']})"]
             if "headline" in out else []), "",
           "`dllmq bench` (quantized vs bf16, same run):", "", "```", json.dumps(out["bench"], indent=1, default=str)[:4000], "```"]
     (RESULTS / "duquant_8b_block.md").write_text("\n".join(md) + "\n")

@@ -20,6 +20,7 @@ from torch.utils.benchmark import Timer
 
 from dllmq.quantization.rtn import rtn_quantize
 from dllmq.quantization.spec import ActSpec, WeightSpec
+from dllmq.runtime import native
 from dllmq.runtime.qlinear import QuantLinear, force_kernel
 
 LLADA_8B = {"q/k/v/o 4096x4096": (4096, 4096), "gate/up 12288x4096": (12288, 4096), "down 4096x12288": (4096, 12288)}
@@ -160,7 +161,7 @@ def denoising_step(model, batch, seq_len, min_time, tmp, vocab):
         qcfg = QuantizationConfig("rtn", WeightSpec(w, True, "channel" if gs is None else "group", gs),
                                   ActSpec(a), ignore=[r"model\.transformer\.ff_out"])
         quantize(model, qcfg, out, overwrite=True, show_progress=False)
-        m = dllmq.load(out, dtype=torch.bfloat16, cache_dequantized=True)
+        m = dllmq.load(out, dtype=torch.bfloat16)  # the default load: no dense bf16 copies kept
         with torch.no_grad():
             res[label] = median_ms(lambda: m(x), min_time) / base
         del m
@@ -192,17 +193,20 @@ def main():
     steps = {}
     if not args.no_step:
         with tempfile.TemporaryDirectory() as d:
-            steps = {"bundled tiny (d 256)": denoising_step("tiny", args.step_batch, args.step_seq, args.min_time,
+            steps = {"bundled tiny (d 384, batch 16)": denoising_step("tiny", args.step_batch, args.step_seq, args.min_time,
                                                             d, 4000),
                      "LLaDA-8B block shapes (d 4096, 2 blocks)": denoising_step(
                          str(wide_model(d)), 1, args.step_seq, args.min_time, d, 4000)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"layers": layers, "denoising_step": steps,
                                                          "torch": torch.__version__,
-                                                         "threads": torch.get_num_threads()}, indent=2))
+                                                         "threads": torch.get_num_threads(),
+                                                         "cpu": native.cpu_description()}, indent=2))
     # one row per (layer, variant), one column per row count: time / bf16 F.linear [kernel picked]
     all_rows = list(dict.fromkeys(r["rows"] for r in layers))
-    lines = ["| layer | variant | " + " | ".join(f"{m} rows" for m in all_rows) + " |",
+    lines = [f"{native.cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+             f"fused CPU kernels: {native.status()}", "",
+             "| layer | variant | " + " | ".join(f"{m} rows" for m in all_rows) + " |",
              "|" + "---|" * (len(all_rows) + 2)]
     for lab in dict.fromkeys(r["layer"] for r in layers):
         rs = {r["rows"]: r for r in layers if r["layer"] == lab}

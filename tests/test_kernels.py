@@ -7,7 +7,9 @@ from dllmq.quantization.spec import ActSpec, WeightSpec
 from dllmq.runtime import kernels as K
 from dllmq.quantization import grid as G
 from dllmq.runtime import qlinear as QL
-from dllmq.runtime.qlinear import ACT_INT8_CPU_MAX_GROUPS, QuantLinear, force_kernel, set_dispatch
+from dllmq.runtime import native
+from dllmq.runtime.qlinear import (ACT_FOLD_UNCACHED_MIN_ROWS, ACT_INT8_CPU_MAX_GROUPS, INT4_CPU_UNCACHED_MAX_ROWS,
+                                    QuantLinear, force_kernel, set_dispatch)
 
 cuda = pytest.mark.skipif(not K.cuda_int4_available(), reason="needs a CUDA GPU (sm80+)")
 
@@ -223,9 +225,13 @@ def test_dispatch_by_rows_device_and_dtype():
     assert layer.kernel_for(make_x(9, 256)) == "dequant"
     assert layer.kernel_for(make_x(64, 256)) == "dequant"
     assert layer.kernel_for(make_x(1, 256, dtype=torch.float32)) == "dequant"  # fp32 int4 path is ~100x slower
-    # without one (the memory-saving default) dequantizing per call is far slower than the int4 kernel
+    # without one (the memory-saving default): the int4 kernel up to INT4_CPU_UNCACHED_MAX_ROWS, then the fused
+    # per-call dequantization into the scratch buffer; the torch dequantization is too slow to ever win
     lean, _ = make_layer(WeightSpec(4, True, "group", 128), cache_dequantized=False)
-    assert lean.kernel_for(make_x(64, 256)) == "int4_cpu"
+    assert lean.kernel_for(make_x(INT4_CPU_UNCACHED_MAX_ROWS, 256)) == "int4_cpu"
+    assert lean.kernel_for(make_x(64, 256)) == ("dequant" if native.library() else "int4_cpu")
+    with native.torch_only():
+        assert lean.kernel_for(make_x(64, 256)) == "int4_cpu"
     assert lean.kernel_for(make_x(64, 256, dtype=torch.float32)) == "dequant"
     int8, _ = make_layer(WeightSpec(8, True, "channel"))
     assert int8.kernel_for(make_x(1, 256)) == "int8pack_cpu"
@@ -277,8 +283,12 @@ def test_caching():
     layer.to(torch.float32)  # any move / cast invalidates derived states
     assert layer._cache == {}
     lean, _ = make_layer(WeightSpec(4, True, "group", 128), cache_dequantized=False)
-    torch.testing.assert_close(lean(x64).float(), y64.float(), rtol=2e-2, atol=2e-2)  # int4 kernel, not dense
-    assert {key[0] for key in lean._cache} == {"int4_cpu"}  # no dequantized copy kept
+    # 64 rows: the per-call dense path (scratch buffer) with the fused kernel, else the int4 kernel; never a kept copy
+    if native.library():
+        assert torch.equal(lean(x64), y64) and lean._cache == {}
+    with native.torch_only():
+        torch.testing.assert_close(lean(x64).float(), y64.float(), rtol=2e-2, atol=2e-2)  # int4 kernel, not dense
+        assert {key[0] for key in lean._cache} == {"int4_cpu"}
 
 
 def test_packed_nbytes_and_repr():
@@ -469,7 +479,13 @@ def test_act_dispatch_on_cpu():
     cached_many, _ = make_layer(g16, k=16 * many, act=ActSpec(8))
     lean_many, _ = make_layer(g16, k=16 * many, act=ActSpec(8), cache_dequantized=False)
     assert cached_many.kernel_for(make_x(9, 16 * many)) == "fold_bf16"
-    assert lean_many.kernel_for(make_x(9, 16 * many)) == "int8_act"
+    # uncached: above ACT_FOLD_UNCACHED_MIN_ROWS the fold dequantizes per call into the scratch buffer (fused
+    # kernel); below, or without the kernel, one int GEMM per group
+    rows = ACT_FOLD_UNCACHED_MIN_ROWS
+    assert lean_many.kernel_for(make_x(rows, 16 * many)) == "int8_act"
+    assert lean_many.kernel_for(make_x(rows + 1, 16 * many)) == ("fold_bf16" if native.library() else "int8_act")
+    with native.torch_only():
+        assert lean_many.kernel_for(make_x(rows + 1, 16 * many)) == "int8_act"
     at_limit, _ = make_layer(g16, k=16 * ACT_INT8_CPU_MAX_GROUPS, act=ActSpec(8))
     assert at_limit.kernel_for(make_x(9, 16 * ACT_INT8_CPU_MAX_GROUPS)) == "int8_act"
     pc, _ = make_layer(ch, act=ActSpec(8))

@@ -157,6 +157,51 @@ def test_group_epilogue_tiles_and_corrections(out_dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("wspec,k", [(WeightSpec(4, True, "group", 128), 256), (WeightSpec(4, False, "group", 32), 96),
+                                     (WeightSpec(4, True, "group", 8), 200), (WeightSpec(2, False, "channel", None), 200),
+                                     (WeightSpec(8, True, "channel", None), 72), (WeightSpec(8, False, "group", 64), 128)],
+                         ids=lambda v: v.describe() if isinstance(v, WeightSpec) else f"k{v}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_dequantize_packed_is_bit_identical(wspec, k, dtype):
+    """The fused dequantization from packed words equals `dequantized_weight`, vector body and scalar tails alike
+    (K not a multiple of 16, groups not aligned to 16)."""
+    g = torch.Generator().manual_seed(7)
+    layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(24, k, generator=g) * 0.05 + 0.01, wspec), None)
+    x = torch.zeros(1, k, dtype=dtype)
+    fused = layer._dequantize(x)
+    assert torch.equal(fused, layer.dequantized_weight(dtype))
+    out = torch.empty(24, k, dtype=dtype)
+    assert layer._dequantize(x, out=out) is out and torch.equal(out, fused)
+
+
+@needs_native
+def test_three_bit_weights_take_the_torch_dequantization():
+    layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(16, 64) * 0.05, WeightSpec(3, True, "group", 32)), None)
+    assert native.dequantize_packed(layer.weight_packed, 3, 64, layer.weight_scale.float(), None, torch.bfloat16) is None
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    assert torch.equal(layer._dequantize(x), layer.dequantized_weight(torch.bfloat16))
+
+
+@needs_native
+def test_per_call_dense_layers_share_the_scratch_buffer_safely():
+    """Uncached layers dequantize into one reused buffer: interleaved calls of layers of different sizes still give
+    the cached layers' results, and no dense copy is kept."""
+    g = torch.Generator().manual_seed(8)
+    specs = [(64, 256), (128, 512), (32, 128)]
+    lean, cached = [], []
+    for n, k in specs:
+        qw = rtn_quantize(torch.randn(n, k, generator=g) * 0.05, WeightSpec(4, True, "group", 128))
+        lean.append(QuantLinear.from_quantized(qw, None, cache_dequantized=False))
+        cached.append(QuantLinear.from_quantized(qw, None, cache_dequantized=True))
+    xs = [torch.randn(40, k, generator=g).to(torch.bfloat16) for _, k in specs]
+    for order in ([0, 1, 2], [2, 0, 1, 0]):
+        for i in order:
+            assert lean[i].kernel_for(xs[i]) == "dequant" and cached[i].kernel_for(xs[i]) == "dequant"
+            assert torch.equal(lean[i](xs[i]), cached[i](xs[i]))
+    assert all(layer._cache == {} for layer in lean)
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_column_gather_and_duquant_transform(dtype):
     g = torch.Generator().manual_seed(6)

@@ -129,7 +129,8 @@ def _bench(model, against, batch, seq_len, gen_length, steps, block_length, prom
                                                "steps": steps, "block_length": block_length, "rows": rows,
                                                "repeats": repeats, "device": device, "dtype": str(dtype),
                                                "torch_threads": torch.get_num_threads(),
-                                               "native_cpu_kernels": native.status()}}
+                                               "native_cpu_kernels": native.status(),
+                                               "cpu": native.cpu_description()}}
 
     def tick(what):
         pb.update(info=what)

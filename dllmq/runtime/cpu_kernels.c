@@ -211,3 +211,86 @@ void dllmq_gather_cols16(const uint16_t *x, int64_t m, int64_t k, const int64_t 
         for (int64_t t = 0; t < k; t++) o[t] = xr[perm[t]];
     }
 }
+
+/* Weight dequantization for the dense paths (`grid.dequantize`): w[n, k] = ((float)q - (float)zp[n, g]) *
+ * scale[n, g] with g = k / group_len, written in out_dtype. q comes packed as the checkpoint stores it
+ * (`checkpoint.packing.pack_rows`): `bits` of 2 or 4 are 32/bits unsigned values per int32 word, least
+ * significant first, offset by 2^(bits-1) (words_per_row words per row); bits 8 is a plain int8 [N, K].
+ * PyTorch needs 8-10 passes with int64 temporaries for this (unpack, subtract, scale, cast). With AVX-512 each
+ * 16 values are unpacked by variable shifts in one register; the bf16 rounding is c10's (integer round to nearest
+ * even, no flush of subnormals, which VCVTNEPS2BF16 would do). */
+static inline void store_value(void *out, int out_dtype, int64_t i, float v) {
+    if (out_dtype == 1)
+        ((uint16_t *)out)[i] = f32_to_bf16(v);
+    else
+        ((float *)out)[i] = v;
+}
+
+static inline float code_at(const void *packed, int bits, int64_t row, int64_t k, int64_t words_per_row, int64_t i) {
+    if (bits == 8) return (float)((const int8_t *)packed)[row * k + i];
+    const int per_word = 32 / bits;
+    const uint32_t w = ((const uint32_t *)packed)[row * words_per_row + i / per_word];
+    return (float)((int32_t)((w >> ((i % per_word) * bits)) & ((1u << bits) - 1u)) - (1 << (bits - 1)));
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline void store16(void *out, int out_dtype, int64_t i, __m512 v) {
+    if (out_dtype == 1) {
+        __m512i u = _mm512_castps_si512(v);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+    } else {
+        _mm512_storeu_ps((float *)out + i, v);
+    }
+}
+
+/* 16 codes starting at value i (i % 16 == 0 for 2/4 bits) as floats. */
+static inline __m512 codes16(const void *packed, int bits, int64_t row, int64_t k, int64_t words_per_row, int64_t i) {
+    __m512i q;
+    if (bits == 8) {
+        q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)packed + row * k + i)));
+    } else {
+        const uint32_t *w = (const uint32_t *)packed + row * words_per_row + i * bits / 32;
+        __m512i v, sh;
+        if (bits == 4) {  /* two words: values 0-7 from w[0], 8-15 from w[1] */
+            v = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)w[0]), _mm512_set1_epi32((int)w[1]));
+            sh = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+        } else { /* 2 bits: one word holds all 16 */
+            v = _mm512_set1_epi32((int)w[0]);
+            sh = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        }
+        q = _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi32((1 << bits) - 1));
+        q = _mm512_sub_epi32(q, _mm512_set1_epi32(1 << (bits - 1)));
+    }
+    return _mm512_cvtepi32_ps(q);
+}
+#endif
+
+void dllmq_dequant_rows(const void *packed, int bits, int64_t n, int64_t k, int64_t words_per_row, const float *scale,
+                        const int32_t *zp, int64_t groups, int64_t group_len, void *out, int out_dtype, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < n; r++) {
+        for (int64_t g = 0; g < groups; g++) {
+            const float s = scale[r * groups + g];
+            const float z = zp ? (float)zp[r * groups + g] : 0.0f;
+            const int64_t k0 = g * group_len, k1 = k0 + group_len;
+            int64_t i = k0;
+#if defined(__AVX512F__)
+            if (k0 % 16 == 0) {
+                const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+                for (; i + 16 <= k1; i += 16) {
+                    __m512 q = codes16(packed, bits, r, k, words_per_row, i);
+                    if (zp) q = _mm512_sub_ps(q, vz);
+                    store16(out, out_dtype, r * k + i, _mm512_mul_ps(q, vs));
+                }
+            }
+#endif
+            for (; i < k1; i++) {
+                const float q = code_at(packed, bits, r, k, words_per_row, i);
+                store_value(out, out_dtype, r * k + i, (zp ? q - z : q) * s);
+            }
+        }
+    }
+}

@@ -60,6 +60,22 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_description() -> str:
+    """CPU model and its matrix extensions, e.g. 'AMD EPYC (avx512_vnni, avx512_bf16)': kernel crossovers differ
+    between CPUs (AMX or not), so benchmark results name the machine they were measured on."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in (platform.processor(), platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = line
+    except OSError:
+        pass
+    extra = [f for f in ("amx_int8", "amx_bf16", "avx512_vnni", "avx512_bf16") if f in flags.split()]
+    return f"{model} ({', '.join(extra) or 'no AMX / AVX-512 int8 or bf16'})"
+
+
 def _compile(cc: str, out: Path, extra: list[str]) -> bool:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -118,6 +134,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dllmq_int8_epilogue.restype = None
     lib.dllmq_int8_group_epilogue.argtypes = [p, i64, i64, i64, p, i64, p, p, p, p, p, p, i32, p, i32, i32]
     lib.dllmq_int8_group_epilogue.restype = None
+    lib.dllmq_dequant_rows.argtypes = [p, i32, i64, i64, i64, p, p, i64, i64, p, i32, i32]
+    lib.dllmq_dequant_rows.restype = None
     lib.dllmq_gather_cols16.argtypes = [p, i64, i64, p, p, i32]
     lib.dllmq_gather_cols16.restype = None
 
@@ -244,6 +262,33 @@ def int8_group_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale_t: tor
                                   _ptr(xz), _ptr(wsum), xs.data_ptr(), ws.data_ptr(), _ptr(b),
                                   _DTYPES[b.dtype] if b is not None else 0, out.data_ptr(), _DTYPES[out_dtype],
                                   _threads(groups * m * n))
+    return out
+
+
+def dequantize_packed(packed: torch.Tensor, bits: int, k: int, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                      out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``(q - zp) * scale`` [N, K] in out_dtype (as `grid.dequantize`) straight from the stored weight: int32 words
+    [N, W] of `pack_rows` for 2/4 bits, int8 [N, K] for 8 bits; scale fp32 [N, G] and zero point int32 [N, G] or
+    None, G dividing K; into ``out`` (contiguous [N, K]) when given. None when unavailable or another width (3-bit
+    values straddle words: the torch path)."""
+    lib = library()
+    if lib is None or packed.device.type != "cpu" or out_dtype not in _DTYPES or bits not in (2, 4, 8):
+        return None
+    if (bits == 8) != (packed.dtype == torch.int8) or (bits < 8 and packed.dtype != torch.int32):
+        return None
+    n = packed.shape[0]
+    groups = scale.shape[1]
+    if scale.shape[0] != n or k % groups or (zero_point is not None and tuple(zero_point.shape) != (n, groups)):
+        return None
+    packed = packed.contiguous()
+    sc = scale.to(torch.float32).contiguous()
+    zp = None if zero_point is None else zero_point.to(torch.int32).contiguous()
+    if out is None:
+        out = torch.empty(n, k, dtype=out_dtype)
+    elif out.shape != (n, k) or out.dtype != out_dtype or not out.is_contiguous():
+        return None
+    lib.dllmq_dequant_rows(packed.data_ptr(), bits, n, k, packed.shape[1] if bits < 8 else k, sc.data_ptr(), _ptr(zp),
+                           groups, k // groups, out.data_ptr(), _DTYPES[out_dtype], _threads(n * k))
     return out
 
 

@@ -12,7 +12,9 @@ Kernel paths (``KERNELS``) and what each really computes:
 
 * ``dequant``: reference. Dense copy of the dequantized weight in x.dtype + F.linear (AMX bf16
   on CPU). With activation quantization, x is rounded per token first, then dequantized to
-  x.dtype. The dense copy (2 B/weight in bf16) is cached only when ``cache_dequantized``.
+  x.dtype. The dense copy (2 B/weight in bf16) is cached only when ``cache_dequantized``; otherwise,
+  on CPU, a fused kernel dequantizes the packed weight per call into one per-thread scratch buffer
+  shared by all layers (the largest layer's dense size, kept for the thread's life).
 * ``int4_cpu`` / ``int8pack_cpu`` / ``int4_cuda``: weight-only kernels (tinygemm int4,
   ``_weight_int8pack_mm``); prepared weight always cached (int4: about the packed size; int8pack:
   1 B/weight).
@@ -45,6 +47,7 @@ layer of a 4096x4096 weight (packed 8.5 MiB, bf16 32 MiB) adds 8.5 MiB (int4 ker
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,12 +61,18 @@ from ..quantization.grid import dequantize_per_token, quantize_per_token_affine
 from ..quantization.qweight import QuantizedWeight
 from ..quantization.spec import ActSpec, WeightSpec
 from . import kernels as K
+from . import native
 
 # Measured on a 2-core AMX CPU (benchmarks/kernels.py, LLaDA-8B layer shapes, bf16): the int4 kernel
 # takes 0.25-0.27x the AMX bf16 GEMM's time at 1 row, 0.5x at 4, 0.87-0.93x at 8 and 1.3-1.4x at 16.
 # With a cached dequantized copy the dense GEMM wins from 16 rows on; without one (the default, to
 # save memory) dequantizing per call costs 12x at 256 rows, so the int4 kernel is used at any size.
 INT4_CPU_MAX_ROWS = 8
+# Without a cached dense copy, on a 2-core AMD EPYC without AMX (AVX-512 bf16/VNNI; benchmarks/kernels.py, 4096x4096
+# and 12288x4096 g128): the int4 kernel takes 0.8-0.9x bf16 at 8 rows, 1.2-1.4x at 16, 1.6-1.8x at 32, 2.5x at 256;
+# the fused per-call dequantization into a scratch buffer plus the bf16 GEMM ~1.6x at 16, 1.4x at 32, 1.2x at 64 and
+# 1.07x at 256. Above this many rows the per-call dense path is used (where the fused kernel is available).
+INT4_CPU_UNCACHED_MAX_ROWS = 24
 INT8PACK_CPU_MAX_ROWS = 4
 # CUDA, measured on one H200 (benchmarks/gpu_check.py, benchmarks/results/gpu/gpu_check.md, LLaDA-8B layer shapes,
 # time / bf16 F.linear): tinygemm W4A16 is 0.6-1.08x at 1 row, 0.63-0.70x at 8, 0.17-0.24x at 64 and 0.04-0.06x
@@ -92,6 +101,10 @@ CUDA_TRITON_W4A8_STRATEGIES = ("group",)
 ACT_INT4_CPU_MAX_ROWS = 8
 ACT_INT8PACK_CPU_MAX_ROWS = 8
 ACT_INT8_CPU_MAX_GROUPS = 8
+# Without a cached copy the fold dequantizes per call (1.3 ms for 4096x4096): at 16-32 rows that costs more than the
+# int GEMMs per group (fold 1.48-1.72x bf16, int8_act 1.13-1.23x), from 64 rows on less (1.32x vs 2.78x);
+# benchmarks/results/kernels_epyc.md.
+ACT_FOLD_UNCACHED_MIN_ROWS = 32
 
 KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "int8_act", "triton_w4a8",
            "int4_cpu_act", "int8pack_cpu_act", "fold_bf16")
@@ -125,6 +138,22 @@ def force_kernel(force: str | None) -> Iterator[None]:
         yield
     finally:
         set_dispatch(previous)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread CPU buffer of at least `numel` elements, reused by every layer's per-call dequantization: a fresh
+    tensor of a layer's size costs more in page faults (10 ms for 32 MiB) than the dequantization itself (1.3 ms).
+    It keeps the largest layer's dense size (e.g. 96 MiB bf16 for LLaDA-8B's MLP) for the life of the thread."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 class QuantLinear(nn.Module):
@@ -377,12 +406,15 @@ class QuantLinear(nn.Module):
                 return "int4_cpu_act"
             if 1 < rows <= ACT_INT8PACK_CPU_MAX_ROWS and self._supported("int8pack_cpu_act", x):
                 return "int8pack_cpu_act"
-            if (self.spec.strategy == "group" and self.cache_dequantized and self._supported("fold_bf16", x)
+            if (self.spec.strategy == "group"
+                    and (self.cache_dequantized or rows > ACT_FOLD_UNCACHED_MIN_ROWS and self._fast_dequant(x))
+                    and self._supported("fold_bf16", x)
                     and self.in_features // self.spec.group_size > ACT_INT8_CPU_MAX_GROUPS):  # type: ignore[operator]
                 return "fold_bf16"
             return "int8_act"
         rows = x.numel() // self.in_features
-        if (rows <= INT4_CPU_MAX_ROWS or not self.cache_dequantized) and self._supported("int4_cpu", x):
+        if self._supported("int4_cpu", x) and (rows <= INT4_CPU_MAX_ROWS or not self.cache_dequantized and (
+                rows <= INT4_CPU_UNCACHED_MAX_ROWS or not self._fast_dequant(x))):
             return "int4_cpu"
         if rows <= INT8PACK_CPU_MAX_ROWS and self._supported("int8pack_cpu", x):
             return "int8pack_cpu"
@@ -404,11 +436,32 @@ class QuantLinear(nn.Module):
         return self.weight_scale.float()
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        return self._cached(
-            ("dequant", x.device, x.dtype),
-            lambda: self.dequantized_weight(x.dtype).to(x.device),
-            keep=self.cache_dequantized,
-        )
+        """The dense weight in x's dtype for one call: cached when `cache_dequantized`, else (CPU, fused kernel)
+        written into the thread's scratch buffer, valid until the next layer's call, else a fresh copy."""
+        if not self.cache_dequantized and self._fast_dequant(x):
+            n, k = self.out_features, self.in_features
+            w = self._dequantize(x, out=_scratch(n * k, x.dtype).view(n, k))
+            if w is not None:
+                return w
+        return self._cached(("dequant", x.device, x.dtype), lambda: self._dequantize(x), keep=self.cache_dequantized)
+
+    def _fast_dequant(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and self.weight_packed.device.type == "cpu" and self.spec.num_bits in (2, 4, 8)
+                and native.library() is not None)
+
+    def _dequantize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        # CPU: one fused pass from the packed words, bit-identical to `dequantized_weight`; 1.3 ms for a 4096x4096
+        # int4 layer into a warm buffer, against 20 ms for its bf16 GEMM at 256 rows, where the int4 kernel takes
+        # 2.5x the GEMM's time on CPUs without AMX (benchmarks/kernels.py)
+        if self._fast_dequant(x):
+            n = self.out_features
+            zp = self.zero_points()
+            w = native.dequantize_packed(self.weight_packed, self.spec.num_bits, self.in_features,
+                                         K._per_row(self._scale_f32(), n), None if zp is None else K._per_row(zp, n),
+                                         x.dtype, out=out)
+            if w is not None or out is not None:
+                return w
+        return self.dequantized_weight(x.dtype).to(x.device)
 
     def _int4_cpu_state(self) -> K.Int4State:
         return self._cached(
@@ -512,7 +565,7 @@ class QuantLinear(nn.Module):
                 y = K.int4_cpu_mm(codes, self._int4_cpu_state())
             elif path == "int8pack_cpu_act":
                 y = K.int8pack_mm(codes, *self._int8pack_state())
-            else:  # fold_bf16: the dense copy follows cache_dequantized (dispatch only picks it when cached)
+            else:  # fold_bf16: the dense weight cached, or dequantized per call into the scratch buffer
                 y = F.linear(codes, self._dense(codes))
             y = self._rescale(y, xs, x.dtype)
         else:
