@@ -290,7 +290,7 @@ def int8_linear(
             # CPU: every group's GEMM into one [G, M, N] buffer (strided column slices need no copy), then the
             # corrections, the group sum, both scales, bias and the cast in one pass: bit-identical to the loop
             # below, and at the bundled width 2x faster than it (its G element-wise passes over [M, N])
-            acc = torch.empty(groups, m, n, dtype=torch.int32)
+            acc = native.scratch(groups * m * n, torch.int32).view(groups, m, n)  # consumed by the epilogue below
             for g in range(groups):
                 torch._int_mm(x_int8[:, g * gs:(g + 1) * gs], w_int8[g].t(), out=acc[g])
             y = native.int8_group_epilogue(acc, x_scale, ws_t, out_dtype, bias, x_zero_point, w_sum, x_int8,

@@ -60,6 +60,23 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
+_SCRATCH = threading.local()
+
+
+def scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread CPU buffer of at least `numel` elements of `dtype`, reused by every layer for what one call
+    consumes at once (a per-call dense weight, the int32 products of a group-wise GEMM). Fresh tensors of that size
+    (above glibc's 32 MiB mmap threshold) page-fault on every call: 10 ms for 32 MiB, more than the work they hold.
+    Keeps the largest size asked for (e.g. 96 MiB bf16 at LLaDA-8B's MLP) for the life of the thread."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
 def cpu_description() -> str:
     """CPU model and its matrix extensions, e.g. 'AMD EPYC (avx512_vnni, avx512_bf16)': kernel crossovers differ
     between CPUs (AMX or not), so benchmark results name the machine they were measured on."""

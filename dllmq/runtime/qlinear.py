@@ -47,7 +47,6 @@ layer of a 4096x4096 weight (packed 8.5 MiB, bf16 32 MiB) adds 8.5 MiB (int4 ker
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -138,22 +137,6 @@ def force_kernel(force: str | None) -> Iterator[None]:
         yield
     finally:
         set_dispatch(previous)
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A per-thread CPU buffer of at least `numel` elements, reused by every layer's per-call dequantization: a fresh
-    tensor of a layer's size costs more in page faults (10 ms for 32 MiB) than the dequantization itself (1.3 ms).
-    It keeps the largest layer's dense size (e.g. 96 MiB bf16 for LLaDA-8B's MLP) for the life of the thread."""
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None:
-        bufs = _SCRATCH.bufs = {}
-    buf = bufs.get(dtype)
-    if buf is None or buf.numel() < numel:
-        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
 
 
 class QuantLinear(nn.Module):
@@ -440,7 +423,7 @@ class QuantLinear(nn.Module):
         written into the thread's scratch buffer, valid until the next layer's call, else a fresh copy."""
         if not self.cache_dequantized and self._fast_dequant(x):
             n, k = self.out_features, self.in_features
-            w = self._dequantize(x, out=_scratch(n * k, x.dtype).view(n, k))
+            w = self._dequantize(x, out=native.scratch(n * k, x.dtype).view(n, k))
             if w is not None:
                 return w
         return self._cached(("dequant", x.device, x.dtype), lambda: self._dequantize(x), keep=self.cache_dequantized)
