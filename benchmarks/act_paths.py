@@ -5,7 +5,7 @@ the bundled model's and LLaDA-8B's layer shapes, g128 and per-channel 4-bit weig
 
     python benchmarks/act_paths.py [--rows 256 2048] [--quick]
 
-Writes benchmarks/results/act_paths.{json,md}. QuantLinear's ACT_INT8_CPU_MAX_GROUPS follows these numbers.
+Writes benchmarks/results/act_paths.{json,md}. QuantLinear's CPU dispatch for group-wise W?A8 layers follows these numbers.
 """
 
 from __future__ import annotations

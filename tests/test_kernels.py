@@ -8,8 +8,8 @@ from dllmq.runtime import kernels as K
 from dllmq.quantization import grid as G
 from dllmq.runtime import qlinear as QL
 from dllmq.runtime import native
-from dllmq.runtime.qlinear import (ACT_FOLD_UNCACHED_MIN_ROWS, ACT_INT8_CPU_MAX_GROUPS, INT4_CPU_UNCACHED_MAX_ROWS,
-                                    QuantLinear, force_kernel, set_dispatch)
+from dllmq.runtime.qlinear import (ACT_INT8_CPU_MAX_GROUPS, INT4_CPU_UNCACHED_MAX_ROWS, QuantLinear, force_kernel,
+                                    set_dispatch)
 
 cuda = pytest.mark.skipif(not K.cuda_int4_available(), reason="needs a CUDA GPU (sm80+)")
 
@@ -240,12 +240,9 @@ def test_dispatch_by_rows_device_and_dtype():
     assert odd.kernel_for(make_x(1, 256)) == "dequant"
     act, _ = make_layer(WeightSpec(4, True, "group", 128), act=ActSpec(8))
     # W4A8 on CPU: int4 kernel on the activation codes for few rows; group-wise scales at many rows: one int GEMM
-    # per group while there are few groups, the bf16 fold beyond ACT_INT8_CPU_MAX_GROUPS when a dense copy may be
-    # cached (see test_act_dispatch_* below)
+    # per group (see test_act_dispatch_* below)
     assert act.kernel_for(make_x(1, 256)) == "int4_cpu_act"
     assert act.kernel_for(make_x(64, 256)) == "int8_act"
-    many, _ = make_layer(WeightSpec(4, True, "group", 16), act=ActSpec(8))  # 16 groups
-    assert many.kernel_for(make_x(64, 256)) == "fold_bf16"
 
 
 def test_forced_dispatch():
@@ -454,10 +451,13 @@ def test_int8_act_weight_prepared_once():
 def test_fold_bf16_builds_dense_copy_once_when_cached():
     layer, _ = make_layer(WeightSpec(4, True, "group", 16), act=ActSpec(8))
     x = make_x(40, 256)
-    assert layer.kernel_for(x) == "fold_bf16"
-    layer(x)
+    with native.torch_only():  # the fold is automatic only without the fused kernels
+        assert layer.kernel_for(x) == "fold_bf16"
+    with force_kernel("fold_bf16"):
+        layer(x)
     dense = layer._cache[("dequant", x.device, torch.bfloat16)]
-    layer(x)
+    with force_kernel("fold_bf16"):
+        layer(x)
     assert layer._cache[("dequant", x.device, torch.bfloat16)] is dense
     lean, _ = make_layer(WeightSpec(4, True, "group", 16), act=ActSpec(8), cache_dequantized=False)
     with force_kernel("fold_bf16"):  # allowed when forced, but the dense copy is not kept
@@ -478,16 +478,16 @@ def test_act_dispatch_on_cpu():
     many = ACT_INT8_CPU_MAX_GROUPS + 1
     cached_many, _ = make_layer(g16, k=16 * many, act=ActSpec(8))
     lean_many, _ = make_layer(g16, k=16 * many, act=ActSpec(8), cache_dequantized=False)
-    assert cached_many.kernel_for(make_x(9, 16 * many)) == "fold_bf16"
-    # uncached: above ACT_FOLD_UNCACHED_MIN_ROWS the fold dequantizes per call into the scratch buffer (fused
-    # kernel); below, or without the kernel, one int GEMM per group
-    rows = ACT_FOLD_UNCACHED_MIN_ROWS
-    assert lean_many.kernel_for(make_x(rows, 16 * many)) == "int8_act"
-    assert lean_many.kernel_for(make_x(rows + 1, 16 * many)) == ("fold_bf16" if native.library() else "int8_act")
+    x_many = make_x(64, 16 * many)
+    # with the fused CPU kernels the per-group integer GEMMs at any number of groups; without them the bf16 fold
+    # beyond ACT_INT8_CPU_MAX_GROUPS groups, when a dense copy may be cached
+    assert cached_many.kernel_for(x_many) == ("int8_act" if native.library() else "fold_bf16")
+    assert lean_many.kernel_for(x_many) == "int8_act"
     with native.torch_only():
-        assert lean_many.kernel_for(make_x(rows + 1, 16 * many)) == "int8_act"
-    at_limit, _ = make_layer(g16, k=16 * ACT_INT8_CPU_MAX_GROUPS, act=ActSpec(8))
-    assert at_limit.kernel_for(make_x(9, 16 * ACT_INT8_CPU_MAX_GROUPS)) == "int8_act"
+        assert cached_many.kernel_for(x_many) == "fold_bf16"
+        assert lean_many.kernel_for(x_many) == "int8_act"
+        at_limit, _ = make_layer(g16, k=16 * ACT_INT8_CPU_MAX_GROUPS, act=ActSpec(8))
+        assert at_limit.kernel_for(make_x(64, 16 * ACT_INT8_CPU_MAX_GROUPS)) == "int8_act"
     pc, _ = make_layer(ch, act=ActSpec(8))
     assert pc.kernel_for(make_x(8, 256)) == "int4_cpu_act" and pc.kernel_for(make_x(9, 256)) == "int8_act"
     p8, _ = make_layer(w8, act=ActSpec(8))

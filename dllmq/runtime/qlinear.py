@@ -21,8 +21,7 @@ Kernel paths (``KERNELS``) and what each really computes:
 * ``int8_act`` (W8A8 / W4A8 / W4A4): x quantized per token to int8 codes, a true integer GEMM
   (``_int_mm``, AMX-int8 on CPU, int32 accumulation) against int8 weight codes, rescaled in fp32.
   Per channel: one GEMM. Group-wise scales: one int GEMM per group of K/G inputs, each rescaled
-  by its scales (exact; on CPU the groups' products are reduced in one fused pass, but G GEMMs with
-  short K lose to the bf16 fold beyond ACT_INT8_CPU_MAX_GROUPS groups). The int8 weight copy is
+  by its scales (exact; on CPU the groups' products are reduced in one fused pass). The int8 weight copy is
   prepared once and always cached: 1 B/weight, i.e. 2x the packed int4 weight (8-bit per-channel
   weights reuse ``weight_packed``: no copy).
 * ``int4_cpu_act`` / ``int8pack_cpu_act`` (W?A8 at few rows on CPU): x is quantized per token to
@@ -30,7 +29,8 @@ Kernel paths (``KERNELS``) and what each really computes:
   go through the weight-only int4 / int8 kernel and its bf16 output is multiplied in place by the
   per-token scale. The integer GEMM is *simulated* by a bf16-input kernel (fp32 accumulation,
   weight scales rounded to bf16): same activation rounding, float (not integer) arithmetic.
-* ``fold_bf16`` (group-wise W?A8 with many groups at many rows on CPU, only with ``cache_dequantized``): x quantized
+* ``fold_bf16`` (group-wise W?A8 with many groups at many rows on CPU, only with ``cache_dequantized`` and without
+  the fused CPU kernels, whose per-group integer GEMMs are as fast): x quantized
   to integer codes as above; the codes (exact in bf16) times a cached bf16 dequantized weight on
   the AMX bf16 GEMM (fp32 accumulation, output rounded to bf16), rescaled per token in place. This
   *simulates* the integer GEMM in bf16: the only differences from exact integer arithmetic are the
@@ -92,18 +92,15 @@ CUDA_TRITON_W4A8_STRATEGIES = ("group",)
 # * 2-8 rows, 8-bit per-channel weights: the int8 weight-only kernel on the codes, 1.1-1.2x at 8 rows, vs 1.7-2x
 #   for `_int_mm`; 1 row: `_int_mm`;
 # * more rows, per-channel weights: one `_int_mm`, 0.65-0.77x at 256 rows, 0.7-0.9x at 2048;
-# * more rows, group-wise weights: one int GEMM per group, all into one buffer and reduced by the fused CPU
-#   epilogue (runtime/native.py). Its cost grows with the number of groups: 1.1-1.5x bf16 at 3-8 groups (the
-#   bundled model's K 384 / 1024 at g128; the bf16 fold 1.35-1.85x there), 3.0-3.8x at 32 (K 4096, where the fold
-#   is 1.04-1.6x; `python benchmarks/act_paths.py`). So the fold (when a dense
-#   bf16 copy may be cached, `cache_dequantized`) only above ACT_INT8_CPU_MAX_GROUPS groups.
+# * more rows, group-wise weights: one int GEMM per group, all into one scratch buffer and reduced by the fused CPU
+#   epilogue (runtime/native.py): 1.0-1.2x bf16 at the bundled model's 3-8 groups, 0.96-1.06x at LLaDA-8B's 32-96
+#   groups at 256 rows, against 1.04-1.41x for the bf16 fold, which also needs a dense copy
+#   (`python benchmarks/act_paths.py`, AMD EPYC without AMX). Without the fused kernels the torch loop over groups
+#   costs 3-3.8x at 32 groups, so then the fold is used beyond ACT_INT8_CPU_MAX_GROUPS groups when a dense bf16
+#   copy may be cached (`cache_dequantized`).
 ACT_INT4_CPU_MAX_ROWS = 8
 ACT_INT8PACK_CPU_MAX_ROWS = 8
 ACT_INT8_CPU_MAX_GROUPS = 8
-# Without a cached copy the fold dequantizes per call (1.3 ms for 4096x4096): at 16-32 rows that costs more than the
-# int GEMMs per group (fold 1.48-1.72x bf16, int8_act 1.13-1.23x), from 64 rows on less (1.32x vs 2.78x);
-# benchmarks/results/kernels_epyc.md.
-ACT_FOLD_UNCACHED_MIN_ROWS = 32
 
 KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "int8_act", "triton_w4a8",
            "int4_cpu_act", "int8pack_cpu_act", "fold_bf16")
@@ -389,8 +386,7 @@ class QuantLinear(nn.Module):
                 return "int4_cpu_act"
             if 1 < rows <= ACT_INT8PACK_CPU_MAX_ROWS and self._supported("int8pack_cpu_act", x):
                 return "int8pack_cpu_act"
-            if (self.spec.strategy == "group"
-                    and (self.cache_dequantized or rows > ACT_FOLD_UNCACHED_MIN_ROWS and self._fast_dequant(x))
+            if (self.spec.strategy == "group" and self.cache_dequantized and native.library() is None
                     and self._supported("fold_bf16", x)
                     and self.in_features // self.spec.group_size > ACT_INT8_CPU_MAX_GROUPS):  # type: ignore[operator]
                 return "fold_bf16"
