@@ -518,3 +518,21 @@ def test_loader_keeps_a_dense_copy_only_for_small_layers(tiny_llada, tmp_path, m
     monkeypatch.setattr(loader, "SMALL_LAYER_WEIGHTS", 64 * 64 - 1)  # every layer of the tiny model is "large"
     assert flags(dllmq.load(out)) == {False}
     assert flags(dllmq.load(out, cache_dequantized=True)) == {True}
+
+
+def test_act_dispatch_for_large_per_channel_layers(monkeypatch):
+    """Layers whose int GEMM runs as W @ X^T (kernels.int8_swapped: large, per channel) leave the weight-only kernels
+    on the activation codes after ACT_CODES_SWAPPED_MAX_ROWS rows instead of ACT_INT4_CPU_MAX_ROWS."""
+    monkeypatch.setattr(K, "INT8_SWAPPED_MIN_WEIGHTS", 64 * 256)  # make the suite's 64x256 layers "large"
+    w8, ch, g128 = WeightSpec(8, True, "channel"), WeightSpec(4, True, "channel"), WeightSpec(4, True, "group", 128)
+    limit = QL.ACT_CODES_SWAPPED_MAX_ROWS
+    p8, _ = make_layer(w8, act=ActSpec(8))
+    p4, _ = make_layer(ch, act=ActSpec(8))
+    grouped, _ = make_layer(g128, act=ActSpec(8))
+    if native.library():
+        assert p8.kernel_for(make_x(limit, 256)) == "int8pack_cpu_act" and p8.kernel_for(make_x(limit + 1, 256)) == "int8_act"
+        assert p4.kernel_for(make_x(limit, 256)) == "int4_cpu_act" and p4.kernel_for(make_x(limit + 1, 256)) == "int8_act"
+        assert K.int8_swapped(limit + 1, p4._int8_act_state(torch.device("cpu"))[0])
+    assert grouped.kernel_for(make_x(QL.ACT_INT4_CPU_MAX_ROWS, 256)) == "int4_cpu_act"  # groups: never swapped
+    with native.torch_only():  # without the fused kernels the product is never swapped
+        assert p4.kernel_for(make_x(QL.ACT_INT4_CPU_MAX_ROWS, 256)) == "int4_cpu_act"

@@ -98,7 +98,10 @@ W_SPECS = [WeightSpec(8, True, "channel", None), WeightSpec(8, False, "channel",
 @pytest.mark.parametrize("act_sym", [True, False], ids=["sym-act", "asym-act"])
 @pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16, torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_int8_layer_is_bit_identical(wspec, act_sym, bias_dtype, out_dtype):
+@pytest.mark.parametrize("swapped", [False, True], ids=["x@wT", "w@xT"])
+def test_int8_layer_is_bit_identical(wspec, act_sym, bias_dtype, out_dtype, swapped, monkeypatch):
+    # swapped: the GEMM as W @ X^T with the transposed epilogue (large layers on CPU), forced here for a small one
+    monkeypatch.setattr(K, "INT8_SWAPPED_MIN_WEIGHTS", 0 if swapped else 1 << 62)
     g = torch.Generator().manual_seed(4)
     n, k = 40, 128
     qw = rtn_quantize(torch.randn(n, k, generator=g) * 0.05 + 0.01, wspec)
@@ -114,10 +117,12 @@ def test_int8_layer_is_bit_identical(wspec, act_sym, bias_dtype, out_dtype):
 
 
 @needs_native
-def test_epilogue_corrections_are_all_applied():
+@pytest.mark.parametrize("swapped", [False, True], ids=["x@wT", "w@xT"])
+def test_epilogue_corrections_are_all_applied(swapped, monkeypatch):
     """Each zero-point correction changes the result: the kernel cannot silently skip one."""
+    monkeypatch.setattr(K, "INT8_SWAPPED_MIN_WEIGHTS", 0 if swapped else 1 << 62)
     g = torch.Generator().manual_seed(5)
-    m, n, k = 6, 16, 32
+    m, n, k = 21, 40, 32  # partial 16 x 16 tiles of the transposed epilogue
     xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     wq = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     xs, ws = torch.rand(m, 1, generator=g), torch.rand(n, generator=g)
@@ -132,11 +137,13 @@ def test_epilogue_corrections_are_all_applied():
 
 @needs_native
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_group_epilogue_tiles_and_corrections(out_dtype):
+@pytest.mark.parametrize("swapped", [False, True], ids=["x@wT", "w@xT"])
+def test_group_epilogue_tiles_and_corrections(out_dtype, swapped, monkeypatch):
     """Group layout with N beyond one column tile (256): equal to the torch loop, exact against float64, and each
     correction changes the result."""
+    monkeypatch.setattr(K, "INT8_SWAPPED_MIN_WEIGHTS", 0 if swapped else 1 << 62)
     g = torch.Generator().manual_seed(6)
-    m, n, k, groups = 7, 300, 96, 3
+    m, n, k, groups = 37, 300, 96, 3  # 37 rows, 300 columns: partial 16-row blocks and 64-column tiles
     xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     wq = torch.randint(-128, 128, (groups, n, k // groups), generator=g, dtype=torch.int8)
     xs, ws = torch.rand(m, 1, generator=g), torch.rand(n, groups, generator=g)

@@ -126,9 +126,59 @@ void dllmq_quant_rows(const void *x, int dtype, int64_t m, int64_t k, int64_t ld
  *   y = ((float)acc' * xs[m]) * ws[n] (+ bias[n])   -> out [M, N] in out_dtype
  * int32 arithmetic wraps as torch's does, so the order of the two corrections does not matter. bias is in
  * bias_dtype (or NULL). */
+#define ROW_BLOCK 16 /* rows per block when acc is transposed: one cache line of int32 per column */
+
+static inline void store_out(void *out, int out_dtype, int64_t i, float y) {
+    if (out_dtype == 1)
+        ((uint16_t *)out)[i] = f32_to_bf16(y);
+    else
+        ((float *)out)[i] = y;
+}
+
+static inline uint32_t code_sum(const int8_t *xq, int64_t from, int64_t len) {
+    uint32_t s = 0;
+    for (int64_t i = 0; i < len; i++) s += (uint32_t)(int32_t)xq[from + i];
+    return s;
+}
+
+/* With `transposed`, acc is [N, M] (the product computed as W @ X^T, which oneDNN runs 1.3-3.5x faster than
+ * X @ W^T on CPUs without AMX at 8-256 rows); the arithmetic per element is the same. */
 void dllmq_int8_epilogue(const int32_t *acc, int64_t m, int64_t n, const int8_t *xq, int64_t k, const int32_t *wzp,
                          const int32_t *xz, const int32_t *wsum, const float *xs, const float *ws, const void *bias,
-                         int bias_dtype, void *out, int out_dtype, int nthreads) {
+                         int bias_dtype, void *out, int out_dtype, int transposed, int nthreads) {
+    if (transposed) {
+        /* 16 x 16 tiles: computed along the rows (contiguous in acc), transposed in L1, stored along the columns */
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t rb = 0; rb < m; rb += ROW_BLOCK) {
+            const int64_t re = rb + ROW_BLOCK < m ? rb + ROW_BLOCK : m, nr = re - rb;
+            uint32_t xsum[ROW_BLOCK], z[ROW_BLOCK];
+            float s[ROW_BLOCK], tile[ROW_BLOCK][ROW_BLOCK];
+            for (int64_t r = 0; r < nr; r++) {
+                xsum[r] = wzp ? code_sum(xq, (rb + r) * k, k) : 0u;
+                z[r] = xz ? (uint32_t)xz[rb + r] : 0u;
+                s[r] = xs[rb + r];
+            }
+            for (int64_t jb = 0; jb < n; jb += ROW_BLOCK) {
+                const int64_t nj = n - jb < ROW_BLOCK ? n - jb : ROW_BLOCK;
+                for (int64_t j = 0; j < nj; j++) {
+                    const int32_t *a = acc + (jb + j) * m + rb;
+                    const uint32_t wz = wzp ? (uint32_t)wzp[jb + j] : 0u, sum = xz ? (uint32_t)wsum[jb + j] : 0u;
+                    const float w = ws[jb + j];
+                    for (int64_t r = 0; r < nr; r++) {
+                        const uint32_t v = (uint32_t)a[r] - xsum[r] * wz - z[r] * sum;
+                        tile[r][j] = ((float)(int32_t)v * s[r]) * w;
+                    }
+                }
+                for (int64_t r = 0; r < nr; r++)
+                    for (int64_t j = 0; j < nj; j++) {
+                        float y = tile[r][j];
+                        if (bias) y = y + load(bias, bias_dtype, jb + j);
+                        store_out(out, out_dtype, (rb + r) * n + jb + j, y);
+                    }
+            }
+        }
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < m; r++) {
         const int32_t *a = acc + r * n;
@@ -159,11 +209,46 @@ void dllmq_int8_epilogue(const int32_t *acc, int64_t m, int64_t n, const int8_t 
  * contracts nothing, so every other product and sum rounds as torch's separate ops do.
  * Columns go in tiles so the fp32 partial sums stay in L1 while the G accumulators stream past. */
 #define GROUP_TILE 256
+#define COL_TILE 64
 void dllmq_int8_group_epilogue(const int32_t *acc, int64_t groups, int64_t m, int64_t n, const int8_t *xq, int64_t k,
                                const int32_t *wzp, const int32_t *xz, const int32_t *wsum, const float *xs,
                                const float *ws_t, const void *bias, int bias_dtype, void *out, int out_dtype,
-                               int nthreads) {
+                               int transposed, int nthreads) {
     const int64_t gs = groups ? k / groups : 0;
+    if (transposed) { /* acc [G, N, M]: row blocks x column tiles, partial sums in a 4 KiB block */
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t rb = 0; rb < m; rb += ROW_BLOCK) {
+            const int64_t re = rb + ROW_BLOCK < m ? rb + ROW_BLOCK : m;
+            float y[ROW_BLOCK][COL_TILE];
+            uint32_t xsum[ROW_BLOCK];
+            for (int64_t j0 = 0; j0 < n; j0 += COL_TILE) {
+                const int64_t nj = n - j0 < COL_TILE ? n - j0 : COL_TILE;
+                for (int64_t r = 0; r < re - rb; r++)
+                    for (int64_t j = 0; j < nj; j++) y[r][j] = 0.0f;
+                for (int64_t g = 0; g < groups; g++) {
+                    if (wzp)
+                        for (int64_t r = rb; r < re; r++) xsum[r - rb] = code_sum(xq, r * k + g * gs, gs);
+                    for (int64_t j = 0; j < nj; j++) {
+                        const int32_t *a = acc + (g * n + j0 + j) * m;
+                        const float w = ws_t[g * n + j0 + j];
+                        for (int64_t r = rb; r < re; r++) {
+                            uint32_t v = (uint32_t)a[r];
+                            if (wzp) v -= xsum[r - rb] * (uint32_t)wzp[(j0 + j) * groups + g];
+                            if (xz) v -= (uint32_t)xz[r] * (uint32_t)wsum[g * n + j0 + j];
+                            y[r - rb][j] = fmaf((float)(int32_t)v, w, y[r - rb][j]);
+                        }
+                    }
+                }
+                for (int64_t r = rb; r < re; r++)
+                    for (int64_t j = 0; j < nj; j++) {
+                        float f = y[r - rb][j] * xs[r];
+                        if (bias) f = f + load(bias, bias_dtype, j0 + j);
+                        store_out(out, out_dtype, r * n + j0 + j, f);
+                    }
+            }
+        }
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < m; r++) {
         const float s = xs[r];

@@ -43,6 +43,12 @@ from ..quantization.spec import WeightSpec
 from . import native
 
 INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # preferred first: fewer scales, less traffic
+# CPU int8 GEMMs of large layers at up to this many rows run as W @ X^T (the same integers): oneDNN took 1.6 vs
+# 4.0 ms at 32 rows, 4.2 vs 6.4 at 96, 10.3 vs 12.5 at 256, 39 vs 41 at 1024 for a 4096x4096 layer on a 2-core AMD
+# EPYC without AMX, and the same time either way for the bundled model's 384-wide layers, where the transposed
+# epilogue's extra cost then makes it a loss. benchmarks/results/kernels_epyc.md.
+INT8_SWAPPED_MAX_ROWS = 512
+INT8_SWAPPED_MIN_WEIGHTS = 1 << 22
 
 
 # --------------------------------------------------------------------------- reference
@@ -265,15 +271,22 @@ def int8_linear(
     |z_x| <= 128 and |q_w - z_w| <= 255, exact for K < 65536.
     """
     m = x_int8.shape[0]
+    cpu_fused = x_int8.device.type == "cpu" and native.library() is not None
+    # the product as W @ X^T for large per-channel layers: see INT8_SWAPPED_MIN_WEIGHTS
+    swapped = int8_swapped(m, w_int8)
     if w_int8.dim() == 2:
         n = w_int8.shape[0]
-        acc = _int_mm(x_int8, w_int8.t())
         if x_zero_point is not None and w_sum is None:
             w_sum = weight_code_sums(w_int8, w_zero_point)
-        # CPU: the zero-point corrections, both scales, bias and the cast below in one pass, bit-identical
-        y = native.int8_epilogue(acc, x_scale, w_scale, out_dtype, bias, x_zero_point, w_sum, x_int8, w_zero_point)
-        if y is not None:
-            return y
+        if cpu_fused:
+            # CPU: the zero-point corrections, both scales, bias and the cast in one pass after the GEMM,
+            # bit-identical to the torch code below
+            acc = torch._int_mm(w_int8, x_int8.t()) if swapped else torch._int_mm(x_int8, w_int8.t())
+            y = native.int8_epilogue(acc, x_scale, w_scale, out_dtype, bias, x_zero_point, w_sum, x_int8,
+                                     w_zero_point, transposed=swapped)
+            if y is not None:
+                return y
+        acc = _int_mm(x_int8, w_int8.t())
         if w_zero_point is not None:
             acc = acc - x_int8.sum(dim=-1, dtype=torch.int32)[:, None] * w_zero_point.reshape(1, n).to(torch.int32)
         if x_zero_point is not None:
@@ -286,15 +299,20 @@ def int8_linear(
         ws_t = w_scale.float().reshape(n, groups).t().contiguous()  # [G, N]: contiguous rows per group
         if x_zero_point is not None and w_sum is None:
             w_sum = weight_code_sums(w_int8, w_zero_point)
-        if x_int8.device.type == "cpu" and native.library() is not None:
-            # CPU: every group's GEMM into one [G, M, N] buffer (strided column slices need no copy), then the
+        if cpu_fused:
+            # CPU: every group's GEMM into one scratch buffer (strided column slices need no copy), then the
             # corrections, the group sum, both scales, bias and the cast in one pass: bit-identical to the loop
-            # below, and at the bundled width 2x faster than it (its G element-wise passes over [M, N])
-            acc = native.scratch(groups * m * n, torch.int32).view(groups, m, n)  # consumed by the epilogue below
+            # below, and at the bundled width 2x faster than it
+            shape = (groups, n, m) if swapped else (groups, m, n)
+            acc = native.scratch(groups * m * n, torch.int32).view(shape)  # consumed by the epilogue below
             for g in range(groups):
-                torch._int_mm(x_int8[:, g * gs:(g + 1) * gs], w_int8[g].t(), out=acc[g])
+                xg = x_int8[:, g * gs:(g + 1) * gs]
+                if swapped:
+                    torch._int_mm(w_int8[g], xg.t(), out=acc[g])
+                else:
+                    torch._int_mm(xg, w_int8[g].t(), out=acc[g])
             y = native.int8_group_epilogue(acc, x_scale, ws_t, out_dtype, bias, x_zero_point, w_sum, x_int8,
-                                           w_zero_point)
+                                           w_zero_point, transposed=swapped)
             if y is not None:
                 return y
         xg = x_int8.view(m, groups, gs).transpose(0, 1).contiguous()  # [G, M, gs]
@@ -312,6 +330,12 @@ def int8_linear(
     if bias is not None:
         y += bias.float()
     return y.to(out_dtype)
+
+
+def int8_swapped(m: int, w_int8: torch.Tensor) -> bool:
+    """Whether `int8_linear` computes an m-row product on CPU as W @ X^T. Per channel only: with weight groups (K/G =
+    128 inputs per GEMM) it measured slower than X @ W^T (1.4-1.6x vs 1.0-1.3x bf16 at 16-256 rows, 4096x4096)."""
+    return w_int8.dim() == 2 and m <= INT8_SWAPPED_MAX_ROWS and w_int8.numel() >= INT8_SWAPPED_MIN_WEIGHTS
 
 
 def weight_code_sums(w_int8: torch.Tensor, w_zero_point: torch.Tensor | None = None) -> torch.Tensor:

@@ -147,9 +147,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.dllmq_quant_rows.argtypes = [p, i32, i64, i64, i64, i32, f32, i32, i32, p, p, p, p, i32]
     lib.dllmq_quant_rows.restype = None
-    lib.dllmq_int8_epilogue.argtypes = [p, i64, i64, p, i64, p, p, p, p, p, p, i32, p, i32, i32]
+    lib.dllmq_int8_epilogue.argtypes = [p, i64, i64, p, i64, p, p, p, p, p, p, i32, p, i32, i32, i32]
     lib.dllmq_int8_epilogue.restype = None
-    lib.dllmq_int8_group_epilogue.argtypes = [p, i64, i64, i64, p, i64, p, p, p, p, p, p, i32, p, i32, i32]
+    lib.dllmq_int8_group_epilogue.argtypes = [p, i64, i64, i64, p, i64, p, p, p, p, p, p, i32, p, i32, i32, i32]
     lib.dllmq_int8_group_epilogue.restype = None
     lib.dllmq_dequant_rows.argtypes = [p, i32, i64, i64, i64, p, p, i64, i64, p, i32, i32]
     lib.dllmq_dequant_rows.restype = None
@@ -222,16 +222,16 @@ def quantize_rows(x2: torch.Tensor, qmin: int, qmax: int, clip: float, asym: boo
 def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
                   bias: torch.Tensor | None = None, x_zero_point: torch.Tensor | None = None,
                   w_sum: torch.Tensor | None = None, x_int8: torch.Tensor | None = None,
-                  w_zero_point: torch.Tensor | None = None) -> torch.Tensor | None:
-    """What `kernels.int8_linear` computes from the int32 accumulator acc [M, N] for per-channel weights:
-    ``acc - rowsum(x_int8) * w_zero_point - x_zero_point * w_sum``, times ``x_scale * w_scale``, plus bias, cast
-    to out_dtype. None when unavailable or the inputs do not suit the kernel."""
+                  w_zero_point: torch.Tensor | None = None, transposed: bool = False) -> torch.Tensor | None:
+    """What `kernels.int8_linear` computes from the int32 accumulator acc [M, N] ([N, M] with ``transposed``) for
+    per-channel weights: ``acc - rowsum(x_int8) * w_zero_point - x_zero_point * w_sum``, times ``x_scale *
+    w_scale``, plus bias, cast to out_dtype [M, N]. None when unavailable or the inputs do not suit the kernel."""
     lib = library()
     if lib is None or acc.device.type != "cpu" or acc.dtype != torch.int32 or out_dtype not in _DTYPES:
         return None
     if bias is not None and (bias.dtype not in _DTYPES or bias.device.type != "cpu"):
         return None
-    m, n = acc.shape
+    n, m = acc.shape if transposed else acc.shape[::-1]
     acc = acc.contiguous()
     xs = x_scale.reshape(m).to(torch.float32).contiguous()
     ws = w_scale.reshape(n).to(torch.float32).contiguous()
@@ -246,15 +246,16 @@ def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tenso
     out = torch.empty(m, n, dtype=out_dtype)
     lib.dllmq_int8_epilogue(acc.data_ptr(), m, n, _ptr(xq), 0 if xq is None else xq.shape[1], _ptr(wzp), _ptr(xz),
                             _ptr(wsum), xs.data_ptr(), ws.data_ptr(), _ptr(b), _DTYPES[b.dtype] if b is not None else 0,
-                            out.data_ptr(), _DTYPES[out_dtype], _threads(m * n))
+                            out.data_ptr(), _DTYPES[out_dtype], int(transposed), _threads(m * n))
     return out
 
 
 def int8_group_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale_t: torch.Tensor, out_dtype: torch.dtype,
                         bias: torch.Tensor | None = None, x_zero_point: torch.Tensor | None = None,
                         w_sum: torch.Tensor | None = None, x_int8: torch.Tensor | None = None,
-                        w_zero_point: torch.Tensor | None = None) -> torch.Tensor | None:
-    """What `kernels.int8_linear` computes for group-wise weights from acc [G, M, N] (each group's int32 product):
+                        w_zero_point: torch.Tensor | None = None, transposed: bool = False) -> torch.Tensor | None:
+    """What `kernels.int8_linear` computes for group-wise weights from acc [G, M, N] ([G, N, M] with ``transposed``,
+    each group's int32 product):
     per group the zero-point corrections (``w_zero_point`` [N, G], ``w_sum`` [G, N]), times ``w_scale_t`` [G, N],
     summed over groups in fp32, times ``x_scale`` [M, 1], plus bias, cast. None when unavailable."""
     lib = library()
@@ -262,7 +263,7 @@ def int8_group_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale_t: tor
         return None
     if bias is not None and (bias.dtype not in _DTYPES or bias.device.type != "cpu"):
         return None
-    groups, m, n = acc.shape
+    groups, n, m = acc.shape if transposed else (acc.shape[0], acc.shape[2], acc.shape[1])
     acc = acc.contiguous()
     xs = x_scale.reshape(m).to(torch.float32).contiguous()
     ws = w_scale_t.reshape(groups, n).to(torch.float32).contiguous()
@@ -278,7 +279,7 @@ def int8_group_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale_t: tor
     lib.dllmq_int8_group_epilogue(acc.data_ptr(), groups, m, n, _ptr(xq), 0 if xq is None else xq.shape[1], _ptr(wzp),
                                   _ptr(xz), _ptr(wsum), xs.data_ptr(), ws.data_ptr(), _ptr(b),
                                   _DTYPES[b.dtype] if b is not None else 0, out.data_ptr(), _DTYPES[out_dtype],
-                                  _threads(groups * m * n))
+                                  int(transposed), _threads(groups * m * n))
     return out
 
 

@@ -100,6 +100,10 @@ CUDA_TRITON_W4A8_STRATEGIES = ("group",)
 #   copy may be cached (`cache_dequantized`).
 ACT_INT4_CPU_MAX_ROWS = 8
 ACT_INT8PACK_CPU_MAX_ROWS = 8
+# Large per-channel layers whose `_int_mm` runs as W @ X^T (kernels.INT8_SWAPPED_MIN_WEIGHTS), 4096x4096, AMD EPYC:
+# int8_act 0.91-0.95x bf16 at 4 rows vs the weight-only kernels on the codes 0.61-0.76x; at 8 rows 0.74-0.91x vs
+# 0.93-1.06x; from 16 rows 0.59-0.73x vs 1.3-2.9x. So the code kernels only up to 4 rows there.
+ACT_CODES_SWAPPED_MAX_ROWS = 4
 ACT_INT8_CPU_MAX_GROUPS = 8
 
 KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "int8_act", "triton_w4a8",
@@ -382,9 +386,14 @@ class QuantLinear(nn.Module):
                 return "triton_w4a8"
             rows = x.numel() // self.in_features
             # CPU: measured crossovers, see ACT_INT4_CPU_MAX_ROWS; the activation rounding is the same on every path.
-            if rows <= ACT_INT4_CPU_MAX_ROWS and self._supported("int4_cpu_act", x):
+            # Large per-channel layers run `_int_mm` as W @ X^T (kernels.int8_swapped), which wins from 8 rows on.
+            swapped = (x.device.type == "cpu" and self.spec.strategy != "group"
+                       and self.out_features * self.in_features >= K.INT8_SWAPPED_MIN_WEIGHTS
+                       and native.library() is not None)
+            code_rows = ACT_CODES_SWAPPED_MAX_ROWS if swapped else ACT_INT4_CPU_MAX_ROWS
+            if rows <= code_rows and self._supported("int4_cpu_act", x):
                 return "int4_cpu_act"
-            if 1 < rows <= ACT_INT8PACK_CPU_MAX_ROWS and self._supported("int8pack_cpu_act", x):
+            if 1 < rows <= min(code_rows, ACT_INT8PACK_CPU_MAX_ROWS) and self._supported("int8pack_cpu_act", x):
                 return "int8pack_cpu_act"
             if (self.spec.strategy == "group" and self.cache_dequantized and native.library() is None
                     and self._supported("fold_bf16", x)
