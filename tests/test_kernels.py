@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 
@@ -536,3 +538,33 @@ def test_act_dispatch_for_large_per_channel_layers(monkeypatch):
     assert grouped.kernel_for(make_x(QL.ACT_INT4_CPU_MAX_ROWS, 256)) == "int4_cpu_act"  # groups: never swapped
     with native.torch_only():  # without the fused kernels the product is never swapped
         assert p4.kernel_for(make_x(QL.ACT_INT4_CPU_MAX_ROWS, 256)) == "int4_cpu_act"
+
+
+def test_layers_reading_one_input_share_its_quantization(monkeypatch):
+    """q/k/v read the same tensor: it is quantized once for all three (same results as separately), again after an
+    in-place change or for another spec, and never reused for inference tensors (no version counter)."""
+    calls = []
+    real = QL.quantize_per_token_affine
+    monkeypatch.setattr(QL, "quantize_per_token_affine", lambda x2, spec: (calls.append(1), real(x2, spec))[1])
+    layers = [make_layer(WeightSpec(8, True, "channel"), n=64, act=ActSpec(8), bias=False)[0] for _ in range(3)]
+    x = make_x(2, 20, 256)
+    with force_kernel("int8_act"):
+        ys = [layer(x) for layer in layers]
+        assert len(calls) == 1
+        with monkeypatch.context() as m:
+            m.setattr(QL, "_LAST_QUANTIZED", threading.local())  # no memo: each layer quantizes for itself
+            for layer, y in zip(layers, ys):
+                m.setattr(QL, "_LAST_QUANTIZED", threading.local())
+                assert torch.equal(layer(x), y)
+        calls.clear()
+        x.mul_(2)  # an in-place change bumps the version: quantized again
+        layers[0](x), layers[1](x)
+        assert len(calls) == 1
+        other = make_layer(WeightSpec(8, True, "channel"), n=64, act=ActSpec(8, symmetric=False), bias=False)[0]
+        other(x)
+        assert len(calls) == 2
+        calls.clear()
+        with torch.inference_mode():
+            xi = make_x(2, 20, 256)
+            layers[0](xi), layers[1](xi)
+        assert len(calls) == 2

@@ -47,6 +47,8 @@ layer of a 4096x4096 weight (packed 8.5 MiB, bf16 32 MiB) adds 8.5 MiB (int4 ker
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -138,6 +140,23 @@ def force_kernel(force: str | None) -> Iterator[None]:
         yield
     finally:
         set_dispatch(previous)
+
+
+_LAST_QUANTIZED = threading.local()
+
+
+def _quantize_shared_input(x: torch.Tensor, x2: torch.Tensor, spec: ActSpec):
+    """`quantize_per_token_affine(x2, spec)` for x2 = x as rows, reusing the previous call's result when it was for the
+    same tensor object at the same version with the same spec: q/k/v (and gate/up) read one input and quantize it
+    alike, so they share one quantization. Inference tensors carry no version counter, so they are never reused."""
+    if x.is_inference():
+        return quantize_per_token_affine(x2, spec)
+    last = getattr(_LAST_QUANTIZED, "entry", None)
+    if last is not None and last[0]() is x and last[1] == x._version and last[2] == spec:
+        return last[3]
+    out = quantize_per_token_affine(x2, spec)
+    _LAST_QUANTIZED.entry = (weakref.ref(x), x._version, spec, out)  # holds the codes (1 B/element) until replaced
+    return out
 
 
 class QuantLinear(nn.Module):
@@ -542,7 +561,7 @@ class QuantLinear(nn.Module):
             y = T.w4a8_linear_triton(x2, packed, self._scale_f32().to(x.device), K._group_len(self.spec, self.in_features),
                                      bias, qmax=self.act_spec.qmax, clip_ratio=self.act_spec.clip_ratio)
         elif path == "int8_act":
-            xq, xs, xz = quantize_per_token_affine(x2, self.act_spec)  # xz: asymmetric activations only
+            xq, xs, xz = _quantize_shared_input(x, x2, self.act_spec)  # xz: asymmetric activations only
             w, ws, wzp = self._int8_act_state(x.device)
             wsum = None if xz is None else self._cached(
                 ("int8_act_wsum", x.device), lambda: K.weight_code_sums(w, wzp))  # [N] / [G, N] int32: tiny
