@@ -215,3 +215,23 @@ def test_small_and_odd_widths():
     tr = duquant_transform(x, [w], block=32, steps=16)  # 24 = largest divisor of 48 <= 32
     assert tr.block_size == 24 and tr.n_blocks == 2
     torch.testing.assert_close(tr.apply(x) @ tr.fold_into(w).t(), x @ w.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_transform_conversions_follow_in_place_updates():
+    """The per-(device, dtype) converted rotations and scales are rebuilt after an in-place load into the stored
+    tensors (as load_state_dict does), and inference-mode tensors work."""
+    from dllmq.quantization.duquant import DuQuantTransform
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(2, 8, 8, generator=g, dtype=torch.float64))[0].to(torch.bfloat16)
+    t = DuQuantTransform(torch.rand(16, generator=g) + 0.5, q.clone(), torch.randperm(16, generator=g), q.clone())
+    x = torch.randn(3, 16, generator=g)
+    before = t.apply(x)
+    with torch.no_grad():
+        t.rot1.copy_(q.flip(1))
+    after = t.apply(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, DuQuantTransform(t.smooth_scale, q.flip(1), t.perm, q.clone()).apply(x))
+    with torch.inference_mode():
+        ti = DuQuantTransform(torch.rand(16) + 0.5, q.clone(), torch.randperm(16), q.clone())
+        assert ti.apply(torch.randn(3, 16)).shape == (3, 16)

@@ -137,13 +137,13 @@ def test_epilogue_corrections_are_all_applied(swapped, monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("swapped", [False, True], ids=["x@wT", "w@xT"])
-def test_group_epilogue_tiles_and_corrections(out_dtype, swapped, monkeypatch):
-    """Group layout with N beyond one column tile (256): equal to the torch loop, exact against float64, and each
-    correction changes the result."""
-    monkeypatch.setattr(K, "INT8_SWAPPED_MIN_WEIGHTS", 0 if swapped else 1 << 62)
+@pytest.mark.parametrize("chunk_bytes", [64 << 20, 1, 7 * 300 * 4 * 2], ids=["one-chunk", "per-group", "two-groups"])
+def test_group_epilogue_tiles_and_corrections(out_dtype, chunk_bytes, monkeypatch):
+    """Group layout with N beyond one column tile (256), reduced in one chunk or in chunks of groups (fp32 sums
+    carried between them): equal to the torch loop, exact against float64, and each correction changes the result."""
+    monkeypatch.setattr(K, "GROUP_PRODUCTS_BYTES", chunk_bytes)
     g = torch.Generator().manual_seed(6)
-    m, n, k, groups = 37, 300, 96, 3  # 37 rows, 300 columns: partial 16-row blocks and 64-column tiles
+    m, n, k, groups = 7, 300, 96, 3
     xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     wq = torch.randint(-128, 128, (groups, n, k // groups), generator=g, dtype=torch.int8)
     xs, ws = torch.rand(m, 1, generator=g), torch.rand(n, groups, generator=g)

@@ -232,9 +232,20 @@ class DuQuantTransform:
         r2 = _block_diag(self.rot2.to(dtype))
         return r1[:, self.perm.to(r1.device)] @ r2.to(r1.device)
 
+    def _as(self, dev: torch.device, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(rot1, rot2, perm, 1-D smooth_scale) on dev in dt, converted once per (device, dtype): the smoothing scales
+        are stored in fp32 and would otherwise be cast on every forward."""
+        cache = self.__dict__.setdefault("_converted", {})
+        # versions: an in-place load into the stored tensors (load_state_dict) invalidates the converted copies
+        key = (dev, dt, *(None if t is None or t.is_inference() else t._version
+                          for t in (self.rot1, self.rot2, self.perm, self.smooth_scale)))
+        if key not in cache:
+            s = None if self.smooth_scale is None else self.smooth_scale.to(device=dev, dtype=dt)
+            cache[key] = (self.rot1.to(device=dev, dtype=dt), self.rot2.to(device=dev, dtype=dt), self.perm.to(dev), s)
+        return cache[key]
+
     def _rotate(self, x2: torch.Tensor) -> torch.Tensor:
-        dev, dt = x2.device, x2.dtype
-        r1, r2, perm = self.rot1.to(device=dev, dtype=dt), self.rot2.to(device=dev, dtype=dt), self.perm.to(dev)
+        r1, r2, perm, _ = self._as(x2.device, x2.dtype)
         y = _apply_blocks(x2, r1)
         # P is a column gather, which PyTorch's indexing runs 10-30x slower than a row copy on CPU (1.1 ms at
         # 256 x 4096 bf16, a third of the online transform): a plain copy loop when the CPU kernels are there
@@ -247,8 +258,9 @@ class DuQuantTransform:
         if x.shape[-1] != k:
             raise ValueError(f"input has {x.shape[-1]} channels, transform expects {k}")
         x2 = x.reshape(-1, k)
-        if self.smooth_scale is not None:
-            x2 = x2 / self.smooth_scale.to(device=x.device, dtype=x.dtype)
+        s = self._as(x.device, x.dtype)[3]
+        if s is not None:
+            x2 = x2 / s
         return self._rotate(x2).reshape(x.shape)
 
     def fold_into(self, w: torch.Tensor) -> torch.Tensor:

@@ -201,54 +201,21 @@ void dllmq_int8_epilogue(const int32_t *acc, int64_t m, int64_t n, const int8_t 
     }
 }
 
-/* The epilogue of a group-wise int8 GEMM (`kernels.int8_linear`, weights [G, N, K/G]): acc [G, M, N] holds each
- * group's int32 product. Per output, in the torch code's order:
+/* The epilogue of a group-wise int8 GEMM (`kernels.int8_linear`, weights [G, N, K/G]) for the groups g0 <= g < g1,
+ * whose int32 products acc [g1 - g0, M, N] hold. Per output, in the torch code's order:
  *   acc_g' = acc_g - sum_{k in g}(xq[m, k]) * wzp[n, g] - xz[m] * wsum[g, n]     (int32, wrapping)
  *   y = 0;  y = fma((float)acc_g', ws_t[g, n], y)  for g = 0..G-1;  y = y * xs[m] (+ bias[n])  -> out in out_dtype
  * torch's addcmul_ rounds once (its vector kernel is a fused multiply-add), hence fmaf here; elsewhere ISO C
  * contracts nothing, so every other product and sum rounds as torch's separate ops do.
- * Columns go in tiles so the fp32 partial sums stay in L1 while the G accumulators stream past. */
+ * Chunks of groups carry y in `partial` (fp32 [M, N]): read unless g0 == 0, written unless g1 == groups, when the
+ * result goes to out instead. That bounds the products' buffer (G x the output's size in one piece).
+ * Columns go in tiles so the fp32 partial sums stay in L1 while the accumulators stream past. */
 #define GROUP_TILE 256
-#define COL_TILE 64
-void dllmq_int8_group_epilogue(const int32_t *acc, int64_t groups, int64_t m, int64_t n, const int8_t *xq, int64_t k,
-                               const int32_t *wzp, const int32_t *xz, const int32_t *wsum, const float *xs,
-                               const float *ws_t, const void *bias, int bias_dtype, void *out, int out_dtype,
-                               int transposed, int nthreads) {
+void dllmq_int8_group_epilogue(const int32_t *acc, int64_t groups, int64_t g0, int64_t g1, int64_t m, int64_t n,
+                               const int8_t *xq, int64_t k, const int32_t *wzp, const int32_t *xz,
+                               const int32_t *wsum, const float *xs, const float *ws_t, const void *bias,
+                               int bias_dtype, float *partial, void *out, int out_dtype, int nthreads) {
     const int64_t gs = groups ? k / groups : 0;
-    if (transposed) { /* acc [G, N, M]: row blocks x column tiles, partial sums in a 4 KiB block */
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-        for (int64_t rb = 0; rb < m; rb += ROW_BLOCK) {
-            const int64_t re = rb + ROW_BLOCK < m ? rb + ROW_BLOCK : m;
-            float y[ROW_BLOCK][COL_TILE];
-            uint32_t xsum[ROW_BLOCK];
-            for (int64_t j0 = 0; j0 < n; j0 += COL_TILE) {
-                const int64_t nj = n - j0 < COL_TILE ? n - j0 : COL_TILE;
-                for (int64_t r = 0; r < re - rb; r++)
-                    for (int64_t j = 0; j < nj; j++) y[r][j] = 0.0f;
-                for (int64_t g = 0; g < groups; g++) {
-                    if (wzp)
-                        for (int64_t r = rb; r < re; r++) xsum[r - rb] = code_sum(xq, r * k + g * gs, gs);
-                    for (int64_t j = 0; j < nj; j++) {
-                        const int32_t *a = acc + (g * n + j0 + j) * m;
-                        const float w = ws_t[g * n + j0 + j];
-                        for (int64_t r = rb; r < re; r++) {
-                            uint32_t v = (uint32_t)a[r];
-                            if (wzp) v -= xsum[r - rb] * (uint32_t)wzp[(j0 + j) * groups + g];
-                            if (xz) v -= (uint32_t)xz[r] * (uint32_t)wsum[g * n + j0 + j];
-                            y[r - rb][j] = fmaf((float)(int32_t)v, w, y[r - rb][j]);
-                        }
-                    }
-                }
-                for (int64_t r = rb; r < re; r++)
-                    for (int64_t j = 0; j < nj; j++) {
-                        float f = y[r - rb][j] * xs[r];
-                        if (bias) f = f + load(bias, bias_dtype, j0 + j);
-                        store_out(out, out_dtype, r * n + j0 + j, f);
-                    }
-            }
-        }
-        return;
-    }
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < m; r++) {
         const float s = xs[r];
@@ -256,17 +223,15 @@ void dllmq_int8_group_epilogue(const int32_t *acc, int64_t groups, int64_t m, in
         float y[GROUP_TILE];
         for (int64_t j0 = 0; j0 < n; j0 += GROUP_TILE) {
             const int64_t nj = n - j0 < GROUP_TILE ? n - j0 : GROUP_TILE;
-            for (int64_t j = 0; j < nj; j++) y[j] = 0.0f;
-            for (int64_t g = 0; g < groups; g++) {
-                const int32_t *a = acc + (g * m + r) * n + j0;
+            for (int64_t j = 0; j < nj; j++) y[j] = g0 == 0 ? 0.0f : partial[r * n + j0 + j];
+            for (int64_t g = g0; g < g1; g++) {
+                const int32_t *a = acc + ((g - g0) * m + r) * n + j0;
                 const float *w = ws_t + g * n + j0;
-                uint32_t xsum = 0;
-                if (wzp)
-                    for (int64_t i = 0; i < gs; i++) xsum += (uint32_t)(int32_t)xq[r * k + g * gs + i];
                 if (!wzp && !xz) {
                     for (int64_t j = 0; j < nj; j++) y[j] = fmaf((float)a[j], w[j], y[j]);
                     continue;
                 }
+                const uint32_t xsum = wzp ? code_sum(xq, r * k + g * gs, gs) : 0u;
                 for (int64_t j = 0; j < nj; j++) {
                     uint32_t v = (uint32_t)a[j];
                     if (wzp) v -= xsum * (uint32_t)wzp[(j0 + j) * groups + g];
@@ -274,13 +239,14 @@ void dllmq_int8_group_epilogue(const int32_t *acc, int64_t groups, int64_t m, in
                     y[j] = fmaf((float)(int32_t)v, w[j], y[j]);
                 }
             }
+            if (g1 < groups) {
+                for (int64_t j = 0; j < nj; j++) partial[r * n + j0 + j] = y[j];
+                continue;
+            }
             for (int64_t j = 0; j < nj; j++) {
                 float f = y[j] * s;
                 if (bias) f = f + load(bias, bias_dtype, j0 + j);
-                if (out_dtype == 1)
-                    ((uint16_t *)out)[r * n + j0 + j] = f32_to_bf16(f);
-                else
-                    ((float *)out)[r * n + j0 + j] = f;
+                store_out(out, out_dtype, r * n + j0 + j, f);
             }
         }
     }

@@ -48,6 +48,9 @@ INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # preferred first: fewer scales, l
 # EPYC without AMX, and the same time either way for the bundled model's 384-wide layers, where the transposed
 # epilogue's extra cost then makes it a loss. benchmarks/results/kernels_epyc.md.
 INT8_SWAPPED_MAX_ROWS = 512
+# The int32 products of a group-wise int8 GEMM are G times the output's size (32x at g128, K 4096): on CPU they are
+# reduced in chunks of groups whose products fit this many bytes of the reused scratch buffer.
+GROUP_PRODUCTS_BYTES = 64 << 20
 INT8_SWAPPED_MIN_WEIGHTS = 1 << 22
 
 
@@ -300,19 +303,22 @@ def int8_linear(
         if x_zero_point is not None and w_sum is None:
             w_sum = weight_code_sums(w_int8, w_zero_point)
         if cpu_fused:
-            # CPU: every group's GEMM into one scratch buffer (strided column slices need no copy), then the
-            # corrections, the group sum, both scales, bias and the cast in one pass: bit-identical to the loop
-            # below, and at the bundled width 2x faster than it
-            shape = (groups, n, m) if swapped else (groups, m, n)
-            acc = native.scratch(groups * m * n, torch.int32).view(shape)  # consumed by the epilogue below
-            for g in range(groups):
-                xg = x_int8[:, g * gs:(g + 1) * gs]
-                if swapped:
-                    torch._int_mm(w_int8[g], xg.t(), out=acc[g])
-                else:
-                    torch._int_mm(xg, w_int8[g].t(), out=acc[g])
-            y = native.int8_group_epilogue(acc, x_scale, ws_t, out_dtype, bias, x_zero_point, w_sum, x_int8,
-                                           w_zero_point, transposed=swapped)
+            # CPU: the groups' GEMMs into one scratch buffer (strided column slices need no copy), in chunks of at
+            # most GROUP_PRODUCTS_BYTES, each reduced by one fused pass (corrections, group sum, both scales, bias,
+            # cast) that carries the fp32 sums between chunks: bit-identical to the loop below, 2x faster at the
+            # bundled width
+            per_chunk = max(1, GROUP_PRODUCTS_BYTES // max(1, 4 * m * n))
+            partial = torch.empty(m, n, dtype=torch.float32) if per_chunk < groups else None
+            y = None
+            for g0 in range(0, groups, per_chunk):
+                g1 = min(groups, g0 + per_chunk)
+                acc = native.scratch((g1 - g0) * m * n, torch.int32).view(g1 - g0, m, n)  # consumed below
+                for g in range(g0, g1):
+                    torch._int_mm(x_int8[:, g * gs:(g + 1) * gs], w_int8[g].t(), out=acc[g - g0])
+                y = native.int8_group_epilogue(acc, x_scale, ws_t, out_dtype, bias, x_zero_point, w_sum, x_int8,
+                                               w_zero_point, groups=(g0, g1), partial=partial)
+                if y is None:
+                    break
             if y is not None:
                 return y
         xg = x_int8.view(m, groups, gs).transpose(0, 1).contiguous()  # [G, M, gs]

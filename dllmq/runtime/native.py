@@ -149,7 +149,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dllmq_quant_rows.restype = None
     lib.dllmq_int8_epilogue.argtypes = [p, i64, i64, p, i64, p, p, p, p, p, p, i32, p, i32, i32, i32]
     lib.dllmq_int8_epilogue.restype = None
-    lib.dllmq_int8_group_epilogue.argtypes = [p, i64, i64, i64, p, i64, p, p, p, p, p, p, i32, p, i32, i32, i32]
+    lib.dllmq_int8_group_epilogue.argtypes = [p, i64, i64, i64, i64, i64, p, i64, p, p, p, p, p, p, i32, p, p, i32,
+                                                i32]
     lib.dllmq_int8_group_epilogue.restype = None
     lib.dllmq_dequant_rows.argtypes = [p, i32, i64, i64, i64, p, p, i64, i64, p, i32, i32]
     lib.dllmq_dequant_rows.restype = None
@@ -253,34 +254,41 @@ def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tenso
 def int8_group_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale_t: torch.Tensor, out_dtype: torch.dtype,
                         bias: torch.Tensor | None = None, x_zero_point: torch.Tensor | None = None,
                         w_sum: torch.Tensor | None = None, x_int8: torch.Tensor | None = None,
-                        w_zero_point: torch.Tensor | None = None, transposed: bool = False) -> torch.Tensor | None:
-    """What `kernels.int8_linear` computes for group-wise weights from acc [G, M, N] ([G, N, M] with ``transposed``,
-    each group's int32 product):
-    per group the zero-point corrections (``w_zero_point`` [N, G], ``w_sum`` [G, N]), times ``w_scale_t`` [G, N],
-    summed over groups in fp32, times ``x_scale`` [M, 1], plus bias, cast. None when unavailable."""
+                        w_zero_point: torch.Tensor | None = None, groups: tuple[int, int] | None = None,
+                        partial: torch.Tensor | None = None) -> torch.Tensor | None:
+    """What `kernels.int8_linear` computes for group-wise weights from acc [g1 - g0, M, N], the int32 products of
+    groups ``groups = (g0, g1)`` (default: all of them): per group the zero-point corrections (``w_zero_point``
+    [N, G], ``w_sum`` [G, N]), times ``w_scale_t`` [G, N], summed over groups in fp32, times ``x_scale`` [M, 1], plus
+    bias, cast. A chunk that does not end at the last group adds into ``partial`` (fp32 [M, N], read unless g0 is 0)
+    and returns it; the last chunk returns the output. None when unavailable."""
     lib = library()
     if lib is None or acc.device.type != "cpu" or acc.dtype != torch.int32 or acc.dim() != 3 or out_dtype not in _DTYPES:
         return None
     if bias is not None and (bias.dtype not in _DTYPES or bias.device.type != "cpu"):
         return None
-    groups, n, m = acc.shape if transposed else (acc.shape[0], acc.shape[2], acc.shape[1])
+    total = w_scale_t.shape[0]
+    g0, g1 = groups or (0, total)
+    _, m, n = acc.shape
+    if g1 - g0 != acc.shape[0] or (g1 < total and (partial is None or not partial.is_contiguous()
+                                                  or partial.dtype != torch.float32 or partial.shape != (m, n))):
+        return None
     acc = acc.contiguous()
     xs = x_scale.reshape(m).to(torch.float32).contiguous()
-    ws = w_scale_t.reshape(groups, n).to(torch.float32).contiguous()
+    ws = w_scale_t.reshape(total, n).to(torch.float32).contiguous()
     xz = wsum = xq = wzp = None
     if x_zero_point is not None:
         xz = x_zero_point.reshape(m).to(torch.int32).contiguous()
-        wsum = w_sum.reshape(groups, n).to(torch.int32).contiguous()
+        wsum = w_sum.reshape(total, n).to(torch.int32).contiguous()
     if w_zero_point is not None:
         xq = x_int8.contiguous()
-        wzp = w_zero_point.reshape(n, groups).to(torch.int32).contiguous()
+        wzp = w_zero_point.reshape(n, total).to(torch.int32).contiguous()
     b = None if bias is None else bias.reshape(n).contiguous()
-    out = torch.empty(m, n, dtype=out_dtype)
-    lib.dllmq_int8_group_epilogue(acc.data_ptr(), groups, m, n, _ptr(xq), 0 if xq is None else xq.shape[1], _ptr(wzp),
-                                  _ptr(xz), _ptr(wsum), xs.data_ptr(), ws.data_ptr(), _ptr(b),
-                                  _DTYPES[b.dtype] if b is not None else 0, out.data_ptr(), _DTYPES[out_dtype],
-                                  int(transposed), _threads(groups * m * n))
-    return out
+    out = torch.empty(m, n, dtype=out_dtype) if g1 == total else None
+    lib.dllmq_int8_group_epilogue(acc.data_ptr(), total, g0, g1, m, n, _ptr(xq), 0 if xq is None else xq.shape[1],
+                                  _ptr(wzp), _ptr(xz), _ptr(wsum), xs.data_ptr(), ws.data_ptr(), _ptr(b),
+                                  _DTYPES[b.dtype] if b is not None else 0, _ptr(partial), _ptr(out),
+                                  _DTYPES[out_dtype], _threads((g1 - g0) * m * n))
+    return out if out is not None else partial
 
 
 def dequantize_packed(packed: torch.Tensor, bits: int, k: int, scale: torch.Tensor, zero_point: torch.Tensor | None,
