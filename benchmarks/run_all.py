@@ -9,6 +9,8 @@ from pathlib import Path
 HERE = Path(__file__).parent
 for script, args in [("peak_rss.py", ["--layers", "4", "16", "32", "--d-model", "1024"]),
                      ("kernels.py", []),
+                     ("act_paths.py", []),
+                     ("transform_overhead.py", []),
                      ("method_matrix.py", []),
                      ("method_nll.py", []),
                      ("wa_matrix.py", []),
