@@ -184,19 +184,14 @@ void dllmq_int8_epilogue(const int32_t *acc, int64_t m, int64_t n, const int8_t 
         const int32_t *a = acc + r * n;
         const float s = xs[r];
         const uint32_t z = xz ? (uint32_t)xz[r] : 0u;
-        uint32_t xsum = 0;
-        if (wzp)
-            for (int64_t i = 0; i < k; i++) xsum += (uint32_t)(int32_t)xq[r * k + i];
+        const uint32_t xsum = wzp ? code_sum(xq, r * k, k) : 0u;
         for (int64_t j = 0; j < n; j++) {
             uint32_t v = (uint32_t)a[j];
             if (wzp) v -= xsum * (uint32_t)wzp[j];
             if (xz) v -= z * (uint32_t)wsum[j];
             float y = ((float)(int32_t)v * s) * ws[j];
             if (bias) y = y + load(bias, bias_dtype, j);
-            if (out_dtype == 1)
-                ((uint16_t *)out)[r * n + j] = f32_to_bf16(y);
-            else
-                ((float *)out)[r * n + j] = y;
+            store_out(out, out_dtype, r * n + j, y);
         }
     }
 }
@@ -270,13 +265,6 @@ void dllmq_gather_cols16(const uint16_t *x, int64_t m, int64_t k, const int64_t 
  * PyTorch needs 8-10 passes with int64 temporaries for this (unpack, subtract, scale, cast). With AVX-512 each
  * 16 values are unpacked by variable shifts in one register; the bf16 rounding is c10's (integer round to nearest
  * even, no flush of subnormals, which VCVTNEPS2BF16 would do). */
-static inline void store_value(void *out, int out_dtype, int64_t i, float v) {
-    if (out_dtype == 1)
-        ((uint16_t *)out)[i] = f32_to_bf16(v);
-    else
-        ((float *)out)[i] = v;
-}
-
 static inline float code_at(const void *packed, int bits, int64_t row, int64_t k, int64_t words_per_row, int64_t i) {
     if (bits == 8) return (float)((const int8_t *)packed)[row * k + i];
     const int per_word = 32 / bits;
@@ -340,7 +328,7 @@ void dllmq_dequant_rows(const void *packed, int bits, int64_t n, int64_t k, int6
 #endif
             for (; i < k1; i++) {
                 const float q = code_at(packed, bits, r, k, words_per_row, i);
-                store_value(out, out_dtype, r * k + i, (zp ? q - z : q) * s);
+                store_out(out, out_dtype, r * k + i, (zp ? q - z : q) * s);
             }
         }
     }

@@ -48,10 +48,10 @@ INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # preferred first: fewer scales, l
 # EPYC without AMX, and the same time either way for the bundled model's 384-wide layers, where the transposed
 # epilogue's extra cost then makes it a loss. benchmarks/results/kernels_epyc.md.
 INT8_SWAPPED_MAX_ROWS = 512
+INT8_SWAPPED_MIN_WEIGHTS = 1 << 22
 # The int32 products of a group-wise int8 GEMM are G times the output's size (32x at g128, K 4096): on CPU they are
 # reduced in chunks of groups whose products fit this many bytes of the reused scratch buffer.
 GROUP_PRODUCTS_BYTES = 64 << 20
-INT8_SWAPPED_MIN_WEIGHTS = 1 << 22
 
 
 # --------------------------------------------------------------------------- reference
@@ -275,8 +275,7 @@ def int8_linear(
     """
     m = x_int8.shape[0]
     cpu_fused = x_int8.device.type == "cpu" and native.library() is not None
-    # the product as W @ X^T for large per-channel layers: see INT8_SWAPPED_MIN_WEIGHTS
-    swapped = int8_swapped(m, w_int8)
+    swapped = int8_swapped(m, w_int8.numel(), grouped=w_int8.dim() == 3)
     if w_int8.dim() == 2:
         n = w_int8.shape[0]
         if x_zero_point is not None and w_sum is None:
@@ -338,10 +337,11 @@ def int8_linear(
     return y.to(out_dtype)
 
 
-def int8_swapped(m: int, w_int8: torch.Tensor) -> bool:
-    """Whether `int8_linear` computes an m-row product on CPU as W @ X^T. Per channel only: with weight groups (K/G =
-    128 inputs per GEMM) it measured slower than X @ W^T (1.4-1.6x vs 1.0-1.3x bf16 at 16-256 rows, 4096x4096)."""
-    return w_int8.dim() == 2 and m <= INT8_SWAPPED_MAX_ROWS and w_int8.numel() >= INT8_SWAPPED_MIN_WEIGHTS
+def int8_swapped(m: int, n_weights: int, grouped: bool) -> bool:
+    """Whether `int8_linear` computes an m-row product on CPU (with the fused kernels) as W @ X^T: large layers (see
+    INT8_SWAPPED_MIN_WEIGHTS), per channel only: with weight groups (K/G = 128 inputs per GEMM) it measured slower
+    than X @ W^T (1.4-1.6x vs 1.0-1.3x bf16 at 16-256 rows, 4096x4096)."""
+    return not grouped and m <= INT8_SWAPPED_MAX_ROWS and n_weights >= INT8_SWAPPED_MIN_WEIGHTS
 
 
 def weight_code_sums(w_int8: torch.Tensor, w_zero_point: torch.Tensor | None = None) -> torch.Tensor:

@@ -220,6 +220,31 @@ def quantize_rows(x2: torch.Tensor, qmin: int, qmax: int, clip: float, asym: boo
     return deq if dequantize else (q, scale, zp)
 
 
+def _epilogue_usable(acc: torch.Tensor, dims: int, out_dtype: torch.dtype, bias: torch.Tensor | None) -> bool:
+    return (acc.device.type == "cpu" and acc.dtype == torch.int32 and acc.dim() == dims and out_dtype in _DTYPES
+            and (bias is None or (bias.dtype in _DTYPES and bias.device.type == "cpu")))
+
+
+class _EpilogueArgs:
+    """The epilogues' inputs as the C code reads them: contiguous, fp32 scales, int32 zero points and sums, each in
+    its layout (w_*_shape); the activation codes only when the weight zero point needs their row sums."""
+
+    def __init__(self, m: int, n: int, x_scale, w_scale, w_scale_shape, x_zero_point, w_sum, w_sum_shape, x_int8,
+                 w_zero_point, w_zero_point_shape, bias):
+        self.xs = x_scale.reshape(m).to(torch.float32).contiguous()
+        self.ws = w_scale.reshape(w_scale_shape).to(torch.float32).contiguous()
+        self.xz = self.wsum = self.xq = self.wzp = None
+        if x_zero_point is not None:
+            self.xz = x_zero_point.reshape(m).to(torch.int32).contiguous()
+            self.wsum = w_sum.reshape(w_sum_shape).to(torch.int32).contiguous()
+        if w_zero_point is not None:
+            self.xq = x_int8.contiguous()
+            self.wzp = w_zero_point.reshape(w_zero_point_shape).to(torch.int32).contiguous()
+        self.k = 0 if self.xq is None else self.xq.shape[1]
+        self.bias = None if bias is None else bias.reshape(n).contiguous()
+        self.bias_dtype = 0 if bias is None else _DTYPES[bias.dtype]
+
+
 def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
                   bias: torch.Tensor | None = None, x_zero_point: torch.Tensor | None = None,
                   w_sum: torch.Tensor | None = None, x_int8: torch.Tensor | None = None,
@@ -228,26 +253,14 @@ def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tenso
     per-channel weights: ``acc - rowsum(x_int8) * w_zero_point - x_zero_point * w_sum``, times ``x_scale *
     w_scale``, plus bias, cast to out_dtype [M, N]. None when unavailable or the inputs do not suit the kernel."""
     lib = library()
-    if lib is None or acc.device.type != "cpu" or acc.dtype != torch.int32 or out_dtype not in _DTYPES:
-        return None
-    if bias is not None and (bias.dtype not in _DTYPES or bias.device.type != "cpu"):
+    if lib is None or not _epilogue_usable(acc, 2, out_dtype, bias):
         return None
     n, m = acc.shape if transposed else acc.shape[::-1]
-    acc = acc.contiguous()
-    xs = x_scale.reshape(m).to(torch.float32).contiguous()
-    ws = w_scale.reshape(n).to(torch.float32).contiguous()
-    xz = wsum = xq = wzp = None
-    if x_zero_point is not None:
-        xz = x_zero_point.reshape(m).to(torch.int32).contiguous()
-        wsum = w_sum.reshape(n).to(torch.int32).contiguous()
-    if w_zero_point is not None:
-        xq = x_int8.contiguous()
-        wzp = w_zero_point.reshape(n).to(torch.int32).contiguous()
-    b = None if bias is None else bias.reshape(n).contiguous()
+    a = _EpilogueArgs(m, n, x_scale, w_scale, (n,), x_zero_point, w_sum, (n,), x_int8, w_zero_point, (n,), bias)
     out = torch.empty(m, n, dtype=out_dtype)
-    lib.dllmq_int8_epilogue(acc.data_ptr(), m, n, _ptr(xq), 0 if xq is None else xq.shape[1], _ptr(wzp), _ptr(xz),
-                            _ptr(wsum), xs.data_ptr(), ws.data_ptr(), _ptr(b), _DTYPES[b.dtype] if b is not None else 0,
-                            out.data_ptr(), _DTYPES[out_dtype], int(transposed), _threads(m * n))
+    lib.dllmq_int8_epilogue(acc.contiguous().data_ptr(), m, n, _ptr(a.xq), a.k, _ptr(a.wzp), _ptr(a.xz), _ptr(a.wsum),
+                            a.xs.data_ptr(), a.ws.data_ptr(), _ptr(a.bias), a.bias_dtype, out.data_ptr(),
+                            _DTYPES[out_dtype], int(transposed), _threads(m * n))
     return out
 
 
@@ -262,9 +275,7 @@ def int8_group_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale_t: tor
     bias, cast. A chunk that does not end at the last group adds into ``partial`` (fp32 [M, N], read unless g0 is 0)
     and returns it; the last chunk returns the output. None when unavailable."""
     lib = library()
-    if lib is None or acc.device.type != "cpu" or acc.dtype != torch.int32 or acc.dim() != 3 or out_dtype not in _DTYPES:
-        return None
-    if bias is not None and (bias.dtype not in _DTYPES or bias.device.type != "cpu"):
+    if lib is None or not _epilogue_usable(acc, 3, out_dtype, bias):
         return None
     total = w_scale_t.shape[0]
     g0, g1 = groups or (0, total)
@@ -272,22 +283,13 @@ def int8_group_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale_t: tor
     if g1 - g0 != acc.shape[0] or (g1 < total and (partial is None or not partial.is_contiguous()
                                                   or partial.dtype != torch.float32 or partial.shape != (m, n))):
         return None
-    acc = acc.contiguous()
-    xs = x_scale.reshape(m).to(torch.float32).contiguous()
-    ws = w_scale_t.reshape(total, n).to(torch.float32).contiguous()
-    xz = wsum = xq = wzp = None
-    if x_zero_point is not None:
-        xz = x_zero_point.reshape(m).to(torch.int32).contiguous()
-        wsum = w_sum.reshape(total, n).to(torch.int32).contiguous()
-    if w_zero_point is not None:
-        xq = x_int8.contiguous()
-        wzp = w_zero_point.reshape(n, total).to(torch.int32).contiguous()
-    b = None if bias is None else bias.reshape(n).contiguous()
+    a = _EpilogueArgs(m, n, x_scale, w_scale_t, (total, n), x_zero_point, w_sum, (total, n), x_int8, w_zero_point,
+                      (n, total), bias)
     out = torch.empty(m, n, dtype=out_dtype) if g1 == total else None
-    lib.dllmq_int8_group_epilogue(acc.data_ptr(), total, g0, g1, m, n, _ptr(xq), 0 if xq is None else xq.shape[1],
-                                  _ptr(wzp), _ptr(xz), _ptr(wsum), xs.data_ptr(), ws.data_ptr(), _ptr(b),
-                                  _DTYPES[b.dtype] if b is not None else 0, _ptr(partial), _ptr(out),
-                                  _DTYPES[out_dtype], _threads((g1 - g0) * m * n))
+    lib.dllmq_int8_group_epilogue(acc.contiguous().data_ptr(), total, g0, g1, m, n, _ptr(a.xq), a.k, _ptr(a.wzp),
+                                  _ptr(a.xz), _ptr(a.wsum), a.xs.data_ptr(), a.ws.data_ptr(), _ptr(a.bias),
+                                  a.bias_dtype, _ptr(partial), _ptr(out), _DTYPES[out_dtype],
+                                  _threads((g1 - g0) * m * n))
     return out if out is not None else partial
 
 

@@ -406,9 +406,8 @@ class QuantLinear(nn.Module):
             rows = x.numel() // self.in_features
             # CPU: measured crossovers, see ACT_INT4_CPU_MAX_ROWS; the activation rounding is the same on every path.
             # Large per-channel layers run `_int_mm` as W @ X^T (kernels.int8_swapped), which wins from 8 rows on.
-            swapped = (x.device.type == "cpu" and self.spec.strategy != "group"
-                       and self.out_features * self.in_features >= K.INT8_SWAPPED_MIN_WEIGHTS
-                       and native.library() is not None)
+            swapped = (x.device.type == "cpu" and native.library() is not None
+                       and K.int8_swapped(rows, self.out_features * self.in_features, self.spec.strategy == "group"))
             code_rows = ACT_CODES_SWAPPED_MAX_ROWS if swapped else ACT_INT4_CPU_MAX_ROWS
             if rows <= code_rows and self._supported("int4_cpu_act", x):
                 return "int4_cpu_act"
