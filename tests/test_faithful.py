@@ -156,26 +156,28 @@ def test_duquant_stores_one_transform_per_shared_input_and_computes_it_once(tiny
             assert dtypes <= {torch.bfloat16}  # storage dtype chosen by measured output error (docs/methods.md)
     assert {n.split(".input_transform.")[0] for n in names} == owners
 
-    model = dllmq.load(res.out, dtype=torch.float32)
-    mods = [m for m in model.modules() if isinstance(m, OnlineDuQuant)]
-    assert len(mods) == 8  # 2 blocks x (q/k/v, attn_out, gate/up, down): the shared ones are one module
-    calls = {"n": 0}
-    for m in mods:
-        m.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
-    orig = OnlineDuQuant.transform
-    computed = {"n": 0}
+    from dllmq.quantization.duquant import DuQuantTransform
 
-    def counting(self):
-        computed["n"] += 1
-        return orig(self)
+    # fp32: the torch ops; bf16: on CPUs with AVX512-BF16 one fused transform-and-quantize pass per shared input
+    for dtype in (torch.float32, torch.bfloat16):
+        model = dllmq.load(res.out, dtype=dtype)
+        mods = [m for m in model.modules() if isinstance(m, OnlineDuQuant)]
+        assert len(mods) == 8  # 2 blocks x (q/k/v, attn_out, gate/up, down): the shared ones are one module
+        products = {"n": 0}
 
-    OnlineDuQuant.transform = counting
-    try:
-        with torch.no_grad():
-            model(torch.randint(0, 250, (1, 12)))
-    finally:
-        OnlineDuQuant.transform = orig
-    assert calls["n"] == 14 and computed["n"] == 8  # 14 consumers, 8 products (one per input per block)
+        def counting(orig):
+            def run(self, *a, **kw):
+                products["n"] += 1
+                return orig(self, *a, **kw)
+            return run
+
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("apply", "apply_quantized"):
+                mp.setattr(DuQuantTransform, name, counting(getattr(DuQuantTransform, name)))
+            with torch.no_grad():
+                model(torch.randint(0, 250, (1, 12)))
+        assert products["n"] == 8, dtype  # 14 consumers, 8 products (one per input per block)
+        assert all(m._memo is None for m in mods)  # released after the last consumer
 
 
 def test_duquant_bf16_storage_folds_against_the_stored_rotation():

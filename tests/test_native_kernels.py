@@ -223,6 +223,115 @@ def test_column_gather_and_duquant_transform(dtype):
     assert torch.equal(tr.apply(xb), ref)
 
 
+needs_bf16_dot = pytest.mark.skipif(not native.bf16_dot_available(),
+                                    reason="native kernels without AVX512-BF16 dot products (DuQuant's torch path runs)")
+
+
+def _duquant(k: int, b: int, smooth: bool, seed: int = 0) -> DuQuantTransform:
+    g = torch.Generator().manual_seed(seed)
+    rots = [torch.linalg.qr(torch.randn(k // b, b, b, generator=g, dtype=torch.float64))[0] for _ in range(2)]
+    s = torch.rand(k, generator=g, dtype=torch.float64) + 0.5 if smooth else None
+    return DuQuantTransform(s, rots[0], torch.randperm(k, generator=g), rots[1]).to(dtype=torch.bfloat16)
+
+
+def _close_bf16(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal up to the bf16 rounding of a sum taken in another order: here the kernel matched oneDNN's bmm bit for
+    bit; AMX tiles sum in another order, which moves a few values by one bf16 step."""
+    assert a.shape == b.shape and a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -6, atol=1e-2)
+    assert (a != b).sum().item() <= 0.02 * a.numel()
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("m", [0, 1, 5, 37, 130])
+@pytest.mark.parametrize("k,b", [(384, 128), (256, 64), (80, 16)])
+@pytest.mark.parametrize("smooth", [True, False], ids=["smooth", "no-smooth"])
+def test_duquant_kernel_computes_the_transform(m, k, b, smooth):
+    """The fused kernel returns what the torch ops (divide, block bmm, gather, block bmm) return, for row counts
+    that are not multiples of its 4-row tiles and for every block size it takes (multiples of 16)."""
+    tr = _duquant(k, b, smooth)
+    x = _rows(m, k, torch.bfloat16)
+    assert tr.native_args(x) is not None
+    with native.torch_only():
+        ref = tr.apply(x)
+    _close_bf16(tr.apply(x), ref)
+    _close_bf16(tr.apply(x.reshape(1, m, k)).reshape(m, k), ref)  # leading dims
+    strided = torch.cat([x, x], dim=1)[:, :k]  # rows with a stride, read in place
+    _close_bf16(tr.apply(strided), ref)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("spec", [ActSpec(8, symmetric=False), ActSpec(8), ActSpec(4, symmetric=False, clip_ratio=0.9)],
+                         ids=["a8-asym", "a8-sym", "a4-asym-clip"])
+def test_duquant_fused_quantization_is_the_quantized_transform(spec):
+    """Transform and per-token quantization in one pass: bit-identical to quantizing what `apply` returns, so a
+    layer's numbers do not depend on which of the two paths it takes."""
+    tr = _duquant(384, 128, True, seed=1)
+    x = _rows(37, 384, torch.bfloat16, seed=2)
+    fused = tr.apply_quantized(x, spec)
+    assert _same(fused, G.quantize_per_token_affine(tr.apply(x), spec))
+    assert (fused[2] is None) == spec.symmetric
+
+
+def test_duquant_kernel_declines_what_it_cannot_run():
+    """fp32 inputs, block sizes that are not multiples of 16, and inputs needing grad take the torch ops."""
+    tr = _duquant(96, 24, True)
+    x = _rows(7, 96, torch.bfloat16)
+    assert tr.native_args(x) is None and tr.apply_quantized(x, ActSpec(8)) is None
+    tr16 = _duquant(96, 16, True)
+    assert tr16.native_args(x.float()) is None
+    assert tr16.native_args(x.float().requires_grad_().bfloat16()) is None
+    with native.torch_only():
+        assert tr16.native_args(x) is None
+
+
+@needs_bf16_dot
+def test_duquant_packed_rotations_follow_in_place_updates():
+    tr = _duquant(64, 16, True, seed=3)
+    x = _rows(9, 64, torch.bfloat16)
+    before = tr.apply(x)
+    with torch.no_grad():
+        tr.rot1.copy_(tr.rot1.flip(1))
+    after = tr.apply(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, DuQuantTransform(tr.smooth_scale, tr.rot1.clone(), tr.perm, tr.rot2.clone()).apply(x))
+
+
+@needs_bf16_dot
+def test_duquant_layers_share_one_fused_pass_and_match_the_unfused_path(monkeypatch):
+    """q/k/v read one input: one fused transform-and-quantize pass serves the three int8 GEMMs, and the outputs equal
+    those of the unfused path (transform, then quantize)."""
+    from dllmq.runtime.transforms import OnlineDuQuant
+
+    tr = _duquant(384, 128, True, seed=4)
+    mod = OnlineDuQuant(tr.to_tensors(torch.bfloat16))
+    g = torch.Generator().manual_seed(5)
+    spec, act = WeightSpec(4, False, "channel", None), ActSpec(8, symmetric=False)
+    layers = []
+    for n in (384, 128, 128):
+        w = torch.randn(n, 384, generator=g)
+        layer = QuantLinear.from_quantized(rtn_quantize(w, spec), act_spec=act)
+        layer.input_transform = mod
+        layers.append(layer)
+    mod.consumers = len(layers)
+    x = _rows(37, 384, torch.bfloat16, seed=6)
+    calls = {"fused": 0}
+    orig = DuQuantTransform.apply_quantized
+
+    def counting(self, *a, **kw):
+        calls["fused"] += 1
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(DuQuantTransform, "apply_quantized", counting)
+    with torch.no_grad():
+        fused = [layer(x) for layer in layers]
+    assert calls["fused"] == 1 and mod._memo is None  # computed once, released after the last consumer
+    monkeypatch.setattr(OnlineDuQuant, "quantized", lambda self, x, spec: None)
+    with torch.no_grad():
+        unfused = [layer(x) for layer in layers]
+    assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env})

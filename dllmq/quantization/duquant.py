@@ -186,6 +186,12 @@ def _block_diag(rots: torch.Tensor) -> torch.Tensor:
     return torch.block_diag(*rots.unbind(0))
 
 
+# On CPUs with AMX, oneDNN's bf16 bmm runs on AMX tiles, faster than the fused kernel's AVX512-BF16 dot products at
+# many rows (not measured: no AMX CPU in the sessions that built it); there the kernel takes only inputs this small,
+# where the torch ops' fixed costs dominate.
+NATIVE_MAX_ROWS_AMX = 64
+
+
 @dataclass
 class DuQuantTransform:
     """``x ↦ (x / s) · R1 · P · R2`` for one linear input of width K (see module docstring).
@@ -232,16 +238,36 @@ class DuQuantTransform:
         r2 = _block_diag(self.rot2.to(dtype))
         return r1[:, self.perm.to(r1.device)] @ r2.to(r1.device)
 
+    def _key(self, dev: torch.device, dt: torch.dtype) -> tuple:
+        # versions: an in-place load into the stored tensors (load_state_dict) invalidates the converted copies
+        return (dev, dt, *(None if t is None or t.is_inference() else t._version
+                           for t in (self.rot1, self.rot2, self.perm, self.smooth_scale)))
+
     def _as(self, dev: torch.device, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(rot1, rot2, perm, 1-D smooth_scale) on dev in dt, converted once per (device, dtype): the smoothing scales
         are stored in fp32 and would otherwise be cast on every forward."""
         cache = self.__dict__.setdefault("_converted", {})
-        # versions: an in-place load into the stored tensors (load_state_dict) invalidates the converted copies
-        key = (dev, dt, *(None if t is None or t.is_inference() else t._version
-                          for t in (self.rot1, self.rot2, self.perm, self.smooth_scale)))
+        key = self._key(dev, dt)
         if key not in cache:
-            s = None if self.smooth_scale is None else self.smooth_scale.to(device=dev, dtype=dt)
-            cache[key] = (self.rot1.to(device=dev, dtype=dt), self.rot2.to(device=dev, dtype=dt), self.perm.to(dev), s)
+            s = None if self.smooth_scale is None else self.smooth_scale.to(device=dev, dtype=dt).contiguous()
+            cache[key] = (self.rot1.to(device=dev, dtype=dt), self.rot2.to(device=dev, dtype=dt),
+                          self.perm.to(dev).contiguous(), s)
+        return cache[key]
+
+    def native_args(self, x: torch.Tensor) -> tuple | None:
+        """The arguments of `native.duquant_rows` (rotations packed once per version) when the fused CPU kernel runs
+        x [..., K]: bf16 on a CPU with AVX512-BF16 dot products, block size a multiple of 16, and, on AMX CPUs, at
+        most `NATIVE_MAX_ROWS_AMX` rows. None otherwise (the torch ops of `apply`)."""
+        if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.requires_grad or self.block_size % 16
+                or (native.has_amx() and x.numel() > NATIVE_MAX_ROWS_AMX * self.in_features)
+                or not native.bf16_dot_available()):
+            return None
+        cache = self.__dict__.setdefault("_pairs", {})
+        key = self._key(x.device, x.dtype)
+        if key not in cache:
+            r1, r2, perm, s = self._as(x.device, x.dtype)
+            p1, p2 = native.pack_bf16_pairs(r1), native.pack_bf16_pairs(r2)
+            cache[key] = None if p1 is None or p2 is None else (s, p1, perm, p2, self.block_size)
         return cache[key]
 
     def _rotate(self, x2: torch.Tensor) -> torch.Tensor:
@@ -258,10 +284,25 @@ class DuQuantTransform:
         if x.shape[-1] != k:
             raise ValueError(f"input has {x.shape[-1]} channels, transform expects {k}")
         x2 = x.reshape(-1, k)
+        args = self.native_args(x2)
+        if args is not None:  # CPU bf16: the ops below fused into one pass (runtime/cpu_kernels.c)
+            y = native.duquant_rows(x2, *args)
+            if y is not None:
+                return y.reshape(x.shape)
         s = self._as(x.device, x.dtype)[3]
         if s is not None:
             x2 = x2 / s
         return self._rotate(x2).reshape(x.shape)
+
+    def apply_quantized(self, x: torch.Tensor, act_spec, args: tuple | None = None) -> tuple | None:
+        """``grid.quantize_per_token_affine(apply(x), act_spec)`` in one pass, the transformed rows never written:
+        the same codes, scales and zero points (the kernel quantizes the bf16 values `apply` returns with the same
+        code). ``args``: `native_args(x)` if already at hand. None where the kernel does not run (`native_args`)."""
+        args = args or self.native_args(x)
+        if args is None or x.shape[-1] != self.in_features:
+            return None
+        return native.duquant_rows(x.reshape(-1, self.in_features), *args,
+                                   quantize=(act_spec.qmin, act_spec.qmax, act_spec.clip_ratio, not act_spec.symmetric))
 
     def fold_into(self, w: torch.Tensor) -> torch.Tensor:
         """Offline weight transform ``(W · s) · T⁻ᵀ`` for ``W`` [N, K], computed in float64, in W's dtype.

@@ -9,7 +9,11 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -47,6 +51,22 @@ static inline __attribute__((always_inline)) void quant_row(const void *x, const
      * not without -fno-signed-zeros), then across lanes; min and max are exact, so the order is free. */
     float lo16[16] = {0}, hi16[16] = {0};
     int64_t i = 0;
+#if defined(__AVX512F__)
+    /* the same per-lane selects (GCC leaves the loop below scalar): MINPS(v, lo) is `v < lo ? v : lo` for every
+     * input, NaN and signed zeros included (it returns the second operand unless v < lo), likewise MAXPS */
+    {
+        __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps();
+        for (; i + 16 <= k; i += 16) {
+            __m512 v = dtype == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                        _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i))), 16))
+                                  : _mm512_loadu_ps((const float *)x + i);
+            vlo = _mm512_min_ps(v, vlo);
+            vhi = _mm512_max_ps(v, vhi);
+        }
+        _mm512_storeu_ps(lo16, vlo);
+        _mm512_storeu_ps(hi16, vhi);
+    }
+#endif
     for (; i + 16 <= k; i += 16)
         for (int j = 0; j < 16; j++) {
             float v = load(x, dtype, i + j);
@@ -273,7 +293,6 @@ static inline float code_at(const void *packed, int bits, int64_t row, int64_t k
 }
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
 static inline void store16(void *out, int out_dtype, int64_t i, __m512 v) {
     if (out_dtype == 1) {
         __m512i u = _mm512_castps_si512(v);
@@ -332,4 +351,120 @@ void dllmq_dequant_rows(const void *packed, int bits, int64_t n, int64_t k, int6
             }
         }
     }
+}
+
+/* DuQuant's online transform (duquant.DuQuantTransform.apply) on bf16 rows: y = ((x / s) R1) P R2 with R1, R2
+ * block-diagonal [nb, b, b], each product rounded to bf16 as torch's bf16 bmm returns it, optionally followed by
+ * the per-token quantization of y (quant_row, the same function dllmq_quant_rows runs: codes bit-identical to
+ * quantizing the returned y). PyTorch runs this as ~10 ops (divide, 2 transposing copies per bmm, gather) of
+ * which the copies and dispatch cost as much as the products at the bundled model's width; here one pass
+ * keeps each tile of TILE_ROWS rows in cache from x to codes. The products use VDPBF16PS (fp32 accumulation of
+ * bf16 pairs in k order); they matched oneDNN's bf16 bmm bit for bit on an AVX512-BF16 CPU, and differ from
+ * other GEMMs (AMX tiles) only in summation order. */
+int dllmq_bf16_dot_available(void) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* The rotations as VDPBF16PS reads them: out[i][p][c][2] = (r[i][2p][c], r[i][2p + 1][c]) for r [nb, b, b]. */
+void dllmq_pack_bf16_pairs(const uint16_t *r, int64_t nb, int64_t b, uint16_t *out) {
+    for (int64_t i = 0; i < nb; i++)
+        for (int64_t p = 0; p < b / 2; p++)
+            for (int64_t c = 0; c < b; c++) {
+                out[((i * (b / 2) + p) * b + c) * 2] = r[(i * b + 2 * p) * b + c];
+                out[((i * (b / 2) + p) * b + c) * 2 + 1] = r[(i * b + 2 * p + 1) * b + c];
+            }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define TILE_ROWS 4
+/* out[r, c0 : c0 + 16 nv] = in[r, :b] @ R[:, c0 : c0 + 16 nv] for the TILE_ROWS rows (row stride ld), R packed
+ * in pairs; nv <= 4 column vectors, 4 x 4 accumulators in registers. */
+static inline __attribute__((always_inline)) void rot_cols(const uint16_t *in, int64_t ld, const uint16_t *rp,
+                                                           int64_t b, int64_t c0, const int nv, uint16_t *out) {
+    __m512 acc[TILE_ROWS][4];
+    for (int r = 0; r < TILE_ROWS; r++)
+        for (int v = 0; v < 4; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < b / 2; p++) {
+        const uint16_t *w = rp + (p * b + c0) * 2;
+        __m512bh wv[4];
+        for (int v = 0; v < nv; v++) wv[v] = (__m512bh)_mm512_loadu_si512(w + 32 * v);
+        for (int r = 0; r < TILE_ROWS; r++) {
+            int32_t pair;
+            memcpy(&pair, in + r * ld + 2 * p, 4);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+            for (int v = 0; v < nv; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, wv[v]);
+        }
+    }
+    for (int r = 0; r < TILE_ROWS; r++)
+        for (int v = 0; v < nv; v++) store16(out, 1, r * ld + c0 + 16 * v, acc[r][v]);
+}
+
+/* A tile's rows [TILE_ROWS, nb * b] (row stride ld) times block-diag(R) into out (same layout). */
+static void rotate_tile(const uint16_t *in, int64_t ld, const uint16_t *rp, int64_t nb, int64_t b, uint16_t *out) {
+    for (int64_t i = 0; i < nb; i++) {
+        const uint16_t *ri = rp + i * b * b;
+        int64_t c0 = 0;
+        for (; c0 + 64 <= b; c0 += 64) rot_cols(in + i * b, ld, ri, b, c0, 4, out + i * b);
+        for (; c0 < b; c0 += 16) rot_cols(in + i * b, ld, ri, b, c0, 1, out + i * b);
+    }
+}
+#endif
+
+/* x [M, K] bf16 (row stride ldx), s [K] bf16 or NULL, r1p / r2p packed pairs, perm [K], block size b (K = nb b,
+ * b % 16 == 0). Writes y [M, K] bf16 when not NULL and, when q is not NULL, the codes q [M, K], scale [M] and (asym)
+ * zp [M] of quant_row. Returns 0 without the CPU extension (the caller falls back), 1 when done. */
+int dllmq_duquant_rows(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const uint16_t *s, const uint16_t *r1p,
+                       const int64_t *perm, const uint16_t *r2p, int64_t b, uint16_t *y, int asym, float clip,
+                       int qmin, int qmax, int8_t *q, float *scale_out, int32_t *zp_out, int nthreads) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    const int64_t nb = k / b, tiles = (m + TILE_ROWS - 1) / TILE_ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        uint16_t *buf = (uint16_t *)malloc(sizeof(uint16_t) * TILE_ROWS * k * 3);
+        if (buf == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        uint16_t *t0 = buf, *t1 = buf + TILE_ROWS * k, *t2 = buf + 2 * TILE_ROWS * k;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            if (buf == NULL) continue;
+            const int64_t r0 = t * TILE_ROWS, nr = m - r0 < TILE_ROWS ? m - r0 : TILE_ROWS;
+            for (int64_t r = 0; r < TILE_ROWS; r++) {
+                uint16_t *d = t0 + r * k;
+                if (r >= nr) {
+                    memset(d, 0, sizeof(uint16_t) * k);
+                } else if (s == NULL) {
+                    memcpy(d, x + (r0 + r) * ldx, sizeof(uint16_t) * k);
+                } else {
+                    const uint16_t *xr = x + (r0 + r) * ldx;
+                    for (int64_t j = 0; j < k; j++) d[j] = f32_to_bf16(bf16_to_f32(xr[j]) / bf16_to_f32(s[j]));
+                }
+            }
+            rotate_tile(t0, k, r1p, nb, b, t1);
+            for (int64_t r = 0; r < nr; r++)
+                for (int64_t j = 0; j < k; j++) t2[r * k + j] = t1[r * k + perm[j]];
+            for (int64_t r = nr; r < TILE_ROWS; r++) memset(t2 + r * k, 0, sizeof(uint16_t) * k);
+            rotate_tile(t2, k, r2p, nb, b, t0);
+            for (int64_t r = 0; r < nr; r++) {
+                const uint16_t *yr = t0 + r * k;
+                if (y != NULL) memcpy(y + (r0 + r) * k, yr, sizeof(uint16_t) * k);
+                if (q != NULL)
+                    quant_row(yr, 1, k, asym, clip, qmin, qmax, q + (r0 + r) * k, scale_out + r0 + r,
+                              asym ? zp_out + r0 + r : NULL, NULL);
+            }
+        }
+        free(buf);
+    }
+    return failed ? 0 : 1;
+#else
+    (void)x; (void)m; (void)k; (void)ldx; (void)s; (void)r1p; (void)perm; (void)r2p; (void)b; (void)y; (void)asym;
+    (void)clip; (void)qmin; (void)qmax; (void)q; (void)scale_out; (void)zp_out; (void)nthreads;
+    return 0;
+#endif
 }

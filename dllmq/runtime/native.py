@@ -77,6 +77,17 @@ def scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:numel]
 
 
+def has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (oneDNN's bf16 GEMMs then outrun the AVX-512 kernels here)."""
+    global _AMX
+    if _AMX is None:
+        _AMX = "amx_bf16" in _cpu_id().split()
+    return _AMX
+
+
+_AMX: bool | None = None
+
+
 def cpu_description() -> str:
     """CPU model and its matrix extensions, e.g. 'AMD EPYC (avx512_vnni, avx512_bf16)': kernel crossovers differ
     between CPUs (AMX or not), so benchmark results name the machine they were measured on."""
@@ -156,6 +167,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dllmq_dequant_rows.restype = None
     lib.dllmq_gather_cols16.argtypes = [p, i64, i64, p, p, i32]
     lib.dllmq_gather_cols16.restype = None
+    lib.dllmq_bf16_dot_available.argtypes = []
+    lib.dllmq_bf16_dot_available.restype = i32
+    lib.dllmq_pack_bf16_pairs.argtypes = [p, i64, i64, p]
+    lib.dllmq_pack_bf16_pairs.restype = None
+    lib.dllmq_duquant_rows.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, i32, f32, i32, i32, p, p, p, i32]
+    lib.dllmq_duquant_rows.restype = i32
 
 
 def library() -> ctypes.CDLL | None:
@@ -225,24 +242,39 @@ def _epilogue_usable(acc: torch.Tensor, dims: int, out_dtype: torch.dtype, bias:
             and (bias is None or (bias.dtype in _DTYPES and bias.device.type == "cpu")))
 
 
+def _flat(t: torch.Tensor, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """t's elements as a contiguous tensor of dtype, t itself when it already is one (the C code reads the pointer
+    only, so no reshape is needed: each torch op here costs about a microsecond, as much as a small layer's pass)."""
+    if t.numel() != numel:
+        raise ValueError(f"expected {numel} elements, got a tensor of shape {tuple(t.shape)}")
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 class _EpilogueArgs:
     """The epilogues' inputs as the C code reads them: contiguous, fp32 scales, int32 zero points and sums, each in
     its layout (w_*_shape); the activation codes only when the weight zero point needs their row sums."""
 
     def __init__(self, m: int, n: int, x_scale, w_scale, w_scale_shape, x_zero_point, w_sum, w_sum_shape, x_int8,
                  w_zero_point, w_zero_point_shape, bias):
-        self.xs = x_scale.reshape(m).to(torch.float32).contiguous()
-        self.ws = w_scale.reshape(w_scale_shape).to(torch.float32).contiguous()
+        self.xs = _flat(x_scale, torch.float32, m)
+        self.ws = _flat(w_scale, torch.float32, _numel(w_scale_shape))
         self.xz = self.wsum = self.xq = self.wzp = None
         if x_zero_point is not None:
-            self.xz = x_zero_point.reshape(m).to(torch.int32).contiguous()
-            self.wsum = w_sum.reshape(w_sum_shape).to(torch.int32).contiguous()
+            self.xz = _flat(x_zero_point, torch.int32, m)
+            self.wsum = _flat(w_sum, torch.int32, _numel(w_sum_shape))
         if w_zero_point is not None:
             self.xq = x_int8.contiguous()
-            self.wzp = w_zero_point.reshape(w_zero_point_shape).to(torch.int32).contiguous()
+            self.wzp = _flat(w_zero_point, torch.int32, _numel(w_zero_point_shape))
         self.k = 0 if self.xq is None else self.xq.shape[1]
-        self.bias = None if bias is None else bias.reshape(n).contiguous()
+        self.bias = None if bias is None else _flat(bias, bias.dtype, n)
         self.bias_dtype = 0 if bias is None else _DTYPES[bias.dtype]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
 
 
 def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
@@ -333,3 +365,58 @@ def gather_columns(x2: torch.Tensor, perm: torch.Tensor) -> torch.Tensor | None:
     lib.dllmq_gather_cols16(x2.data_ptr(), x2.shape[0], x2.shape[1], perm.data_ptr(), out.data_ptr(),
                             _threads(x2.numel()))
     return out
+
+
+def bf16_dot_available() -> bool:
+    """Whether the kernels were compiled with AVX512-BF16 dot products (`duquant_rows`)."""
+    global _BF16_DOT
+    lib = library()
+    if lib is None:
+        return False
+    if _BF16_DOT is None:
+        _BF16_DOT = bool(lib.dllmq_bf16_dot_available())
+    return _BF16_DOT
+
+
+_BF16_DOT: bool | None = None
+
+
+def pack_bf16_pairs(rot: torch.Tensor) -> torch.Tensor | None:
+    """Block rotations rot [nb, b, b] (bf16) laid out for `duquant_rows`; None when unavailable."""
+    if not bf16_dot_available() or rot.dim() != 3 or rot.dtype != torch.bfloat16 or rot.device.type != "cpu":
+        return None
+    rot = rot.contiguous()
+    out = torch.empty(rot.numel(), dtype=torch.bfloat16)
+    library().dllmq_pack_bf16_pairs(rot.data_ptr(), rot.shape[0], rot.shape[1], out.data_ptr())
+    return out
+
+
+def duquant_rows(x2: torch.Tensor, smooth_scale: torch.Tensor | None, rot1_pairs: torch.Tensor, perm: torch.Tensor,
+                 rot2_pairs: torch.Tensor, block: int, quantize: tuple[int, int, float, bool] | None = None):
+    """DuQuant's online transform ``((x2 / s) R1) P R2`` of bf16 rows x2 [M, K] in one pass, each product rounded to
+    bf16 as `DuQuantTransform.apply` rounds it (rotations from `pack_bf16_pairs`, s bf16 [K] or None, perm int64 [K]
+    a validated permutation). Returns y [M, K] bf16, or with ``quantize = (qmin, qmax, clip, asym)`` the per-token
+    quantization of y as `quantize_rows` returns it, without writing y. None when unavailable."""
+    lib = library()
+    if (lib is None or x2.dim() != 2 or x2.dtype != torch.bfloat16 or x2.device.type != "cpu" or x2.requires_grad
+            or block % 16 or x2.shape[1] % block or not bf16_dot_available()):
+        return None
+    # the caller guarantees the rest (DuQuantTransform.native_args): bf16 s [K] and packed rotations, int64 perm
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m, k = x2.shape
+    y = q = scale = zp = None
+    if quantize is None:
+        y = torch.empty(m, k, dtype=torch.bfloat16)
+        qmin = qmax = 0
+        clip, asym = 1.0, False
+    else:
+        qmin, qmax, clip, asym = quantize
+        q = torch.empty(m, k, dtype=torch.int8)
+        scale = torch.empty(m, 1, dtype=torch.float32)
+        zp = torch.empty(m, 1, dtype=torch.int32) if asym else None
+    if m and not lib.dllmq_duquant_rows(x2.data_ptr(), m, k, x2.stride(0), _ptr(smooth_scale), rot1_pairs.data_ptr(),
+                                        perm.data_ptr(), rot2_pairs.data_ptr(), block, _ptr(y), int(asym), float(clip),
+                                        qmin, qmax, _ptr(q), _ptr(scale), _ptr(zp), _threads(m * k * 8)):
+        return None
+    return y if quantize is None else (q, scale, zp)

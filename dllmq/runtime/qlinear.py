@@ -539,11 +539,16 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
-        path = self.kernel_for(x)
+        path = self.kernel_for(x)  # online transforms keep the shape, dtype and device it depends on
+        fused = None
+        if self.input_transform is not None:
+            quantized = getattr(self.input_transform, "quantized", None)
+            if path == "int8_act" and quantized is not None:
+                fused = quantized(x, self.act_spec)  # transform and activation quantization in one pass (CPU)
+            if fused is None:
+                x = self.input_transform(x)
         x2 = x.reshape(-1, self.in_features)
         bias = self.bias
         if path == "dequant":
@@ -560,7 +565,8 @@ class QuantLinear(nn.Module):
             y = T.w4a8_linear_triton(x2, packed, self._scale_f32().to(x.device), K._group_len(self.spec, self.in_features),
                                      bias, qmax=self.act_spec.qmax, clip_ratio=self.act_spec.clip_ratio)
         elif path == "int8_act":
-            xq, xs, xz = _quantize_shared_input(x, x2, self.act_spec)  # xz: asymmetric activations only
+            # xz: asymmetric activations only
+            xq, xs, xz = fused if fused is not None else _quantize_shared_input(x, x2, self.act_spec)
             w, ws, wzp = self._int8_act_state(x.device)
             wsum = None if xz is None else self._cached(
                 ("int8_act_wsum", x.device), lambda: K.weight_code_sums(w, wzp))  # [N] / [G, N] int32: tiny

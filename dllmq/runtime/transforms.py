@@ -147,7 +147,7 @@ class OnlineDuQuant(nn.Module):
     def __init__(self, tensors: dict[str, torch.Tensor]):
         super().__init__()
         self.consumers = 1
-        self._memo: tuple | None = None  # (input tensor, its version, output, hits)
+        self._memo: tuple | None = None  # (input tensor, its version, {form: result}, hits)
         self._built: tuple | None = None  # (buffers it was built from, DuQuantTransform)
         for k in ("rot1", "perm", "rot2"):
             if k not in tensors:
@@ -166,14 +166,31 @@ class OnlineDuQuant(nn.Module):
             self._built = (bufs, DuQuantTransform(*bufs))
         return self._built[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _shared(self, x: torch.Tensor, form, compute):
+        """compute() once per input tensor (and version) and form for all `consumers`, who each call once."""
+        version = None if x.is_inference() else x._version
         m = self._memo
-        if m is not None and m[0] is x and m[1] == x._version:
-            out, hits = m[2], m[3] + 1
+        if m is not None and m[0] is x and m[1] == version:
+            results, hits = m[2], m[3] + 1
         else:
-            out, hits = self.transform().apply(x), 1
-        self._memo = (x, x._version, out, hits) if hits < self.consumers else None
-        return out
+            results, hits = {}, 1
+        if form not in results:
+            results[form] = compute()
+        self._memo = (x, version, results, hits) if hits < self.consumers else None
+        return results[form]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._shared(x, None, lambda: self.transform().apply(x))
+
+    def quantized(self, x: torch.Tensor, act_spec):
+        """The per-token quantization of forward(x) (`grid.quantize_per_token_affine`), computed in one fused pass
+        where the CPU kernel runs (`DuQuantTransform.apply_quantized`); None elsewhere, and then the caller runs
+        forward and quantizes. Counts as this consumer's call when not None."""
+        t = self.transform()
+        args = t.native_args(x)
+        if args is None:
+            return None
+        return self._shared(x, act_spec, lambda: t.apply_quantized(x, act_spec, args))
 
 
 @register_transform
