@@ -403,56 +403,71 @@ static inline __attribute__((always_inline)) void rot_cols(const uint16_t *in, i
         for (int v = 0; v < nv; v++) store16(out, 1, r * ld + c0 + 16 * v, acc[r][v]);
 }
 
-/* A tile's rows [TILE_ROWS, nb * b] (row stride ld) times block-diag(R) into out (same layout). */
-static void rotate_tile(const uint16_t *in, int64_t ld, const uint16_t *rp, int64_t nb, int64_t b, uint16_t *out) {
-    for (int64_t i = 0; i < nb; i++) {
-        const uint16_t *ri = rp + i * b * b;
-        int64_t c0 = 0;
-        for (; c0 + 64 <= b; c0 += 64) rot_cols(in + i * b, ld, ri, b, c0, 4, out + i * b);
-        for (; c0 < b; c0 += 16) rot_cols(in + i * b, ld, ri, b, c0, 1, out + i * b);
-    }
+/* Block i of a tile's rows (row stride ld): out[:, i b : (i + 1) b] = in[:, i b : (i + 1) b] @ R_i (rp: R_i packed). */
+static void rotate_block(const uint16_t *in, int64_t ld, const uint16_t *rp, int64_t i, int64_t b, uint16_t *out) {
+    int64_t c0 = 0;
+    for (; c0 + 64 <= b; c0 += 64) rot_cols(in + i * b, ld, rp, b, c0, 4, out + i * b);
+    for (; c0 < b; c0 += 16) rot_cols(in + i * b, ld, rp, b, c0, 1, out + i * b);
 }
 #endif
 
 /* x [M, K] bf16 (row stride ldx), s [K] bf16 or NULL, r1p / r2p packed pairs, perm [K], block size b (K = nb b,
  * b % 16 == 0). Writes y [M, K] bf16 when not NULL and, when q is not NULL, the codes q [M, K], scale [M] and (asym)
- * zp [M] of quant_row. Returns 0 without the CPU extension (the caller falls back), 1 when done. */
+ * zp [M] of quant_row. Returns 0 without the CPU extension or memory (the caller falls back), 1 when done.
+ * Each thread takes chunks of up to CHUNK_ROWS rows and runs every stage over its chunk block by block, so a
+ * rotation block (32 KiB at b = 128) is read once per chunk and stays in cache across the chunk's tiles: at
+ * LLaDA-8B's MLP width the rotations are 3 MiB each, which 4-row tiles would stream from memory 64 times per
+ * 256-row call. */
+#define CHUNK_ROWS 64
 int dllmq_duquant_rows(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const uint16_t *s, const uint16_t *r1p,
                        const int64_t *perm, const uint16_t *r2p, int64_t b, uint16_t *y, int asym, float clip,
                        int qmin, int qmax, int8_t *q, float *scale_out, int32_t *zp_out, int nthreads) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-    const int64_t nb = k / b, tiles = (m + TILE_ROWS - 1) / TILE_ROWS;
+    const int64_t nb = k / b;
+    /* chunk: the rows per thread (so 2 threads split 96 rows 48 / 48), in whole tiles, at most CHUNK_ROWS */
+    int64_t cr = (m + nthreads - 1) / nthreads;
+    cr = (cr + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
+    cr = cr > CHUNK_ROWS ? CHUNK_ROWS : (cr < TILE_ROWS ? TILE_ROWS : cr);
+    const int64_t chunks = (m + cr - 1) / cr;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        uint16_t *buf = (uint16_t *)malloc(sizeof(uint16_t) * TILE_ROWS * k * 3);
+        uint16_t *buf = (uint16_t *)malloc(sizeof(uint16_t) * cr * k * 2);
         if (buf == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
-        uint16_t *t0 = buf, *t1 = buf + TILE_ROWS * k, *t2 = buf + 2 * TILE_ROWS * k;
+        uint16_t *t0 = buf, *t1 = buf + cr * k;
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) {
+        for (int64_t c = 0; c < chunks; c++) {
             if (buf == NULL) continue;
-            const int64_t r0 = t * TILE_ROWS, nr = m - r0 < TILE_ROWS ? m - r0 : TILE_ROWS;
-            for (int64_t r = 0; r < TILE_ROWS; r++) {
+            const int64_t r0 = c * cr, nr = m - r0 < cr ? m - r0 : cr;
+            const int64_t tiles = (nr + TILE_ROWS - 1) / TILE_ROWS, padded = tiles * TILE_ROWS;
+            for (int64_t r = 0; r < padded; r++) { /* x / s, rounded to bf16 as torch's bf16 division; zero padding */
                 uint16_t *d = t0 + r * k;
                 if (r >= nr) {
                     memset(d, 0, sizeof(uint16_t) * k);
-                } else if (s == NULL) {
-                    memcpy(d, x + (r0 + r) * ldx, sizeof(uint16_t) * k);
                 } else {
                     const uint16_t *xr = x + (r0 + r) * ldx;
-                    for (int64_t j = 0; j < k; j++) d[j] = f32_to_bf16(bf16_to_f32(xr[j]) / bf16_to_f32(s[j]));
+                    if (s == NULL)
+                        memcpy(d, xr, sizeof(uint16_t) * k);
+                    else
+                        for (int64_t j = 0; j < k; j++) d[j] = f32_to_bf16(bf16_to_f32(xr[j]) / bf16_to_f32(s[j]));
                 }
             }
-            rotate_tile(t0, k, r1p, nb, b, t1);
-            for (int64_t r = 0; r < nr; r++)
-                for (int64_t j = 0; j < k; j++) t2[r * k + j] = t1[r * k + perm[j]];
-            for (int64_t r = nr; r < TILE_ROWS; r++) memset(t2 + r * k, 0, sizeof(uint16_t) * k);
-            rotate_tile(t2, k, r2p, nb, b, t0);
+            for (int64_t i = 0; i < nb; i++) /* t1 = t0 R1, block by block over all tiles */
+                for (int64_t t = 0; t < tiles; t++)
+                    rotate_block(t0 + t * TILE_ROWS * k, k, r1p + i * b * b, i, b, t1 + t * TILE_ROWS * k);
+            for (int64_t r = 0; r < padded; r++) { /* t0 = t1 P */
+                const uint16_t *src = t1 + r * k;
+                uint16_t *d = t0 + r * k;
+                for (int64_t j = 0; j < k; j++) d[j] = src[perm[j]];
+            }
+            for (int64_t i = 0; i < nb; i++) /* t1 = t0 R2 */
+                for (int64_t t = 0; t < tiles; t++)
+                    rotate_block(t0 + t * TILE_ROWS * k, k, r2p + i * b * b, i, b, t1 + t * TILE_ROWS * k);
             for (int64_t r = 0; r < nr; r++) {
-                const uint16_t *yr = t0 + r * k;
+                const uint16_t *yr = t1 + r * k;
                 if (y != NULL) memcpy(y + (r0 + r) * k, yr, sizeof(uint16_t) * k);
                 if (q != NULL)
                     quant_row(yr, 1, k, asym, clip, qmin, qmax, q + (r0 + r) * k, scale_out + r0 + r,
