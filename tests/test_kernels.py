@@ -194,6 +194,64 @@ def test_quantlinear_paths_match_reference(spec, act, path, shape):
     _check_forced_path(spec, act, path, shape, reference, BF16_TOL)
 
 
+@pytest.fixture
+def no_vnni(monkeypatch):
+    """Dispatch as on a CPU without AVX512-VNNI (the fused int8 kernel unavailable), whatever this one has."""
+    monkeypatch.setattr(native, "_VNNI", False)
+
+
+needs_vnni = pytest.mark.skipif(not native.vnni_available(), reason="native kernels without AVX512-VNNI")
+
+VNNI_CASES = [
+    (WeightSpec(8, True, "channel"), ActSpec(8)),
+    (WeightSpec(4, True, "group", 128), ActSpec(8)),
+    (WeightSpec(4, False, "group", 32), ActSpec(8, symmetric=False)),
+    (WeightSpec(4, False, "channel"), ActSpec(8, symmetric=False)),
+    (WeightSpec(4, True, "group", 32), ActSpec(4, clip_ratio=0.9)),
+    (WeightSpec(2, False, "group", 64), ActSpec(8)),
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("spec,act", VNNI_CASES, ids=lambda v: str(getattr(v, "num_bits", v)))
+@pytest.mark.parametrize("shape", [(1, 256), (2, 3, 256), (2, 40, 256)])
+@pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, True), (torch.float32, False)], ids=["bf16", "fp32"])
+def test_vnni_kernel_is_the_integer_gemm_bit_for_bit(spec, act, shape, dtype, bias):
+    """The fused VNNI kernel (GEMM and epilogue in one pass) returns exactly what `int8_act` (oneDNN `_int_mm` and the
+    epilogue) returns, for per-channel and group-wise weights, symmetric and asymmetric activations."""
+    layer, _ = make_layer(spec, act=act, bias=bias)
+    x = make_x(*shape, dtype=dtype)
+    with force_kernel("int8_vnni"):
+        y = layer(x)
+    with force_kernel("int8_act"):
+        ref = layer(x)
+    assert y.dtype == ref.dtype == dtype and torch.equal(y, ref)
+    assert rel_err(y, act_reference(layer, x)) < BF16_TOL
+
+
+@needs_vnni
+def test_vnni_dispatch(monkeypatch):
+    """With AVX512-VNNI the fused kernel runs weight-activation layers at every row count, except 8-bit per-channel
+    layers without dense copies (their int8_act path reads the stored weight, no copy), layers it cannot tile
+    (N % 16), and on AMX CPUs inputs above VNNI_AMX_MAX_ROWS rows."""
+    w4, _ = make_layer(WeightSpec(4, True, "group", 128), act=ActSpec(8), cache_dequantized=False)
+    for m in (1, 8, 9, 300):
+        assert w4.kernel_for(make_x(m, 256)) == "int8_vnni"
+    assert w4.kernel_for(make_x(5, 256, dtype=torch.float32)) == "int8_vnni"
+    w8_lean, _ = make_layer(WeightSpec(8, True, "channel"), act=ActSpec(8), cache_dequantized=False)
+    w8_cached, _ = make_layer(WeightSpec(8, True, "channel"), act=ActSpec(8), cache_dequantized=True)
+    assert w8_lean.kernel_for(make_x(64, 256)) == "int8_act" and w8_cached.kernel_for(make_x(64, 256)) == "int8_vnni"
+    odd, _ = make_layer(WeightSpec(4, True, "group", 128), act=ActSpec(8), n=40)
+    assert odd.kernel_for(make_x(64, 256)) == "int8_act"
+    monkeypatch.setattr(native, "has_amx", lambda: True)
+    limit = K.VNNI_AMX_MAX_ROWS
+    assert w4.kernel_for(make_x(limit, 256)) == "int8_vnni" and w4.kernel_for(make_x(limit + 1, 256)) == "int8_act"
+    with force_kernel("int8_vnni"), pytest.raises(RuntimeError):
+        odd.kernel_for(make_x(1, 256))
+    with force_kernel("int8_vnni"), pytest.raises(RuntimeError):  # weight-only layer
+        make_layer(WeightSpec(4, True, "group", 128))[0].kernel_for(make_x(1, 256))
+
+
 def _check_forced_path(spec, act, path, shape, ref_fn, tol):
     """Force `path`, check it is the one taken, and compare the output with `ref_fn(layer, x)`."""
     layer, _ = make_layer(spec, act=act)
@@ -219,7 +277,7 @@ def test_quantlinear_matches_float_weights_within_quant_error():
     assert errs[8] < 0.01 < errs[4] < 0.2
 
 
-def test_dispatch_by_rows_device_and_dtype():
+def test_dispatch_by_rows_device_and_dtype(no_vnni):
     # with a cached dequantized copy: int4 kernel up to 8 rows, then the dense bf16 GEMM
     layer, _ = make_layer(WeightSpec(4, True, "group", 128), cache_dequantized=True)
     assert layer.kernel_for(make_x(1, 256)) == "int4_cpu"
@@ -467,7 +525,7 @@ def test_fold_bf16_builds_dense_copy_once_when_cached():
     assert not any(key[0] == "dequant" for key in lean._cache)
 
 
-def test_act_dispatch_on_cpu():
+def test_act_dispatch_on_cpu(no_vnni):
     g128, ch, w8 = WeightSpec(4, True, "group", 128), WeightSpec(4, True, "channel"), WeightSpec(8, True, "channel")
     cached, _ = make_layer(g128, act=ActSpec(8))
     lean, _ = make_layer(g128, act=ActSpec(8), cache_dequantized=False)
@@ -522,7 +580,7 @@ def test_loader_keeps_a_dense_copy_only_for_small_layers(tiny_llada, tmp_path, m
     assert flags(dllmq.load(out, cache_dequantized=True)) == {True}
 
 
-def test_act_dispatch_for_large_per_channel_layers(monkeypatch):
+def test_act_dispatch_for_large_per_channel_layers(monkeypatch, no_vnni):
     """Layers whose int GEMM runs as W @ X^T (kernels.int8_swapped: large, per channel) leave the weight-only kernels
     on the activation codes after ACT_CODES_SWAPPED_MAX_ROWS rows instead of ACT_INT4_CPU_MAX_ROWS."""
     monkeypatch.setattr(K, "INT8_SWAPPED_MIN_WEIGHTS", 64 * 256)  # make the suite's 64x256 layers "large"

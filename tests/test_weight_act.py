@@ -39,7 +39,7 @@ def test_w8a8_close_to_full_precision(fixture, method, request, tmp_path):
     assert err < 0.08, err  # W8A8 is near-lossless when the transforms are right
     qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
     x = torch.randn(16, qls[0].in_features)
-    assert qls[0].kernel_for(x) in ("int8_act", "dequant")
+    assert qls[0].kernel_for(x) in ("int8_act", "int8_vnni", "dequant")
     assert qls[0].act_spec.num_bits == 8
     cfg = json.loads((res.out / "config.json").read_text())["quantization_config"]
     if method == "quarot":

@@ -353,6 +353,8 @@ void dllmq_dequant_rows(const void *packed, int bits, int64_t n, int64_t k, int6
     }
 }
 
+#define TILE_ROWS 4 /* rows per register tile of the dot-product kernels below */
+
 /* DuQuant's online transform (duquant.DuQuantTransform.apply) on bf16 rows: y = ((x / s) R1) P R2 with R1, R2
  * block-diagonal [nb, b, b], each product rounded to bf16 as torch's bf16 bmm returns it, optionally followed by
  * the per-token quantization of y (quant_row, the same function dllmq_quant_rows runs: codes bit-identical to
@@ -380,7 +382,6 @@ void dllmq_pack_bf16_pairs(const uint16_t *r, int64_t nb, int64_t b, uint16_t *o
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-#define TILE_ROWS 4
 /* out[r, c0 : c0 + 16 nv] = in[r, :b] @ R[:, c0 : c0 + 16 nv] for the TILE_ROWS rows (row stride ld), R packed
  * in pairs; nv <= 4 column vectors, 4 x 4 accumulators in registers. */
 static inline __attribute__((always_inline)) void rot_cols(const uint16_t *in, int64_t ld, const uint16_t *rp,
@@ -480,6 +481,125 @@ int dllmq_duquant_rows(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, con
 #else
     (void)x; (void)m; (void)k; (void)ldx; (void)s; (void)r1p; (void)perm; (void)r2p; (void)b; (void)y; (void)asym;
     (void)clip; (void)qmin; (void)qmax; (void)q; (void)scale_out; (void)zp_out; (void)nthreads;
+    return 0;
+#endif
+}
+
+/* The whole integer GEMM of a W8A8 / W4A8 / W4A4 layer (`kernels.int8_linear`) with its epilogue, in one pass:
+ * per-token activation codes xq [M, K] (int8) times weight codes (int8, zero points folded in) laid out by
+ * dllmq_pack_vnni, int32 accumulation with VPDPBUSD, then the corrections, scales, bias and cast of
+ * dllmq_int8_epilogue (per channel, groups == 1) or dllmq_int8_group_epilogue (groups > 1: each group's int32 sum is
+ * scaled into the fp32 result as soon as the group ends, so no [G, M, N] product buffer exists). Same integers
+ * (exact) and the same float operations in the same order as those epilogues: bit-identical outputs.
+ * VPDPBUSD multiplies unsigned by signed bytes, so the codes go in offset by 128 and the accumulator loses
+ * 128 * (the group's weight code sum): with the activation zero point, acc - (128 + xz) * wsum, in wrapping int32
+ * like the epilogues. At the bundled model's width PyTorch's path for the same layer is ~8 ops and two native calls
+ * with a fresh tensor each, which cost as much as the GEMM itself. */
+int dllmq_vnni_available(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* w [N, K] int8 -> out[((jv * (K / 4) + kk) * 16 + c) * 4 + t] = w[16 jv + c, 4 kk + t]: 16 columns x 4 inputs per
+ * 64-byte vector, the operand layout of VPDPBUSD (N % 16 == 0, K % 4 == 0). */
+void dllmq_pack_vnni(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
+    const int64_t kq = k / 4;
+    for (int64_t jv = 0; jv < n / 16; jv++)
+        for (int64_t kk = 0; kk < kq; kk++)
+            for (int c = 0; c < 16; c++)
+                memcpy(out + ((jv * kq + kk) * 16 + c) * 4, w + (jv * 16 + c) * k + kk * 4, 4);
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+/* acc[r, 16 v + c] = sum over inputs 4 kk0 .. 4 kk1 of xu[r, .] w[16 (jv0 + v) + c, .] for TILE_ROWS rows, nv <= 4
+ * column vectors (acc rows of 64 int32). */
+static inline __attribute__((always_inline)) void vnni_cols(const uint8_t *xu, int64_t k, const int8_t *wp,
+                                                            int64_t jv0, const int nv, int64_t kk0, int64_t kk1,
+                                                            int32_t *acc) {
+    const int64_t kq = k / 4;
+    __m512i a[TILE_ROWS][4];
+    for (int r = 0; r < TILE_ROWS; r++)
+        for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_si512();
+    for (int64_t kk = kk0; kk < kk1; kk++) {
+        __m512i wv[4];
+        for (int v = 0; v < nv; v++) wv[v] = _mm512_loadu_si512(wp + ((jv0 + v) * kq + kk) * 64);
+        for (int r = 0; r < TILE_ROWS; r++) {
+            int32_t quad;
+            memcpy(&quad, xu + r * k + 4 * kk, 4);
+            const __m512i bx = _mm512_set1_epi32(quad);
+            for (int v = 0; v < nv; v++) a[r][v] = _mm512_dpbusd_epi32(a[r][v], bx, wv[v]);
+        }
+    }
+    for (int r = 0; r < TILE_ROWS; r++)
+        for (int v = 0; v < nv; v++) _mm512_storeu_si512(acc + r * 64 + 16 * v, a[r][v]);
+}
+#endif
+
+/* xq [M, K] codes, xs [M] fp32 scales, xz [M] int32 zero points or NULL (symmetric), wp packed [N, K] codes, wsum
+ * [groups, N] int32 code sums per group, ws [groups, N] fp32 scales (per channel: [N]), bias [N] or NULL; out [M, N]
+ * in out_dtype. Returns 0 without the CPU extension or memory (the caller falls back), 1 when done. */
+int dllmq_int8_vnni_linear(const int8_t *xq, int64_t m, int64_t k, const float *xs, const int32_t *xz,
+                           const int8_t *wp, int64_t n, int64_t groups, const int32_t *wsum, const float *ws,
+                           const void *bias, int bias_dtype, void *out, int out_dtype, int nthreads) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    const int64_t tiles = (m + TILE_ROWS - 1) / TILE_ROWS, nvec = n / 16, blocks = (nvec + 3) / 4;
+    const int64_t gq = k / groups / 4; /* VPDPBUSD steps per group */
+    uint8_t *xu = (uint8_t *)malloc((size_t)(tiles * TILE_ROWS * k));
+    if (xu == NULL) return 0;
+    /* codes + 128 as unsigned bytes; padding rows hold code 0 (their outputs are not stored) */
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < tiles * TILE_ROWS; r++)
+        for (int64_t i = 0; i < k; i++) xu[r * k + i] = r < m ? (uint8_t)((uint8_t)xq[r * k + i] ^ 0x80u) : 0x80u;
+    /* column blocks outer: a block's weights (64 columns x K bytes) stay in cache while the row tiles pass */
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t jb = 0; jb < blocks; jb++)
+        for (int64_t t = 0; t < tiles; t++) {
+            int32_t acc[TILE_ROWS * 64];
+            float y[TILE_ROWS * 64];
+            const int64_t jv0 = jb * 4, j0 = jv0 * 16, r0 = t * TILE_ROWS;
+            const int nv = nvec - jv0 < 4 ? (int)(nvec - jv0) : 4, cols = 16 * nv;
+            const int nr = m - r0 < TILE_ROWS ? (int)(m - r0) : TILE_ROWS;
+            const uint8_t *xt = xu + r0 * k;
+            for (int64_t g = 0; g < groups; g++) {
+                if (nv == 4)
+                    vnni_cols(xt, k, wp, jv0, 4, g * gq, (g + 1) * gq, acc);
+                else
+                    for (int v = 0; v < nv; v++) vnni_cols(xt, k, wp, jv0 + v, 1, g * gq, (g + 1) * gq, acc + 16 * v);
+                for (int r = 0; r < nr; r++) {
+                    const uint32_t z = 128u + (xz ? (uint32_t)xz[r0 + r] : 0u);
+                    const int32_t *ws_g = wsum + g * n + j0;
+                    const float *sc = ws + g * n + j0;
+                    int32_t *a = acc + r * 64;
+                    float *yr = y + r * 64;
+                    for (int c = 0; c < cols; c++) a[c] = (int32_t)((uint32_t)a[c] - z * (uint32_t)ws_g[c]);
+                    if (groups == 1) {
+                        const float s = xs[r0 + r];
+                        for (int c = 0; c < cols; c++) yr[c] = ((float)a[c] * s) * sc[c];
+                    } else if (g == 0) {
+                        for (int c = 0; c < cols; c++) yr[c] = fmaf((float)a[c], sc[c], 0.0f);
+                    } else {
+                        for (int c = 0; c < cols; c++) yr[c] = fmaf((float)a[c], sc[c], yr[c]);
+                    }
+                }
+            }
+            for (int r = 0; r < nr; r++) {
+                const float s = xs[r0 + r];
+                const float *yr = y + r * 64;
+                for (int c = 0; c < cols; c++) {
+                    float f = groups == 1 ? yr[c] : yr[c] * s;
+                    if (bias) f = f + load(bias, bias_dtype, j0 + c);
+                    store_out(out, out_dtype, (r0 + r) * n + j0 + c, f);
+                }
+            }
+        }
+    free(xu);
+    return 1;
+#else
+    (void)xq; (void)m; (void)k; (void)xs; (void)xz; (void)wp; (void)n; (void)groups; (void)wsum; (void)ws; (void)bias;
+    (void)bias_dtype; (void)out; (void)out_dtype; (void)nthreads;
     return 0;
 #endif
 }

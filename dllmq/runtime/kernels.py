@@ -344,6 +344,20 @@ def int8_swapped(m: int, n_weights: int, grouped: bool) -> bool:
     return not grouped and m <= INT8_SWAPPED_MAX_ROWS and n_weights >= INT8_SWAPPED_MIN_WEIGHTS
 
 
+# The fused int8 GEMM + epilogue (`native.int8_vnni_linear`) against the other CPU paths of weight-activation layers,
+# measured on a 2-core AMD EPYC without AMX (AVX-512 VNNI; time / bf16 F.linear, activation quantization included,
+# 1-256 rows): LLaDA-8B layer shapes per channel 0.14-0.53x (oneDNN `_int_mm` + epilogue, or the int4 kernel on the
+# codes, 0.24-0.92x), group-wise g128 0.19-0.72x (0.36-1.76x); the bundled model's 384/1024-wide layers 0.65-1.5x
+# (0.85-4x). So it runs every layer it can, except on AMX CPUs above this many rows, where oneDNN's AMX int8 tiles
+# should win (not measured against it: no AMX CPU in the session that built it).
+VNNI_AMX_MAX_ROWS = 64
+
+
+def vnni_wins(m: int) -> bool:
+    """Whether the fused VNNI kernel runs an m-row weight-activation layer on this CPU (see VNNI_AMX_MAX_ROWS)."""
+    return m <= VNNI_AMX_MAX_ROWS or not native.has_amx()
+
+
 def weight_code_sums(w_int8: torch.Tensor, w_zero_point: torch.Tensor | None = None) -> torch.Tensor:
     """Per-output-channel sums of ``q_w - z_w`` for `int8_linear`'s layouts: int32 [N] for
     w_int8 [N, K] (zero point [N] / [N, 1]), int32 [G, N] for group-major [G, N, K/G] (zero point [N, G])."""

@@ -173,6 +173,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dllmq_pack_bf16_pairs.restype = None
     lib.dllmq_duquant_rows.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, i32, f32, i32, i32, p, p, p, i32]
     lib.dllmq_duquant_rows.restype = i32
+    lib.dllmq_vnni_available.argtypes = []
+    lib.dllmq_vnni_available.restype = i32
+    lib.dllmq_pack_vnni.argtypes = [p, i64, i64, p]
+    lib.dllmq_pack_vnni.restype = None
+    lib.dllmq_int8_vnni_linear.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, p, i32, p, i32, i32]
+    lib.dllmq_int8_vnni_linear.restype = i32
 
 
 def library() -> ctypes.CDLL | None:
@@ -420,3 +426,59 @@ def duquant_rows(x2: torch.Tensor, smooth_scale: torch.Tensor | None, rot1_pairs
                                         qmin, qmax, _ptr(q), _ptr(scale), _ptr(zp), _threads(m * k * 8)):
         return None
     return y if quantize is None else (q, scale, zp)
+
+
+def vnni_available() -> bool:
+    """Whether the kernels were compiled with AVX512-VNNI (`int8_vnni_linear`)."""
+    global _VNNI
+    lib = library()
+    if lib is None:
+        return False
+    if _VNNI is None:
+        _VNNI = bool(lib.dllmq_vnni_available())
+    return _VNNI
+
+
+_VNNI: bool | None = None
+# Below this many multiply-adds one thread runs the GEMM: waking the pool costs more.
+_GEMM_PARALLEL_MIN = 1 << 20
+
+
+def pack_vnni(w_int8: torch.Tensor) -> torch.Tensor | None:
+    """Weight codes w_int8 [N, K] (int8, N % 16 == 0, K % 4 == 0) laid out for `int8_vnni_linear`; None when
+    unavailable."""
+    if not vnni_available() or w_int8.dim() != 2 or w_int8.dtype != torch.int8 or w_int8.device.type != "cpu":
+        return None
+    n, k = w_int8.shape
+    if n % 16 or k % 4:
+        return None
+    w = w_int8.contiguous()
+    out = torch.empty(n * k, dtype=torch.int8)
+    library().dllmq_pack_vnni(w.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+def int8_vnni_linear(x_int8: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor | None,
+                     w_packed: torch.Tensor, n: int, groups: int, w_sum: torch.Tensor, w_scale: torch.Tensor,
+                     out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`kernels.int8_linear` for weights without a separate zero point, GEMM and epilogue in one pass (bit-identical):
+    x_int8 [M, K] codes, x_scale [M, 1] fp32, x_zero_point [M, 1] int32 or None, w_packed from `pack_vnni`, w_sum
+    int32 [groups, N] code sums per group, w_scale fp32 [groups, N] ([N] per channel). None when unavailable."""
+    lib = library()
+    if (lib is None or not vnni_available() or out_dtype not in _DTYPES or x_int8.dtype != torch.int8
+            or (bias is not None and bias.dtype not in _DTYPES)):
+        return None
+    m, k = x_int8.shape
+    if k % (4 * groups) or w_packed.numel() != n * k:
+        return None
+    xq = x_int8.contiguous()
+    xs = _flat(x_scale, torch.float32, m)
+    xz = None if x_zero_point is None else _flat(x_zero_point, torch.int32, m)
+    b = None if bias is None else _flat(bias, bias.dtype, n)
+    out = torch.empty(m, n, dtype=out_dtype)
+    if m and not lib.dllmq_int8_vnni_linear(
+            xq.data_ptr(), m, k, xs.data_ptr(), _ptr(xz), w_packed.data_ptr(), n, groups, w_sum.data_ptr(),
+            w_scale.data_ptr(), _ptr(b), 0 if b is None else _DTYPES[b.dtype], out.data_ptr(), _DTYPES[out_dtype],
+            torch.get_num_threads() if m * n * k >= _GEMM_PARALLEL_MIN else 1):
+        return None
+    return out

@@ -108,7 +108,7 @@ ACT_INT8PACK_CPU_MAX_ROWS = 8
 ACT_CODES_SWAPPED_MAX_ROWS = 4
 ACT_INT8_CPU_MAX_GROUPS = 8
 
-KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "int8_act", "triton_w4a8",
+KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "int8_act", "int8_vnni", "triton_w4a8",
            "int4_cpu_act", "int8pack_cpu_act", "fold_bf16")
 ACT_CODE_KERNELS = ("int4_cpu_act", "int8pack_cpu_act", "fold_bf16")  # float GEMMs on integer activation codes
 
@@ -356,6 +356,11 @@ class QuantLinear(nn.Module):
             return True
         if path == "int8_act":
             return self.act_spec.enabled
+        if path == "int8_vnni":
+            # zero points folded into int8 codes (<= 4-bit weights, or none); 16-column vectors, 4-byte input steps
+            return (self.act_spec.enabled and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
+                    and (spec.num_bits < 8 or spec.symmetric) and n % 16 == 0
+                    and (k // self._param_shape()[1]) % 4 == 0 and native.vnni_available())
         if path == "triton_w4a8":
             # packed <=4-bit symmetric weights, per-token int activations; CUDA, or CPU under TRITON_INTERPRET=1
             from . import triton_kernels as T
@@ -404,6 +409,12 @@ class QuantLinear(nn.Module):
                     and self._supported("triton_w4a8", x)):
                 return "triton_w4a8"
             rows = x.numel() // self.in_features
+            # the fused VNNI kernel, where it may keep its own copy of the codes (1 B/weight): always for <= 4-bit weights,
+            # whose `int8_act` path keeps such a copy too; for 8-bit per-channel ones (which `int8_act` reads in place)
+            # only where dense copies are kept (`cache_dequantized`: small layers by default)
+            if (self._supported("int8_vnni", x) and K.vnni_wins(rows)
+                    and (self.cache_dequantized or not self._int8_reads_packed())):
+                return "int8_vnni"
             # CPU: measured crossovers, see ACT_INT4_CPU_MAX_ROWS; the activation rounding is the same on every path.
             # Large per-channel layers run `_int_mm` as W @ X^T (kernels.int8_swapped), which wins from 8 rows on.
             swapped = (x.device.type == "cpu" and native.library() is not None
@@ -488,6 +499,10 @@ class QuantLinear(nn.Module):
             lambda: K.prepare_int4_cuda(self.codes(), self._scale_f32(), self.zero_points(), device=device),
         )
 
+    def _int8_reads_packed(self) -> bool:
+        """Whether `int8_act` computes on the stored weight itself (8-bit, one scale per row, no zero point)."""
+        return self.spec.num_bits == 8 and self.weight_zero_point is None and self.spec.strategy != "group"
+
     def _int8_act_state(self, device: torch.device):
         """(w_int8, w_scale, w_zero_point) laid out for `kernels.int8_linear`."""
 
@@ -520,6 +535,24 @@ class QuantLinear(nn.Module):
         # `cache_dequantized` says. Costs 1 B/weight (2x a packed int4 weight; 0 for 8-bit per channel).
         return self._cached(("int8_act", device), build)
 
+    def _vnni_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(packed int8 codes with zero points folded in, int32 code sums [G, N], fp32 scales [G, N], G) for
+        `native.int8_vnni_linear`. Cached like the int8 copy of `int8_act`: 1 B/weight."""
+
+        def build():
+            n, k = self.out_features, self.in_features
+            scale = K._per_row(self._scale_f32(), n)
+            groups = scale.shape[1]
+            q = self.codes()
+            zp = self.zero_points()
+            if zp is not None:  # |q - zp| <= 2^bits - 1 <= 127 below 8 bits (8-bit asymmetric weights: int8_act)
+                q = q - K._per_row(zp, n).repeat_interleave(k // groups, dim=1)
+            w = q.to(torch.int8)
+            wsum = w.view(n, groups, k // groups).sum(dim=2, dtype=torch.int32).t().contiguous()
+            return native.pack_vnni(w), wsum, scale.t().contiguous(), groups
+
+        return self._cached(("int8_vnni",), build)
+
     def _act_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token activation quantization for the float-GEMM paths: (codes ``q - zp`` in x.dtype, fp32
         scale [M, 1]). Same rounding as ``int8_act``; |q - zp| <= 255 is exact in bf16."""
@@ -545,7 +578,7 @@ class QuantLinear(nn.Module):
         fused = None
         if self.input_transform is not None:
             quantized = getattr(self.input_transform, "quantized", None)
-            if path == "int8_act" and quantized is not None:
+            if path in ("int8_act", "int8_vnni") and quantized is not None:
                 fused = quantized(x, self.act_spec)  # transform and activation quantization in one pass (CPU)
             if fused is None:
                 x = self.input_transform(x)
@@ -571,6 +604,12 @@ class QuantLinear(nn.Module):
             wsum = None if xz is None else self._cached(
                 ("int8_act_wsum", x.device), lambda: K.weight_code_sums(w, wzp))  # [N] / [G, N] int32: tiny
             y = K.int8_linear(xq, xs, w, ws, x.dtype, bias, w_zero_point=wzp, x_zero_point=xz, w_sum=wsum)
+        elif path == "int8_vnni":
+            xq, xs, xz = fused if fused is not None else _quantize_shared_input(x, x2, self.act_spec)
+            wp, wsum, ws, groups = self._vnni_state()
+            y = native.int8_vnni_linear(xq, xs, xz, wp, self.out_features, groups, wsum, ws, x.dtype, bias)
+            if y is None:
+                raise RuntimeError("the int8 VNNI kernel declined a layer it was dispatched to")
         elif path in ACT_CODE_KERNELS:
             codes, xs = self._act_codes(x2)
             if path == "int4_cpu_act":
