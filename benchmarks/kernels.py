@@ -89,7 +89,11 @@ def layer_variants(w) -> list[tuple[str, QuantLinear, str | None, int | None]]:
         ("W4A8 g128 int8_act", g_cached, "int8_act", None),
         ("W4A8 g128 fold_bf16", g_cached, "fold_bf16", None),
         ("W4A8 g128 int4_cpu_act", g_cached, "int4_cpu_act", 64),
-    ]
+    ] + ([  # the fused C kernel, on CPUs with AVX512-VNNI
+        ("W8A8 ch int8_vnni", w8a8, "int8_vnni", None),
+        ("W4A8 ch int8_vnni", w4a8, "int8_vnni", None),
+        ("W4A8 g128 int8_vnni", g_lean, "int8_vnni", None),
+    ] if native.vnni_available() else [])
 
 
 def layer_rows(shapes, rows, min_time, before=False):

@@ -24,7 +24,12 @@ Kernel paths (``KERNELS``) and what each really computes:
   by its scales (exact; on CPU the groups' products are reduced in one fused pass). The int8 weight copy is
   prepared once and always cached: 1 B/weight, i.e. 2x the packed int4 weight (8-bit per-channel
   weights reuse ``weight_packed``: no copy).
-* ``int4_cpu_act`` / ``int8pack_cpu_act`` (W?A8 at few rows on CPU): x is quantized per token to
+* ``int8_vnni`` (CPU with AVX512-VNNI): the same integer GEMM and epilogue as ``int8_act`` in one fused pass
+  (runtime/cpu_kernels.c): int8 codes with zero points folded in, packed once for VPDPBUSD (1 B/weight), group
+  scales applied inside the K loop (no per-group product buffer), bit-identical outputs. Chosen for every
+  weight-activation layer it can tile on such CPUs (see `kernels.vnni_wins`), except 8-bit per-channel layers
+  without ``cache_dequantized``, which ``int8_act`` runs on the stored weight without a copy.
+* ``int4_cpu_act`` / ``int8pack_cpu_act`` (W?A8 at few rows on CPU without VNNI): x is quantized per token to
   real integer codes exactly as for ``int8_act``; the codes (``q - zp``, |.| <= 255, exact in bf16)
   go through the weight-only int4 / int8 kernel and its bf16 output is multiplied in place by the
   per-token scale. The integer GEMM is *simulated* by a bf16-input kernel (fp32 accumulation,
