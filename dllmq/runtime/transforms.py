@@ -161,7 +161,8 @@ class OnlineDuQuant(nn.Module):
         """The DuQuantTransform over the current buffers, validated once (rebuilt only after .to() etc.)."""
         from ..quantization.duquant import DuQuantTransform
 
-        bufs = (self.smooth_scale, self.rot1, self.perm, self.rot2)
+        b = self._buffers  # not the attributes: nn.Module's __getattr__ costs a microsecond each, per consumer call
+        bufs = (b["smooth_scale"], b["rot1"], b["perm"], b["rot2"])
         if self._built is None or any(a is not b for a, b in zip(self._built[0], bufs)):
             self._built = (bufs, DuQuantTransform(*bufs))
         return self._built[1]
