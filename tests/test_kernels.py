@@ -197,7 +197,7 @@ def test_quantlinear_paths_match_reference(spec, act, path, shape):
 @pytest.fixture
 def no_vnni(monkeypatch):
     """Dispatch as on a CPU without AVX512-VNNI (the fused int8 kernel unavailable), whatever this one has."""
-    monkeypatch.setattr(native, "_VNNI", False)
+    monkeypatch.setattr(native, "vnni_available", lambda: False)
 
 
 needs_vnni = pytest.mark.skipif(not native.vnni_available(), reason="native kernels without AVX512-VNNI")

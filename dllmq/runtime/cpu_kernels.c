@@ -353,6 +353,19 @@ void dllmq_dequant_rows(const void *packed, int bits, int64_t n, int64_t k, int6
     }
 }
 
+/* What the dot-product kernels below were compiled with, as bits: 1 = AVX512-BF16 (dllmq_duquant_rows),
+ * 2 = AVX512-VNNI (dllmq_int8_vnni_linear). Without one, that kernel returns 0 and the caller falls back. */
+int dllmq_features(void) {
+    int f = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    f |= 1;
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    f |= 2;
+#endif
+    return f;
+}
+
 #define TILE_ROWS 4 /* rows per register tile of the dot-product kernels below */
 
 /* DuQuant's online transform (duquant.DuQuantTransform.apply) on bf16 rows: y = ((x / s) R1) P R2 with R1, R2
@@ -363,13 +376,6 @@ void dllmq_dequant_rows(const void *packed, int bits, int64_t n, int64_t k, int6
  * keeps each tile of TILE_ROWS rows in cache from x to codes. The products use VDPBF16PS (fp32 accumulation of
  * bf16 pairs in k order); they matched oneDNN's bf16 bmm bit for bit on an AVX512-BF16 CPU, and differ from
  * other GEMMs (AMX tiles) only in summation order. */
-int dllmq_bf16_dot_available(void) {
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-    return 1;
-#else
-    return 0;
-#endif
-}
 
 /* The rotations as VDPBF16PS reads them: out[i][p][c][2] = (r[i][2p][c], r[i][2p + 1][c]) for r [nb, b, b]. */
 void dllmq_pack_bf16_pairs(const uint16_t *r, int64_t nb, int64_t b, uint16_t *out) {
@@ -495,13 +501,6 @@ int dllmq_duquant_rows(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, con
  * 128 * (the group's weight code sum): with the activation zero point, acc - (128 + xz) * wsum, in wrapping int32
  * like the epilogues. At the bundled model's width PyTorch's path for the same layer is ~8 ops and two native calls
  * with a fresh tensor each, which cost as much as the GEMM itself. */
-int dllmq_vnni_available(void) {
-#if defined(__AVX512VNNI__) && defined(__AVX512F__)
-    return 1;
-#else
-    return 0;
-#endif
-}
 
 /* w [N, K] int8 -> out[((jv * (K / 4) + kk) * 16 + c) * 4 + t] = w[16 jv + c, 4 kk + t]: 16 columns x 4 inputs per
  * 64-byte vector, the operand layout of VPDPBUSD (N % 16 == 0, K % 4 == 0). */

@@ -167,14 +167,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dllmq_dequant_rows.restype = None
     lib.dllmq_gather_cols16.argtypes = [p, i64, i64, p, p, i32]
     lib.dllmq_gather_cols16.restype = None
-    lib.dllmq_bf16_dot_available.argtypes = []
-    lib.dllmq_bf16_dot_available.restype = i32
+    lib.dllmq_features.argtypes = []
+    lib.dllmq_features.restype = i32
     lib.dllmq_pack_bf16_pairs.argtypes = [p, i64, i64, p]
     lib.dllmq_pack_bf16_pairs.restype = None
     lib.dllmq_duquant_rows.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, i32, f32, i32, i32, p, p, p, i32]
     lib.dllmq_duquant_rows.restype = i32
-    lib.dllmq_vnni_available.argtypes = []
-    lib.dllmq_vnni_available.restype = i32
     lib.dllmq_pack_vnni.argtypes = [p, i64, i64, p]
     lib.dllmq_pack_vnni.restype = None
     lib.dllmq_int8_vnni_linear.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, p, i32, p, i32, i32]
@@ -373,18 +371,28 @@ def gather_columns(x2: torch.Tensor, perm: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-def bf16_dot_available() -> bool:
-    """Whether the kernels were compiled with AVX512-BF16 dot products (`duquant_rows`)."""
-    global _BF16_DOT
+def _features() -> int:
+    """The CPU extensions the loaded kernels were compiled with (bits of `dllmq_features`); 0 without kernels."""
+    global _FEATURES
     lib = library()
     if lib is None:
-        return False
-    if _BF16_DOT is None:
-        _BF16_DOT = bool(lib.dllmq_bf16_dot_available())
-    return _BF16_DOT
+        return 0
+    if _FEATURES is None:
+        _FEATURES = int(lib.dllmq_features())
+    return _FEATURES
 
 
-_BF16_DOT: bool | None = None
+_FEATURES: int | None = None
+
+
+def bf16_dot_available() -> bool:
+    """Whether the kernels were compiled with AVX512-BF16 dot products (`duquant_rows`)."""
+    return bool(_features() & 1)
+
+
+def vnni_available() -> bool:
+    """Whether the kernels were compiled with AVX512-VNNI (`int8_vnni_linear`)."""
+    return bool(_features() & 2)
 
 
 def pack_bf16_pairs(rot: torch.Tensor) -> torch.Tensor | None:
@@ -428,18 +436,6 @@ def duquant_rows(x2: torch.Tensor, smooth_scale: torch.Tensor | None, rot1_pairs
     return y if quantize is None else (q, scale, zp)
 
 
-def vnni_available() -> bool:
-    """Whether the kernels were compiled with AVX512-VNNI (`int8_vnni_linear`)."""
-    global _VNNI
-    lib = library()
-    if lib is None:
-        return False
-    if _VNNI is None:
-        _VNNI = bool(lib.dllmq_vnni_available())
-    return _VNNI
-
-
-_VNNI: bool | None = None
 # Below this many multiply-adds one thread runs the GEMM: waking the pool costs more.
 _GEMM_PARALLEL_MIN = 1 << 20
 
