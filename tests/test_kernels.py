@@ -195,9 +195,11 @@ def test_quantlinear_paths_match_reference(spec, act, path, shape):
 
 
 @pytest.fixture
-def no_vnni(monkeypatch):
-    """Dispatch as on a CPU without AVX512-VNNI (the fused int8 kernel unavailable), whatever this one has."""
+def no_dot_kernels(monkeypatch):
+    """Dispatch as on a CPU without AVX512-VNNI / BF16 (the fused dot-product kernels unavailable), whatever this one
+    has."""
     monkeypatch.setattr(native, "vnni_available", lambda: False)
+    monkeypatch.setattr(native, "bf16_dot_available", lambda: False)
 
 
 needs_vnni = pytest.mark.skipif(not native.vnni_available(), reason="native kernels without AVX512-VNNI")
@@ -227,6 +229,47 @@ def test_vnni_kernel_is_the_integer_gemm_bit_for_bit(spec, act, shape, dtype, bi
         ref = layer(x)
     assert y.dtype == ref.dtype == dtype and torch.equal(y, ref)
     assert rel_err(y, act_reference(layer, x)) < BF16_TOL
+
+
+needs_bf16_dot = pytest.mark.skipif(not native.bf16_dot_available(), reason="native kernels without AVX512-BF16")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("spec", [WeightSpec(4, True, "group", 128), WeightSpec(4, False, "group", 32),
+                                  WeightSpec(2, False, "group", 64), WeightSpec(8, True, "channel"),
+                                  WeightSpec(8, False, "channel"), WeightSpec(4, True, "tensor")],
+                         ids=lambda s: s.describe())
+@pytest.mark.parametrize("shape", [(9, 256), (2, 20, 256), (100, 256)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_w16_dot_kernel_is_the_dense_product(spec, shape, bias):
+    """Weight-only layers without a dense copy: the kernel that dequantizes a block of columns and multiplies it in
+    cache computes what the dense path does, up to a bf16 GEMM's summation order."""
+    layer, _ = make_layer(spec, n=96, bias=bias, cache_dequantized=False)
+    x = make_x(*shape)
+    with force_kernel("w16_dot_cpu"):
+        y = layer(x)
+    with force_kernel("dequant"):
+        dense = layer(x)
+    assert y.shape == dense.shape and y.dtype == dense.dtype == torch.bfloat16
+    assert rel_err(y, dense) < 4e-3 and rel_err(y, reference(layer, x)) < BF16_TOL
+    assert not any(key[0] == "dequant" for key in layer._cache)  # no dense copy kept
+
+
+@needs_bf16_dot
+def test_w16_dot_dispatch(monkeypatch):
+    """Uncached weight-only layers take the block kernel above W16_DOT_MIN_ROWS rows (the int4 kernel below), not
+    with a cached dense copy, fp32 inputs, 3-bit weights, or on AMX CPUs."""
+    lean, _ = make_layer(WeightSpec(4, True, "group", 128), cache_dequantized=False)
+    limit = QL.W16_DOT_MIN_ROWS
+    assert lean.kernel_for(make_x(limit, 256)) == "int4_cpu"
+    assert lean.kernel_for(make_x(limit + 1, 256)) == lean.kernel_for(make_x(300, 256)) == "w16_dot_cpu"
+    assert lean.kernel_for(make_x(64, 256, dtype=torch.float32)) == "dequant"
+    cached, _ = make_layer(WeightSpec(4, True, "group", 128), cache_dequantized=True)
+    assert cached.kernel_for(make_x(64, 256)) == "dequant"
+    three, _ = make_layer(WeightSpec(3, True, "group", 128), cache_dequantized=False)
+    assert three.kernel_for(make_x(64, 256)) != "w16_dot_cpu"
+    monkeypatch.setattr(native, "has_amx", lambda: True)
+    assert lean.kernel_for(make_x(64, 256)) == "dequant"
 
 
 @needs_vnni
@@ -277,7 +320,7 @@ def test_quantlinear_matches_float_weights_within_quant_error():
     assert errs[8] < 0.01 < errs[4] < 0.2
 
 
-def test_dispatch_by_rows_device_and_dtype(no_vnni):
+def test_dispatch_by_rows_device_and_dtype(no_dot_kernels):
     # with a cached dequantized copy: int4 kernel up to 8 rows, then the dense bf16 GEMM
     layer, _ = make_layer(WeightSpec(4, True, "group", 128), cache_dequantized=True)
     assert layer.kernel_for(make_x(1, 256)) == "int4_cpu"
@@ -525,7 +568,7 @@ def test_fold_bf16_builds_dense_copy_once_when_cached():
     assert not any(key[0] == "dequant" for key in lean._cache)
 
 
-def test_act_dispatch_on_cpu(no_vnni):
+def test_act_dispatch_on_cpu(no_dot_kernels):
     g128, ch, w8 = WeightSpec(4, True, "group", 128), WeightSpec(4, True, "channel"), WeightSpec(8, True, "channel")
     cached, _ = make_layer(g128, act=ActSpec(8))
     lean, _ = make_layer(g128, act=ActSpec(8), cache_dequantized=False)
@@ -580,7 +623,7 @@ def test_loader_keeps_a_dense_copy_only_for_small_layers(tiny_llada, tmp_path, m
     assert flags(dllmq.load(out, cache_dequantized=True)) == {True}
 
 
-def test_act_dispatch_for_large_per_channel_layers(monkeypatch, no_vnni):
+def test_act_dispatch_for_large_per_channel_layers(monkeypatch, no_dot_kernels):
     """Layers whose int GEMM runs as W @ X^T (kernels.int8_swapped: large, per channel) leave the weight-only kernels
     on the activation codes after ACT_CODES_SWAPPED_MAX_ROWS rows instead of ACT_INT4_CPU_MAX_ROWS."""
     monkeypatch.setattr(K, "INT8_SWAPPED_MIN_WEIGHTS", 64 * 256)  # make the suite's 64x256 layers "large"

@@ -203,8 +203,9 @@ def test_per_call_dense_layers_share_the_scratch_buffer_safely():
     xs = [torch.randn(40, k, generator=g).to(torch.bfloat16) for _, k in specs]
     for order in ([0, 1, 2], [2, 0, 1, 0]):
         for i in order:
-            assert lean[i].kernel_for(xs[i]) == "dequant" and cached[i].kernel_for(xs[i]) == "dequant"
-            assert torch.equal(lean[i](xs[i]), cached[i](xs[i]))
+            assert cached[i].kernel_for(xs[i]) == "dequant"
+            with force_kernel("dequant"):  # (40 rows: the block kernel w16_dot_cpu by default where the CPU has it)
+                assert torch.equal(lean[i](xs[i]), cached[i](xs[i]))
     assert all(layer._cache == {} for layer in lean)
 
 

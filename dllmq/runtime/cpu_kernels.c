@@ -602,3 +602,110 @@ int dllmq_int8_vnni_linear(const int8_t *xq, int64_t m, int64_t k, const float *
     return 0;
 #endif
 }
+
+/* A weight-only layer (W2/W4/W8 A16) without a dense copy: y [M, N] = x [M, K] (bf16) @ W^T (+ bias), W dequantized
+ * from the stored codes (dllmq_dequant_rows: bf16, as the dense path's copy) one block of DOT_COLS columns at a
+ * time into a per-thread buffer that stays in cache, then multiplied with VDPBF16PS: weight pairs broadcast, the
+ * activations as 16-row vectors of pairs (xp[p][r] = (x[r][2p], x[r][2p + 1]), packed once per call), fp32 sums
+ * carried across chunks of DOT_KC pairs, rounded once to out_dtype (+ bias in fp32). The per-call dense path writes
+ * the whole bf16 weight to memory and reads it back; here each block is reused from cache by every row. The sums
+ * are those of a bf16 GEMM in another order: not bit-identical to oneDNN's (relative ~1e-5). K even, bits 2/4/8. */
+#define DOT_COLS 64
+#define DOT_NC 8
+#define DOT_KC 256
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+static inline __attribute__((always_inline)) void dot_cols(const uint32_t *xp, int64_t mp, int64_t r0, const int rv,
+                                                           const uint16_t *wb, int64_t k, int64_t c0, const int nc,
+                                                           int64_t p0, int64_t p1, float *part) {
+    __m512 acc[DOT_NC][2];
+    for (int c = 0; c < nc; c++)
+        for (int v = 0; v < rv; v++)
+            acc[c][v] = p0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(part + (c * 2 + v) * 16);
+    for (int64_t p = p0; p < p1; p++) {
+        __m512bh xv[2];
+        for (int v = 0; v < rv; v++) xv[v] = (__m512bh)_mm512_loadu_si512(xp + p * mp + r0 + 16 * v);
+        for (int c = 0; c < nc; c++) {
+            int32_t pair;
+            memcpy(&pair, wb + (c0 + c) * k + 2 * p, 4);
+            const __m512bh wv = (__m512bh)_mm512_set1_epi32(pair);
+            for (int v = 0; v < rv; v++) acc[c][v] = _mm512_dpbf16_ps(acc[c][v], wv, xv[v]);
+        }
+    }
+    for (int c = 0; c < nc; c++)
+        for (int v = 0; v < rv; v++) _mm512_storeu_ps(part + (c * 2 + v) * 16, acc[c][v]);
+}
+#endif
+
+int dllmq_w16_dot_linear(const uint16_t *x, int64_t m, int64_t k, const void *packed, int bits, int64_t words_per_row,
+                         const float *scale, const int32_t *zp, int64_t groups, const void *bias, int bias_dtype,
+                         void *out, int out_dtype, int64_t n, int nthreads) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    const int64_t mp = (m + 15) / 16 * 16, kp = k / 2, group_len = k / groups;
+    const int64_t blocks = (n + DOT_COLS - 1) / DOT_COLS;
+    uint32_t *xp = (uint32_t *)malloc(sizeof(uint32_t) * kp * mp);
+    if (xp == NULL) return 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t p0 = 0; p0 < kp; p0 += 64) { /* 64 pairs x all rows at a time: reads along rows, writes in lines */
+        const int64_t p1 = p0 + 64 < kp ? p0 + 64 : kp;
+        for (int64_t r = 0; r < mp; r++)
+            for (int64_t p = p0; p < p1; p++) {
+                uint32_t v = 0;
+                if (r < m) memcpy(&v, x + r * k + 2 * p, 4);
+                xp[p * mp + r] = v;
+            }
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        uint16_t *wb = (uint16_t *)malloc(sizeof(uint16_t) * DOT_COLS * k);
+        float part[DOT_COLS * 32];
+        if (wb == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            if (wb == NULL) continue;
+            const int64_t j0 = b * DOT_COLS, nb = n - j0 < DOT_COLS ? n - j0 : DOT_COLS;
+            const void *pk = bits == 8 ? (const void *)((const int8_t *)packed + j0 * k)
+                                       : (const void *)((const int32_t *)packed + j0 * words_per_row);
+            dllmq_dequant_rows(pk, bits, nb, k, words_per_row, scale + j0 * groups, zp ? zp + j0 * groups : NULL,
+                               groups, group_len, wb, 1, 1);
+            for (int64_t r0 = 0; r0 < mp; r0 += 32) {
+                const int rv = mp - r0 >= 32 ? 2 : 1;
+                for (int64_t p0 = 0; p0 < kp; p0 += DOT_KC) {
+                    const int64_t p1 = p0 + DOT_KC < kp ? p0 + DOT_KC : kp;
+                    for (int64_t c0 = 0; c0 < nb; c0 += DOT_NC) {
+                        const int nc = nb - c0 < DOT_NC ? (int)(nb - c0) : DOT_NC;
+                        float *pc = part + c0 * 32;
+                        if (rv == 2 && nc == DOT_NC)
+                            dot_cols(xp, mp, r0, 2, wb, k, c0, DOT_NC, p0, p1, pc);
+                        else if (nc == DOT_NC)
+                            dot_cols(xp, mp, r0, 1, wb, k, c0, DOT_NC, p0, p1, pc);
+                        else
+                            dot_cols(xp, mp, r0, rv, wb, k, c0, nc, p0, p1, pc);
+                    }
+                }
+                for (int64_t c = 0; c < nb; c++) {
+                    const float *pc = part + (c / DOT_NC) * DOT_NC * 32 + (c % DOT_NC) * 32;
+                    const float bv = bias ? load(bias, bias_dtype, j0 + c) : 0.0f;
+                    for (int i = 0; i < 16 * rv; i++) {
+                        const int64_t r = r0 + i;
+                        if (r >= m) break;
+                        float y = pc[i];
+                        if (bias) y = y + bv;
+                        store_out(out, out_dtype, r * n + j0 + c, y);
+                    }
+                }
+            }
+        }
+        free(wb);
+    }
+    free(xp);
+    return failed ? 0 : 1;
+#else
+    (void)x; (void)m; (void)k; (void)packed; (void)bits; (void)words_per_row; (void)scale; (void)zp; (void)groups;
+    (void)bias; (void)bias_dtype; (void)out; (void)out_dtype; (void)n; (void)nthreads;
+    return 0;
+#endif
+}

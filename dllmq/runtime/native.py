@@ -177,6 +177,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dllmq_pack_vnni.restype = None
     lib.dllmq_int8_vnni_linear.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, p, i32, p, i32, i32]
     lib.dllmq_int8_vnni_linear.restype = i32
+    lib.dllmq_w16_dot_linear.argtypes = [p, i64, i64, p, i32, i64, p, p, i64, p, i32, p, i32, i64, i32]
+    lib.dllmq_w16_dot_linear.restype = i32
 
 
 def library() -> ctypes.CDLL | None:
@@ -475,6 +477,36 @@ def int8_vnni_linear(x_int8: torch.Tensor, x_scale: torch.Tensor, x_zero_point: 
     if m and not lib.dllmq_int8_vnni_linear(
             xq.data_ptr(), m, k, xs.data_ptr(), _ptr(xz), w_packed.data_ptr(), n, groups, w_sum.data_ptr(),
             w_scale.data_ptr(), _ptr(b), 0 if b is None else _DTYPES[b.dtype], out.data_ptr(), _DTYPES[out_dtype],
+            torch.get_num_threads() if m * n * k >= _GEMM_PARALLEL_MIN else 1):
+        return None
+    return out
+
+
+def w16_dot_linear(x2: torch.Tensor, packed: torch.Tensor, bits: int, scale: torch.Tensor,
+                   zero_point: torch.Tensor | None, out_dtype: torch.dtype,
+                   bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A weight-only layer without a dense copy, ``x2 @ dequantize(W).T + bias`` for bf16 rows x2 [M, K]: W as stored
+    (int32 words of `pack_rows` for 2/4 bits, int8 [N, K] for 8), scale fp32 [N, G], zero point int32 [N, G] or None,
+    dequantized to bf16 one cache-sized block of columns at a time and multiplied there (AVX512-BF16). None when
+    unavailable or another width / layout."""
+    lib = library()
+    if (lib is None or not bf16_dot_available() or x2.dim() != 2 or x2.dtype != torch.bfloat16
+            or x2.device.type != "cpu" or bits not in (2, 4, 8) or out_dtype not in _DTYPES
+            or (bias is not None and bias.dtype not in _DTYPES)):
+        return None
+    m, k = x2.shape
+    n, groups = scale.shape
+    if k % 2 or k % groups or (bits == 8) != (packed.dtype == torch.int8) or packed.shape[0] != n:
+        return None
+    x2 = x2.contiguous()
+    pk = packed.contiguous()
+    sc = _flat(scale, torch.float32, n * groups)
+    zp = None if zero_point is None else _flat(zero_point, torch.int32, n * groups)
+    b = None if bias is None else _flat(bias, bias.dtype, n)
+    out = torch.empty(m, n, dtype=out_dtype)
+    if m and not lib.dllmq_w16_dot_linear(
+            x2.data_ptr(), m, k, pk.data_ptr(), bits, pk.shape[1] if bits < 8 else k, sc.data_ptr(), _ptr(zp), groups,
+            _ptr(b), 0 if b is None else _DTYPES[b.dtype], out.data_ptr(), _DTYPES[out_dtype], n,
             torch.get_num_threads() if m * n * k >= _GEMM_PARALLEL_MIN else 1):
         return None
     return out
