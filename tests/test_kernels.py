@@ -257,12 +257,13 @@ def test_w16_dot_kernel_is_the_dense_product(spec, shape, bias):
 
 @needs_bf16_dot
 def test_w16_dot_dispatch(monkeypatch):
-    """Uncached weight-only layers take the block kernel above W16_DOT_MIN_ROWS rows (the int4 kernel below), not
+    """Uncached weight-only layers take the block kernel from W16_DOT_MIN_ROWS to W16_DOT_MAX_ROWS rows, not
     with a cached dense copy, fp32 inputs, 3-bit weights, or on AMX CPUs."""
     lean, _ = make_layer(WeightSpec(4, True, "group", 128), cache_dequantized=False)
     limit = QL.W16_DOT_MIN_ROWS
     assert lean.kernel_for(make_x(limit, 256)) == "int4_cpu"
-    assert lean.kernel_for(make_x(limit + 1, 256)) == lean.kernel_for(make_x(300, 256)) == "w16_dot_cpu"
+    assert lean.kernel_for(make_x(limit + 1, 256)) == lean.kernel_for(make_x(QL.W16_DOT_MAX_ROWS, 256)) == "w16_dot_cpu"
+    assert lean.kernel_for(make_x(QL.W16_DOT_MAX_ROWS + 1, 256)) == "dequant"  # oneDNN's blocked GEMM wins there
     assert lean.kernel_for(make_x(64, 256, dtype=torch.float32)) == "dequant"
     cached, _ = make_layer(WeightSpec(4, True, "group", 128), cache_dequantized=True)
     assert cached.kernel_for(make_x(64, 256)) == "dequant"
