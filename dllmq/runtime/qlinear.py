@@ -15,7 +15,7 @@ Kernel paths (``KERNELS``) and what each really computes:
   x.dtype. The dense copy (2 B/weight in bf16) is cached only when ``cache_dequantized``; otherwise,
   on CPU, a fused kernel dequantizes the packed weight per call into one per-thread scratch buffer
   shared by all layers (the largest layer's dense size, kept for the thread's life).
-* ``w16_dot_cpu`` (weight-only, no dense copy, CPU with AVX512-BF16 and no AMX, 9-128 rows): the packed
+* ``w16_dot_cpu`` (weight-only, no dense copy, CPU with AVX512-BF16 and no AMX, 9-64 rows): the packed
   weight dequantized to bf16 one block of 64 output columns at a time into a per-thread buffer that stays in cache,
   multiplied there with bf16 dot products (fp32 sums, rounded once): the same products as ``dequant`` in another
   summation order, without writing a dense copy of the whole weight per call.
@@ -85,14 +85,14 @@ INT4_CPU_MAX_ROWS = 8
 INT4_CPU_UNCACHED_MAX_ROWS = 24
 INT8PACK_CPU_MAX_ROWS = 4
 # Weight-only layers without a dense copy on a CPU with AVX512-BF16 (no AMX), LLaDA-8B shapes 4096x4096 / 12288x4096
-# g128 (benchmarks/kernels.py; time / bf16): the fused kernel that dequantizes a cache-sized block of columns and
-# multiplies it there (`w16_dot_cpu`) takes 1.00-1.11x at 16 rows, 1.03-1.10x at 32, 1.07-1.14x at 64-96, against
-# 1.21-1.32x (int4 kernel), 1.39-1.46x and 1.12-1.30x for the previous paths; at 256 rows 1.13-1.26x against
-# 1.07-1.13x for the per-call dequantization + oneDNN's GEMM, whose blocking wins there. The int4 kernel keeps the
-# rows up to W16_DOT_MIN_ROWS (0.2-0.4x at 1 row). Not used on AMX CPUs (not measured there: oneDNN's AMX bf16 GEMM
-# on the per-call copy should win).
+# g128 (benchmarks/kernels.py, two runs; time / bf16): the fused kernel that dequantizes a cache-sized block of
+# columns and multiplies it there (`w16_dot_cpu`) takes 1.00-1.18x at 16 rows, 1.03-1.15x at 32 and 1.07-1.14x at 64,
+# against 1.21-1.32x (int4 kernel), 1.39-1.46x and 1.27-1.30x for the previous paths; from 96 rows it measured
+# 1.08-1.38x and at 256 1.13-1.26x, against 1.07-1.13x at 256 for the per-call dequantization + oneDNN's blocked
+# GEMM, which keeps those sizes. The int4 kernel keeps the rows up to W16_DOT_MIN_ROWS (0.2-0.4x at 1 row). Not used
+# on AMX CPUs (not measured there: oneDNN's AMX bf16 GEMM on the per-call copy should win).
 W16_DOT_MIN_ROWS = 8
-W16_DOT_MAX_ROWS = 128
+W16_DOT_MAX_ROWS = 64
 # CUDA, measured on one H200 (benchmarks/gpu_check.py, benchmarks/results/gpu/gpu_check.md, LLaDA-8B layer shapes,
 # time / bf16 F.linear): tinygemm W4A16 is 0.6-1.08x at 1 row, 0.63-0.70x at 8, 0.17-0.24x at 64 and 0.04-0.06x
 # from 512 rows on. Above 8 rows the dense path (dequantize, cuBLAS bf16) is used: one dequantization per call
