@@ -368,15 +368,6 @@ int dllmq_features(void) {
 
 #define TILE_ROWS 4 /* rows per register tile of the dot-product kernels below */
 
-/* DuQuant's online transform (duquant.DuQuantTransform.apply) on bf16 rows: y = ((x / s) R1) P R2 with R1, R2
- * block-diagonal [nb, b, b], each product rounded to bf16 as torch's bf16 bmm returns it, optionally followed by
- * the per-token quantization of y (quant_row, the same function dllmq_quant_rows runs: codes bit-identical to
- * quantizing the returned y). PyTorch runs this as ~10 ops (divide, 2 transposing copies per bmm, gather) of
- * which the copies and dispatch cost as much as the products at the bundled model's width; here one pass
- * keeps each tile of TILE_ROWS rows in cache from x to codes. The products use VDPBF16PS (fp32 accumulation of
- * bf16 pairs in k order); they matched oneDNN's bf16 bmm bit for bit on an AVX512-BF16 CPU, and differ from
- * other GEMMs (AMX tiles) only in summation order. */
-
 /* The rotations as VDPBF16PS reads them: out[i][p][c][2] = (r[i][2p][c], r[i][2p + 1][c]) for r [nb, b, b]. */
 void dllmq_pack_bf16_pairs(const uint16_t *r, int64_t nb, int64_t b, uint16_t *out) {
     for (int64_t i = 0; i < nb; i++)
@@ -418,7 +409,16 @@ static void rotate_block(const uint16_t *in, int64_t ld, const uint16_t *rp, int
 }
 #endif
 
-/* x [M, K] bf16 (row stride ldx), s [K] bf16 or NULL, r1p / r2p packed pairs, perm [K], block size b (K = nb b,
+/* DuQuant's online transform (duquant.DuQuantTransform.apply) on bf16 rows: y = ((x / s) R1) P R2 with R1, R2
+ * block-diagonal [nb, b, b], each product rounded to bf16 as torch's bf16 bmm returns it, optionally followed by
+ * the per-token quantization of y (quant_row, the same function dllmq_quant_rows runs: codes bit-identical to
+ * quantizing the returned y). PyTorch runs this as ~10 ops (divide, 2 transposing copies per bmm, gather) of
+ * which the copies and dispatch cost as much as the products at the bundled model's width; here one pass
+ * keeps each chunk of rows in cache from x to codes. The products use VDPBF16PS (fp32 accumulation of
+ * bf16 pairs in k order); they matched oneDNN's bf16 bmm bit for bit on an AVX512-BF16 CPU, and differ from
+ * other GEMMs (AMX tiles) only in summation order.
+ *
+ * x [M, K] bf16 (row stride ldx), s [K] bf16 or NULL, r1p / r2p packed pairs, perm [K], block size b (K = nb b,
  * b % 16 == 0). Writes y [M, K] bf16 when not NULL and, when q is not NULL, the codes q [M, K], scale [M] and (asym)
  * zp [M] of quant_row. Returns 0 without the CPU extension or memory (the caller falls back), 1 when done.
  * Each thread takes chunks of up to CHUNK_ROWS rows and runs every stage over its chunk block by block, so a

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -77,15 +79,10 @@ def scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:numel]
 
 
+@functools.cache
 def has_amx() -> bool:
     """Whether this CPU has AMX bf16 tiles (oneDNN's bf16 GEMMs then outrun the AVX-512 kernels here)."""
-    global _AMX
-    if _AMX is None:
-        _AMX = "amx_bf16" in _cpu_id().split()
-    return _AMX
-
-
-_AMX: bool | None = None
+    return "amx_bf16" in _cpu_id().split()
 
 
 def cpu_description() -> str:
@@ -263,24 +260,17 @@ class _EpilogueArgs:
     def __init__(self, m: int, n: int, x_scale, w_scale, w_scale_shape, x_zero_point, w_sum, w_sum_shape, x_int8,
                  w_zero_point, w_zero_point_shape, bias):
         self.xs = _flat(x_scale, torch.float32, m)
-        self.ws = _flat(w_scale, torch.float32, _numel(w_scale_shape))
+        self.ws = _flat(w_scale, torch.float32, math.prod(w_scale_shape))
         self.xz = self.wsum = self.xq = self.wzp = None
         if x_zero_point is not None:
             self.xz = _flat(x_zero_point, torch.int32, m)
-            self.wsum = _flat(w_sum, torch.int32, _numel(w_sum_shape))
+            self.wsum = _flat(w_sum, torch.int32, math.prod(w_sum_shape))
         if w_zero_point is not None:
             self.xq = x_int8.contiguous()
-            self.wzp = _flat(w_zero_point, torch.int32, _numel(w_zero_point_shape))
+            self.wzp = _flat(w_zero_point, torch.int32, math.prod(w_zero_point_shape))
         self.k = 0 if self.xq is None else self.xq.shape[1]
         self.bias = None if bias is None else _flat(bias, bias.dtype, n)
         self.bias_dtype = 0 if bias is None else _DTYPES[bias.dtype]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
 
 
 def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,

@@ -538,16 +538,7 @@ class QuantLinear(nn.Module):
             if self.spec.num_bits == 8 and groups == 1 and zp is None and self.weight_packed.device == device:
                 # the stored int8 [N, K] weight already is the layout `_int_mm` wants: no copy
                 return self.weight_packed, scale.reshape(n).contiguous().to(device), None
-            q = self.codes()
-            zp_arg = None
-            if zp is not None:
-                zp = K._per_row(zp, n)
-                if self.spec.num_bits < 8:
-                    # |q - zp| <= 2^bits - 1 <= 127: fold the zero point into int8 codes.
-                    q = q - zp.repeat_interleave(k // groups, dim=1)
-                else:
-                    zp_arg = zp.contiguous()
-            w = q.to(torch.int8)
+            w, zp_arg = self._int8_codes(groups)
             if groups == 1:
                 return w.contiguous().to(device), scale.reshape(n).contiguous().to(device), (
                     None if zp_arg is None else zp_arg.reshape(n).to(device)
@@ -559,23 +550,40 @@ class QuantLinear(nn.Module):
         # `cache_dequantized` says. Costs 1 B/weight (2x a packed int4 weight; 0 for 8-bit per channel).
         return self._cached(("int8_act", device), build)
 
+    def _int8_codes(self, groups: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(int8 codes [N, K], int32 zero points [N, G] still to apply, or None). Below 8 bits the zero point is folded
+        into the codes (|q - zp| <= 2^bits - 1 <= 127); 8-bit zero points do not fit and are returned."""
+        n, k = self.out_features, self.in_features
+        q = self.codes()
+        zp = self.zero_points()
+        if zp is None:
+            return q.to(torch.int8), None
+        zp = K._per_row(zp, n)
+        if self.spec.num_bits == 8:
+            return q.to(torch.int8), zp.contiguous()
+        return (q - zp.repeat_interleave(k // groups, dim=1)).to(torch.int8), None
+
     def _vnni_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(packed int8 codes with zero points folded in, int32 code sums [G, N], fp32 scales [G, N], G) for
-        `native.int8_vnni_linear`. Cached like the int8 copy of `int8_act`: 1 B/weight."""
+        `native.int8_vnni_linear` (8-bit asymmetric weights never come here: `_supported`). Cached like the int8 copy
+        of `int8_act`: 1 B/weight."""
 
         def build():
             n, k = self.out_features, self.in_features
             scale = K._per_row(self._scale_f32(), n)
             groups = scale.shape[1]
-            q = self.codes()
-            zp = self.zero_points()
-            if zp is not None:  # |q - zp| <= 2^bits - 1 <= 127 below 8 bits (8-bit asymmetric weights: int8_act)
-                q = q - K._per_row(zp, n).repeat_interleave(k // groups, dim=1)
-            w = q.to(torch.int8)
+            w, _ = self._int8_codes(groups)
             wsum = w.view(n, groups, k // groups).sum(dim=2, dtype=torch.int32).t().contiguous()
             return native.pack_vnni(w), wsum, scale.t().contiguous(), groups
 
         return self._cached(("int8_vnni",), build)
+
+    def _w16_dot_args(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(fp32 scales [N, G], int32 zero points [N, G] or None) for `native.w16_dot_linear`. Not cached: the layer
+        keeps no state on this path (views for symmetric weights; asymmetric zero points unpack a few KiB)."""
+        n = self.out_features
+        zp = self.zero_points()
+        return K._per_row(self._scale_f32(), n), None if zp is None else K._per_row(zp, n)
 
     def _act_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token activation quantization for the float-GEMM paths: (codes ``q - zp`` in x.dtype, fp32
@@ -621,19 +629,19 @@ class QuantLinear(nn.Module):
                 self.weight_packed if self.spec.num_bits == 4 else T.pack_w4_for_triton(self.codes())).to(x.device))
             y = T.w4a8_linear_triton(x2, packed, self._scale_f32().to(x.device), K._group_len(self.spec, self.in_features),
                                      bias, qmax=self.act_spec.qmax, clip_ratio=self.act_spec.clip_ratio)
-        elif path == "int8_act":
+        elif path in ("int8_act", "int8_vnni"):
             # xz: asymmetric activations only
             xq, xs, xz = fused if fused is not None else _quantize_shared_input(x, x2, self.act_spec)
-            w, ws, wzp = self._int8_act_state(x.device)
-            wsum = None if xz is None else self._cached(
-                ("int8_act_wsum", x.device), lambda: K.weight_code_sums(w, wzp))  # [N] / [G, N] int32: tiny
-            y = K.int8_linear(xq, xs, w, ws, x.dtype, bias, w_zero_point=wzp, x_zero_point=xz, w_sum=wsum)
-        elif path == "int8_vnni":
-            xq, xs, xz = fused if fused is not None else _quantize_shared_input(x, x2, self.act_spec)
-            wp, wsum, ws, groups = self._vnni_state()
-            y = native.int8_vnni_linear(xq, xs, xz, wp, self.out_features, groups, wsum, ws, x.dtype, bias)
-            if y is None:
-                raise RuntimeError("the int8 VNNI kernel declined a layer it was dispatched to")
+            if path == "int8_vnni":
+                wp, wsum, ws, groups = self._vnni_state()
+                y = native.int8_vnni_linear(xq, xs, xz, wp, self.out_features, groups, wsum, ws, x.dtype, bias)
+                if y is None:
+                    raise RuntimeError("the int8 VNNI kernel declined a layer it was dispatched to")
+            else:
+                w, ws, wzp = self._int8_act_state(x.device)
+                wsum = None if xz is None else self._cached(
+                    ("int8_act_wsum", x.device), lambda: K.weight_code_sums(w, wzp))  # [N] / [G, N] int32: tiny
+                y = K.int8_linear(xq, xs, w, ws, x.dtype, bias, w_zero_point=wzp, x_zero_point=xz, w_sum=wsum)
         elif path in ACT_CODE_KERNELS:
             codes, xs = self._act_codes(x2)
             if path == "int4_cpu_act":
@@ -645,10 +653,8 @@ class QuantLinear(nn.Module):
             y = self._rescale(y, xs, x.dtype)
         else:
             if path == "w16_dot_cpu":
-                zp = self.zero_points()
-                n = self.out_features
-                y = native.w16_dot_linear(x2, self.weight_packed, self.spec.num_bits, K._per_row(self._scale_f32(), n),
-                                          None if zp is None else K._per_row(zp, n), x.dtype, bias)
+                y = native.w16_dot_linear(x2, self.weight_packed, self.spec.num_bits, *self._w16_dot_args(), x.dtype,
+                                          bias)
                 if y is None:
                     raise RuntimeError("the weight-only dot-product kernel declined a layer it was dispatched to")
                 bias = None  # added by the kernel
