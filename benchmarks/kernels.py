@@ -1,7 +1,8 @@
-"""Quantized linear layers against bf16 F.linear at dLLM shapes, and one full denoising step.
+"""Quantized linear layers against full-precision F.linear at dLLM shapes, and one full denoising step.
 
 Every timing is a median of torch.utils.benchmark blocked_autorange in the same process; the
-table reports time ratios against bf16 F.linear measured in the same run (absolute times on a
+table reports time ratios against F.linear in the runtime's default dtype (bf16 where the CPU computes it
+natively, float32 where it is emulated; --dtype) measured in the same run (absolute times on a
 shared machine are noise).
 
     python benchmarks/kernels.py                      # LLaDA-8B layer sizes, rows 256/1024/2048
@@ -27,18 +28,30 @@ LLADA_8B = {"q/k/v/o 4096x4096": (4096, 4096), "gate/up 12288x4096": (12288, 409
 
 
 def crossovers(layers: list[dict]) -> list[str]:
-    """Per layer and kernel: the largest row count at which it is faster than bf16 (ratio < 1), if any."""
+    """Per layer and kernel: the largest row count at which it is faster than full precision (ratio < 1), if any."""
     out = []
     for label in dict.fromkeys(r["layer"] for r in layers):
         rs = [r for r in layers if r["layer"] == label]
         cols = dict.fromkeys(c for r in rs for c in r)
-        for col in [c for c in cols if c not in ("layer", "rows", "bf16 F.linear ms")]:
+        for col in [c for c in cols if c not in ("layer", "rows", BASE)]:
             if any(isinstance(r.get(col), str) for r in rs):
                 continue  # kernel-name columns
             fast = [r["rows"] for r in rs if r.get(col) is not None and r[col] < 1.0]
             slow = [r["rows"] for r in rs if r.get(col) is not None and r[col] >= 1.0]
-            out.append(f"{label}, {col}: faster than bf16 at rows {fast or 'none'}; slower at {slow or 'none'}")
+            out.append(f"{label}, {col}: faster than {BASE.split()[0]} at rows {fast or 'none'}; slower at {slow or 'none'}")
     return out
+
+
+# The full-precision baseline: the runtime's default activation dtype on this CPU (bf16 where it is native, float32
+# where it is emulated), or --dtype.
+DTYPE = torch.bfloat16
+BASE, STEP_BASE = "bf16 F.linear ms", "fp bf16 ms"
+
+
+def set_dtype(dtype: torch.dtype) -> None:
+    global DTYPE, BASE, STEP_BASE
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+    DTYPE, BASE, STEP_BASE = dtype, f"{name} F.linear ms", f"fp {name} ms"
 
 
 def median_ms(fn, min_time: float) -> float:
@@ -89,25 +102,27 @@ def layer_variants(w) -> list[tuple[str, QuantLinear, str | None, int | None]]:
         ("W4A8 g128 int8_act", g_cached, "int8_act", None),
         ("W4A8 g128 fold_bf16", g_cached, "fold_bf16", None),
         ("W4A8 g128 int4_cpu_act", g_cached, "int4_cpu_act", 64),
-    ] + ([  # the fused C kernel, on CPUs with AVX512-VNNI
+        # the fused C kernels where this CPU has them (skipped per row where a layer cannot take them)
         ("W8A8 ch int8_vnni", w8a8, "int8_vnni", None),
         ("W4A8 ch int8_vnni", w4a8, "int8_vnni", None),
         ("W4A8 g128 int8_vnni", g_lean, "int8_vnni", None),
-    ] if native.vnni_available() else [])
+        ("W4A16 g128 w16_dot_cpu", w4a16_lean, "w16_dot_cpu", 256),
+        ("W4A16 g128 w32_dot_cpu", w4a16_lean, "w32_dot_cpu", 256),
+    ]
 
 
 def layer_rows(shapes, rows, min_time, before=False):
     out = []
     for label, (n, k) in shapes.items():
         w = torch.randn(n, k) * 0.02
-        wb = w.to(torch.bfloat16)
+        wb = w.to(DTYPE)
         variants = layer_variants(w)
         for m in rows:
-            x = torch.randn(m, k, dtype=torch.bfloat16)
+            x = torch.randn(m, k, dtype=DTYPE)
             base = lambda: F.linear(x, wb)  # noqa: E731
-            row = {"layer": label, "rows": m, "bf16 F.linear ms": median_ms(base, min_time)}
+            row = {"layer": label, "rows": m, BASE: median_ms(base, min_time)}
             for name, ql, force, max_rows in variants:
-                if max_rows is not None and m > max_rows:
+                if max_rows is not None and m > max_rows or force is not None and not ql._supported(force, x):
                     row[name] = None
                     continue
                 with force_kernel(force):
@@ -144,7 +159,7 @@ def wide_model(tmp, tokenizer: bool = False) -> Path:
 
 
 def denoising_step(model, batch, seq_len, min_time, tmp, vocab):
-    """One full-sequence forward: bf16 full precision vs W8A8 / W4A8 (int8 GEMM) / W4A16, same run.
+    """One full-sequence forward: full precision (DTYPE) vs W8A8 / W4A8 (int8 GEMM) / W4A16, same run.
     Weight-activation variants use RTN weights: the transform (SmoothQuant/QuaRot/DuQuant) changes
     accuracy, not the GEMM a step runs (online transforms are timed by `dllmq bench`)."""
     import dllmq
@@ -153,19 +168,19 @@ def denoising_step(model, batch, seq_len, min_time, tmp, vocab):
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq_len), generator=g)
-    fp = dllmq.load(model, dtype=torch.bfloat16)
+    fp = dllmq.load(model, dtype=DTYPE)
     x[torch.rand(batch, seq_len, generator=g) < 0.5] = fp.mask_token_id
     with torch.no_grad():
         base = median_ms(lambda: fp(x), min_time)
     del fp
-    res = {"fp bf16 ms": base}
+    res = {STEP_BASE: base}
     for label, w, a, gs in [("W8A8 int8 GEMM", 8, 8, None), ("W4A8 int8 GEMM", 4, 8, None),
                             ("W4A8 g128", 4, 8, 128), ("W4A16 g128", 4, 16, 128)]:
         out = Path(tmp) / label.replace(" ", "-")
         qcfg = QuantizationConfig("rtn", WeightSpec(w, True, "channel" if gs is None else "group", gs),
                                   ActSpec(a), ignore=[r"model\.transformer\.ff_out"])
         quantize(model, qcfg, out, overwrite=True, show_progress=False)
-        m = dllmq.load(out, dtype=torch.bfloat16)  # the default load: no dense bf16 copies kept
+        m = dllmq.load(out, dtype=DTYPE)  # the default load: no dense copies of large layers kept
         with torch.no_grad():
             res[label] = median_ms(lambda: m(x), min_time) / base
         del m
@@ -184,6 +199,9 @@ def main():
     ap.add_argument("--no-step", action="store_true", help="layers only, skip the denoising-step models")
     ap.add_argument("--before", action="store_true",
                     help="also time W4A8 g128 int8_act with its int8 weight rebuilt on every call (the old default)")
+    ap.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                    help="activation dtype of the baseline and the quantized layers (auto: dllmq's runtime default, "
+                         "bfloat16 where the CPU computes it natively, else float32)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's); 1 gives steadier ratios on a machine shared with other jobs")
     args = ap.parse_args()
@@ -191,13 +209,16 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from dllmq.runtime.loader import default_dtype
+
+    set_dtype(default_dtype("cpu") if args.dtype == "auto" else getattr(torch, args.dtype))
 
     shapes = {k: v for i, (k, v) in enumerate(LLADA_8B.items()) if not args.quick or i == 0}
     layers = layer_rows(shapes, args.rows, args.min_time, before=args.before)
     steps = {}
     if not args.no_step:
         with tempfile.TemporaryDirectory() as d:
-            steps = {"bundled tiny (d 384, batch 16)": denoising_step("tiny", args.step_batch, args.step_seq, args.min_time,
+            steps = {f"bundled tiny (d 384, batch {args.step_batch})": denoising_step("tiny", args.step_batch, args.step_seq, args.min_time,
                                                             d, 4000),
                      "LLaDA-8B block shapes (d 4096, 2 blocks)": denoising_step(
                          str(wide_model(d)), 1, args.step_seq, args.min_time, d, 4000)}
@@ -220,14 +241,15 @@ def main():
             cells = []
             for m in all_rows:
                 v, kern = rs.get(m, {}).get(c), rs.get(m, {}).get(c + " kernel")
-                cell = (f"{v:.1f} ms" if c == "bf16 F.linear ms" else f"{v:.2f}") if isinstance(v, float) else "-"
+                cell = (f"{v:.1f} ms" if c == BASE else f"{v:.2f}") if isinstance(v, float) else "-"
                 cells.append(f"{cell} [{kern}]" if kern else cell)
             lines.append(f"| {lab} | {c} | " + " | ".join(cells) + " |")
     for name, step in steps.items():
-        lines += ["", f"Denoising step, {name}: bf16 = {step['fp bf16 ms']:.1f} ms; ratios (lower is faster):", ""]
-        lines += ["| variant | time / bf16 |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in step.items()
-                                                                 if k != "fp bf16 ms"]
-    lines += ["", "Crossovers (rows where each kernel stops / starts beating bf16 F.linear):", ""]
+        fp = BASE.split()[0]
+        lines += ["", f"Denoising step, {name}: {fp} = {step[STEP_BASE]:.1f} ms; ratios (lower is faster):", ""]
+        lines += [f"| variant | time / {fp} |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in step.items()
+                                                                 if k != STEP_BASE]
+    lines += ["", f"Crossovers (rows where each kernel stops / starts beating {BASE.split()[0]} F.linear):", ""]
     lines += [f"- {c}" for c in crossovers(layers)]
     md = "\n".join(lines)
     args.out.with_suffix(".md").write_text(md + "\n")

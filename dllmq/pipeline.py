@@ -35,6 +35,7 @@ from .models.loading import ShardReader, build_empty, load_tokenizer, parse, rea
 from .quantization.methods import get_method
 from .quantization.qweight import QuantizedWeight
 from .runtime import transforms as online_transforms
+from .runtime.native import native_bf16
 from .ui import progress
 from .validation import resolve_device
 
@@ -82,20 +83,6 @@ def compile_ignore(patterns: list[str]) -> list[re.Pattern]:
         except re.error as e:
             raise UserError(f"--ignore pattern {p!r} is not a valid regular expression ({e})") from None
     return out
-
-
-def native_bf16(device: str) -> bool:
-    """Whether `device` computes bf16 matmuls natively (tensor cores; AVX512-BF16 / AMX on x86 CPUs). Elsewhere bf16 is
-    emulated and slower than float32."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 def calibration_dtype(dtype: torch.dtype | str, method, device: str) -> torch.dtype:
@@ -460,17 +447,17 @@ def _build_calibration(src: Path, arch, calib: CalibOptions, want_conf: bool, de
         prog.console.print(f"calibration: {len(items)} samples, mask mode {calib.mask}")
     if calib.mask == "tmas" or want_conf:
         # TMAS runs the model's own sampler, CGQ needs its confidences: the full-precision model runs in
-        # bfloat16, whole when it fits the device, else streamed block by block (calibration/fp_model.py);
+        # bfloat16 (float32 on CPUs that emulate bf16), whole when it fits the device, else streamed block by block (calibration/fp_model.py);
         # it is freed before the block-by-block pass.
         from .calibration.fp_model import LayerwiseLM, plan
 
         config = arch.parse_config(read_config(src))
         rows = calib.batch_size * (calib.seq_len + (calib.tmas.gen_length if calib.mask == "tmas" else 0))
         p = plan(src, device, activations_bytes=rows * config.vocab_size * 4 * 3)  # logits, fp32 softmax
-        fp = LayerwiseLM(src, device, whole=p.mode == "whole")
+        fp = LayerwiseLM(src, device, dtype=getattr(torch, p.dtype), whole=p.mode == "whole")
         if prog:
             prog.console.print(f"calibration model: {'whole' if p.mode == 'whole' else 'streamed one block at a time'}"
-                               f" in bfloat16 on {device} ({_gib(p.model_bytes)} GiB; {p.reason})", highlight=False)
+                               f" in {p.dtype} on {device} ({_gib(p.model_bytes)} GiB; {p.reason})", highlight=False)
         fwd = p
     t0 = time.perf_counter()
     cset = build(items, tok, fp.mask_token_id if fp else arch.parse_config(read_config(src)).mask_token_id,

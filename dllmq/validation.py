@@ -29,8 +29,8 @@ def known_methods() -> tuple[str, ...]:
 
 
 def check_dtype_name(name: str) -> None:
-    if name not in DTYPES:
-        raise UserError(f"--dtype must be one of bfloat16, float16, float32; got {name!r}")
+    if name != "auto" and name not in DTYPES:
+        raise UserError(f"--dtype must be one of auto, bfloat16, float16, float32; got {name!r}")
 
 
 def check_device_name(name: str) -> None:
@@ -155,11 +155,16 @@ def check_calib_source(calib: str) -> None:
                             "{\"text\": \"...\"} or {\"prompt\": \"...\", \"response\": \"...\"}")
 
 
-def torch_dtype(name: str):
+def torch_dtype(name: str, device: str = "cpu"):
+    """A torch dtype for --dtype; "auto" -> the runtime default for `device` (`runtime.loader.default_dtype`)."""
     import torch
 
+    if name == "auto":
+        from .runtime.loader import default_dtype
+
+        return default_dtype(device)
     if name not in DTYPES:
-        raise UserError(f"--dtype must be one of bfloat16, float16, float32; got {name!r}")
+        raise UserError(f"--dtype must be one of auto, bfloat16, float16, float32; got {name!r}")
     return getattr(torch, DTYPES[name])
 
 

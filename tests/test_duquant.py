@@ -12,7 +12,8 @@ from dllmq.quantization.duquant import (
     zigzag_permutation,
 )
 from dllmq.quantization.rtn import fake_quantize
-from dllmq.quantization.smoothquant import fake_quant_act, smooth_scales
+from dllmq.quantization.grid import fake_quant_act
+from dllmq.quantization.smoothquant import smooth_scales
 from dllmq.quantization.spec import ActSpec, WeightSpec
 
 K, T, BLOCK = 128, 256, 32

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from dllmq.calibration.fp_model import LayerwiseLM, plan, run_lockstep
+from dllmq.calibration.fp_model import LayerwiseLM, forward_dtype, plan, run_lockstep
+from dllmq.runtime.native import native_bf16
 from dllmq.calibration.states import TMASConfig, build
 from dllmq.models.loading import load_model, load_tokenizer
 
@@ -101,7 +102,8 @@ def test_quantize_calibration_holds_one_block_at_a_time(tiny_llada, tmp_path, mo
                    method_options={"cgq": True}, show_progress=False)
     assert seen and max(seen) == 1
     fwd = res.calibration["fp_forward"]
-    assert fwd["mode"] == "stream" and fwd["dtype"] == "bfloat16" and fwd["device"] == "cpu"
+    assert fwd["mode"] == "stream" and fwd["device"] == "cpu"
+    assert fwd["dtype"] == ("bfloat16" if native_bf16("cpu") else "float32")  # bf16 only where the CPU computes it
     assert fwd["passes"] == TMAS.steps and fwd["max_resident_blocks"] == 1
     assert fwd["seconds"] >= fwd["load_seconds"] >= 0
     manifest = json.loads((res.out / "dllmq_manifest.json").read_text())
@@ -169,3 +171,18 @@ def test_calibration_peak_memory_does_not_grow_with_depth(tmp_path):
         peaks[n] = int(p.stdout.split()[-1])
     print({n: p // 2**20 for n, p in peaks.items()})
     assert peaks[8] / peaks[2] < 1.15, peaks
+
+
+def test_forward_dtype_follows_the_cpu(monkeypatch, tiny_llada):
+    """The calibration model computes in bfloat16 where the CPU has it natively, in float32 where bf16 is emulated
+    (5x slower there); the plan reports which, and its byte counts are in that dtype."""
+    from dllmq.calibration import fp_model
+
+    sizes = {}
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(fp_model, "native_bf16", lambda device, v=native: v)
+        assert forward_dtype("cpu") == want
+        p = plan(tiny_llada, "cpu")
+        assert p.dtype == str(want).replace("torch.", "") and p.mode == "stream"
+        sizes[native] = p.model_bytes
+    assert sizes[False] == 2 * sizes[True]

@@ -196,10 +196,10 @@ def test_quantlinear_paths_match_reference(spec, act, path, shape):
 
 @pytest.fixture
 def no_dot_kernels(monkeypatch):
-    """Dispatch as on a CPU without AVX512-VNNI / BF16 (the fused dot-product kernels unavailable), whatever this one
-    has."""
-    monkeypatch.setattr(native, "vnni_available", lambda: False)
-    monkeypatch.setattr(native, "bf16_dot_available", lambda: False)
+    """Dispatch as on a CPU without the fused dot-product kernels (AVX512-VNNI / BF16, or their AVX2 emulation) whose
+    PyTorch `_int_mm` is a real int8 kernel, whatever this one has."""
+    monkeypatch.setattr(native, "_features", lambda: 0)
+    monkeypatch.setattr(native, "torch_int8_gemm_fast", lambda: True)
 
 
 needs_vnni = pytest.mark.skipif(not native.vnni_available(), reason="native kernels without AVX512-VNNI")
@@ -214,13 +214,15 @@ VNNI_CASES = [
 ]
 
 
-@needs_vnni
 @pytest.mark.parametrize("spec,act", VNNI_CASES, ids=lambda v: str(getattr(v, "num_bits", v)))
 @pytest.mark.parametrize("shape", [(1, 256), (2, 3, 256), (2, 40, 256)])
 @pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, True), (torch.float32, False)], ids=["bf16", "fp32"])
 def test_vnni_kernel_is_the_integer_gemm_bit_for_bit(spec, act, shape, dtype, bias):
-    """The fused VNNI kernel (GEMM and epilogue in one pass) returns exactly what `int8_act` (oneDNN `_int_mm` and the
-    epilogue) returns, for per-channel and group-wise weights, symmetric and asymmetric activations."""
+    """The fused int8 kernel (GEMM and epilogue in one pass; VPDPBUSD, or its AVX2 emulation for <= 6-bit weights)
+    returns exactly what `int8_act` (`_int_mm` and the epilogue) returns, for per-channel and group-wise weights,
+    symmetric and asymmetric activations."""
+    if not native.int8_dot_available(spec.num_bits):
+        pytest.skip(f"native kernels without an exact int8 dot product for {spec.num_bits}-bit weights on this CPU")
     layer, _ = make_layer(spec, act=act, bias=bias)
     x = make_x(*shape, dtype=dtype)
     with force_kernel("int8_vnni"):
@@ -294,6 +296,25 @@ def test_vnni_dispatch(monkeypatch):
         odd.kernel_for(make_x(1, 256))
     with force_kernel("int8_vnni"), pytest.raises(RuntimeError):  # weight-only layer
         make_layer(WeightSpec(4, True, "group", 128))[0].kernel_for(make_x(1, 256))
+
+
+def test_avx2_int8_dispatch(monkeypatch):
+    """On a CPU with AVX2 only (the emulated int8 kernel), layers of 2-4-bit weights take the fused kernel at every
+    row count; 8-bit ones and layers it cannot tile take `int8_act`, whose integer GEMM is then the AVX2 kernel
+    (`native.int8_mm`, see test_native_kernels.py), not PyTorch's reference loop."""
+    monkeypatch.setattr(native, "_features", lambda: 4)
+    monkeypatch.setattr(native, "torch_int8_gemm_fast", lambda: False)
+    monkeypatch.setattr(native, "has_amx", lambda: False)
+    w4, _ = make_layer(WeightSpec(4, True, "group", 128), act=ActSpec(8), cache_dequantized=False)
+    for m in (1, 8, 300):
+        for dtype in (torch.bfloat16, torch.float32):
+            assert w4.kernel_for(make_x(m, 256, dtype=dtype)) == "int8_vnni"
+    w3, _ = make_layer(WeightSpec(3, False, "channel"), act=ActSpec(8))
+    assert w3.kernel_for(make_x(40, 256, dtype=torch.float32)) == "int8_vnni"
+    w8, _ = make_layer(WeightSpec(8, True, "channel"), act=ActSpec(8), cache_dequantized=True)
+    odd, _ = make_layer(WeightSpec(4, True, "group", 128), act=ActSpec(8), n=40)
+    for layer in (w8, odd):
+        assert layer.kernel_for(make_x(64, 256, dtype=torch.float32)) == "int8_act"
 
 
 def _check_forced_path(spec, act, path, shape, ref_fn, tol):

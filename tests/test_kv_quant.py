@@ -11,7 +11,7 @@ from dllmq.checkpoint.format import QuantizationConfig
 from dllmq.models.layers import AttentionCore
 from dllmq.models.loading import load_model
 from dllmq.quantization.rtn import rtn_quantize
-from dllmq.quantization.smoothquant import fake_quant_act
+from dllmq.quantization.grid import fake_quant_act
 from dllmq.quantization.spec import ActSpec, KVCacheSpec, WeightSpec
 from dllmq.runtime import kernels as K
 from dllmq.quantization import grid as G

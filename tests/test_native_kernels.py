@@ -13,7 +13,7 @@ import torch
 from dllmq.quantization import grid as G
 from dllmq.quantization.duquant import DuQuantTransform
 from dllmq.quantization.rtn import rtn_quantize
-from dllmq.quantization.smoothquant import fake_quant_act
+from dllmq.quantization.grid import fake_quant_act
 from dllmq.quantization.spec import ActSpec, WeightSpec
 from dllmq.runtime import kernels as K
 from dllmq.runtime import native
@@ -210,7 +210,7 @@ def test_per_call_dense_layers_share_the_scratch_buffer_safely():
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_column_gather_and_duquant_transform(dtype):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(33, 256, generator=g).to(dtype)
@@ -218,7 +218,7 @@ def test_column_gather_and_duquant_transform(dtype):
     assert torch.equal(native.gather_columns(x, perm), x[:, perm])
     rots = [torch.linalg.qr(torch.randn(4, 64, 64, generator=g, dtype=torch.float64))[0] for _ in range(2)]
     tr = DuQuantTransform(torch.rand(256, generator=g, dtype=torch.float64) + 0.5, rots[0], perm, rots[1])
-    xb = x.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16) if dtype != torch.float32 else x  # the transform runs in bf16 or float32
     with native.torch_only():
         ref = tr.apply(xb)
     assert torch.equal(tr.apply(xb), ref)
@@ -359,3 +359,59 @@ def test_fallback_without_compiler_or_when_disabled(tmp_path):
         assert fresh.stdout.splitlines()[1] == off.stdout.splitlines()[1]
         assert list((tmp_path / "fresh" / "native").glob("cpu_kernels-*.so"))
         assert not list((tmp_path / "fresh" / "native").glob("tmp*"))  # compiled to a temp file, then renamed
+
+
+@pytest.mark.skipif(native.vnni_available() or not native.int8_dot_available(4),
+                    reason="the AVX2 emulation of the int8 kernel is compiled only on AVX2 CPUs without AVX512-VNNI")
+def test_avx2_int8_kernel_is_exact_at_its_code_limit():
+    """VPMADDUBSW sums byte pairs into saturating int16: at the largest weight codes the AVX2 kernel accepts
+    (|w| = 64) against the extreme activation codes the sums stay exact, and `pack_vnni` refuses larger codes (their
+    sums could saturate) so the layer takes another path."""
+    lim = native.AVX2_DOT_MAX_CODE
+    n, k, m = 32, 128, 6
+    w = torch.full((n, k), -lim, dtype=torch.int8)
+    w[::2] = lim
+    w[:, 1::3] = -lim
+    xq = torch.full((m, k), 127, dtype=torch.int8)
+    xq[1::2] = -128
+    xq[2, ::2] = -128
+    xs = torch.ones(m, 1)
+    wsum = w.sum(1, dtype=torch.int32).view(1, n)
+    y = native.int8_vnni_linear(xq, xs, None, native.pack_vnni(w), n, 1, wsum, torch.ones(1, n), torch.float32)
+    exact = (xq.double() @ w.double().t()).float()  # |sums| < 2^24: exact in float32
+    assert torch.equal(y, exact)
+    assert native.pack_vnni(torch.full((n, k), lim + 1, dtype=torch.int8)) is None
+    assert native.pack_vnni(torch.full((n, k), -lim - 1, dtype=torch.int8)) is None
+
+
+@pytest.mark.skipif(not native._features() & 16, reason="native kernels built without AVX2")
+def test_avx2_int8_mm_is_the_integer_product():
+    """The AVX2 integer GEMM that replaces PyTorch's reference `_int_mm` loop: exact int32 products for any int8
+    values (extremes included), column-sliced inputs and an output slice, as the group-wise path calls it."""
+    g = torch.Generator().manual_seed(3)
+    for m, n, k in [(1, 16, 256), (5, 33, 384), (37, 130, 512)]:
+        x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        x[0], w[0] = -128, -128
+        assert torch.equal(native.int8_mm(x, w), (x.long() @ w.long().t()).int())
+    x = torch.randint(-128, 128, (7, 512), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (4, 40, 128), dtype=torch.int8, generator=g)
+    acc = torch.empty(4, 7, 40, dtype=torch.int32)
+    for i in range(4):
+        assert native.int8_mm(x[:, i * 128:(i + 1) * 128], w[i], out=acc[i]).data_ptr() == acc[i].data_ptr()
+        assert torch.equal(acc[i], (x[:, i * 128:(i + 1) * 128].long() @ w[i].long().t()).int())
+    assert native.int8_mm(x[:, :8], w[0][:, :8]) is None  # K % 16: the caller runs `_int_mm`
+
+
+@pytest.mark.parametrize("wspec", [WeightSpec(8, True, "channel"), WeightSpec(8, False, "group", 64)],
+                         ids=lambda s: s.describe())
+def test_int8_layer_is_the_same_on_either_integer_gemm(wspec, monkeypatch):
+    """`int8_act` gives the same outputs whether its integer GEMM is PyTorch's `_int_mm` or the AVX2 kernel."""
+    layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(48, 256), wspec), act_spec=ActSpec(8, symmetric=False))
+    x = torch.randn(3, 20, 256)
+    outs = []
+    for fast in (True, False):
+        monkeypatch.setattr(native, "torch_int8_gemm_fast", lambda v=fast: v)
+        with force_kernel("int8_act"):
+            outs.append(layer(x))
+    assert torch.equal(outs[0], outs[1])

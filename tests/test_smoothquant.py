@@ -4,7 +4,8 @@ from torch import nn
 
 from dllmq.quantization.awq import fold_scales
 from dllmq.quantization.rtn import fake_quantize
-from dllmq.quantization.smoothquant import fake_quant_act, smooth_scales
+from dllmq.quantization.grid import fake_quant_act
+from dllmq.quantization.smoothquant import smooth_scales
 from dllmq.quantization.spec import ActSpec, WeightSpec
 from dllmq.quantization.grid import quantize_per_token
 

@@ -2,8 +2,8 @@
 
 TMAS runs the model's own denoising sampler (one full forward per step) and CGQ needs the model's
 confidences; both used to load the whole model in float32 (~32 GB for LLaDA-8B), the one step of
-`dllmq quantize` whose memory grew with depth. Here the model runs in bfloat16 (never float32), in
-one of two modes, chosen by :func:`plan`:
+`dllmq quantize` whose memory grew with depth. Here the model runs in bfloat16 (float32 only on CPUs that
+emulate bf16, see `forward_dtype`), in one of two modes, chosen by :func:`plan`:
 
 * ``whole``: every block is read from the shards once and kept on the device (the model fits);
 * ``stream``: one block at a time is read from the shards (the block loop's `BlockStream`), applied
@@ -38,11 +38,19 @@ import torch
 from ..errors import UserError
 from ..models.base import DiffusionLM
 from ..models.loading import ShardReader, build_empty, parse
+from ..runtime.native import native_bf16
 from .blocks import BlockStream
 
 MODES = ("auto", "whole", "stream")
 ENV = "DLLMQ_CALIB_FORWARD"
 DTYPE = torch.bfloat16
+
+
+def forward_dtype(device: str) -> torch.dtype:
+    """bfloat16, except on CPUs that only emulate it (no AVX512-BF16 / AMX), where a bf16 forward took 5.3x the
+    float32 one (2-core AVX2 AMD EPYC, the bundled model): there the streamed blocks compute in float32. Peak memory
+    stays independent of depth (one block at a time); the embedding and head take 4 B/weight instead of 2."""
+    return torch.float32 if torch.device(device).type == "cpu" and not native_bf16("cpu") else DTYPE
 
 
 def model_bytes(reader: ShardReader, blocks_path: str, dtype: torch.dtype = DTYPE) -> tuple[int, int]:
@@ -82,19 +90,24 @@ def plan(src: Path, device: str, activations_bytes: int = 0, mode: str | None = 
     if mode not in MODES:
         raise UserError(f"{ENV} must be one of {', '.join(MODES)}, got {mode!r}")
     arch, _ = parse(src)
-    total, block = model_bytes(ShardReader(src), arch.blocks_path)
+    dtype = forward_dtype(device)
+    total, block = model_bytes(ShardReader(src), arch.blocks_path, dtype)
     dev = torch.device(device)
+    name = str(dtype).replace("torch.", "")
     if mode != "auto":
-        return Plan(mode, device, f"{ENV}={mode}", total, block)
+        return Plan(mode, device, f"{ENV}={mode}", total, block, dtype=name)
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         need = int(total * 1.1) + activations_bytes  # + 10 %: allocator slack
         if need <= free:
-            return Plan("whole", device, "fits in the GPU's free memory", total, block, free)
-        return Plan("stream", device, "does not fit in the GPU's free memory", total, block, free)
+            return Plan("whole", device, "fits in the GPU's free memory", total, block, free, dtype=name)
+        return Plan("stream", device, "does not fit in the GPU's free memory", total, block, free, dtype=name)
     if dev.type == "cpu":
-        return Plan("stream", device, "on CPU, streaming keeps peak memory independent of depth", total, block)
-    return Plan("whole", device, f"{dev.type}: no free-memory query", total, block)
+        why = "on CPU, streaming keeps peak memory independent of depth"
+        if dtype != DTYPE:
+            why += "; float32: this CPU only emulates bf16"
+        return Plan("stream", device, why, total, block, dtype=name)
+    return Plan("whole", device, f"{dev.type}: no free-memory query", total, block, dtype=name)
 
 
 @dataclass

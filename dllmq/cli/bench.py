@@ -56,7 +56,7 @@ def bench(
 
     res = run_bench(model, against=against, batch=batch, seq_len=seq_len, gen_length=gen_length, steps=steps,
                     block_length=block_length, rows=rows, repeats=repeats, fast=fast, memory=memory,
-                    device=resolve_device(device), dtype=torch_dtype(dtype), show_progress=not json_out)
+                    device=resolve_device(device), dtype=torch_dtype(dtype, resolve_device(device)), show_progress=not json_out)
     if json_out:
         _emit_json(res)
         return

@@ -98,7 +98,7 @@ def eval_cmd(
         if code:
             raise UserError(f"{', '.join(code)} run model-generated Python; pass --allow-code-execution to allow it")
     kw = dict(gcfg=gcfg, limit=limit, mc_num=mc_num, allow_exec=allow_code_execution, device=resolve_device(device),
-              dtype=torch_dtype(dtype), batch_size=batch_size, num_fewshot=num_fewshot, chat=apply_chat_template,
+              dtype=torch_dtype(dtype, resolve_device(device)), batch_size=batch_size, num_fewshot=num_fewshot, chat=apply_chat_template,
               fast=fs or None, show_progress=not json_out)
 
     if compare:
@@ -131,7 +131,7 @@ def eval_cmd(
     g = gcfg or GenerationConfig()
     res = compare_models(model, against=against, text_file=text, seq_len=seq_len, max_seqs=max_seqs,
                          mc_num=mc_num or 8, n_prompts=prompts, steps=g.steps, gen_length=g.gen_length,
-                         block_length=g.block_length, seed=seed, device=resolve_device(device), dtype=torch_dtype(dtype),
+                         block_length=g.block_length, seed=seed, device=resolve_device(device), dtype=torch_dtype(dtype, resolve_device(device)),
                          show_progress=not json_out, baseline=baseline)
     _write_output(output, res)
     if json_out:

@@ -64,7 +64,7 @@ def generate(
     from ..models.loading import load_tokenizer
     from ..runtime.loader import load
 
-    m = load(model, device=resolve_device(device), dtype=torch_dtype(dtype))
+    m = load(model, device=resolve_device(device), dtype=torch_dtype(dtype, resolve_device(device)))
     tok = load_tokenizer(m.source_path)
     prompts = [prompt]
     _check_prompt_lengths(m, tok, prompts, gen_length, chat)

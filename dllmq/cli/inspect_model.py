@@ -68,7 +68,7 @@ def inspect(
     from ..models.loading import load_tokenizer
     from ..runtime.loader import load
 
-    m = load(model, device=resolve_device(device), dtype=torch_dtype(dtype))
+    m = load(model, device=resolve_device(device), dtype=torch_dtype(dtype, resolve_device(device)))
     tok = load_tokenizer(m.source_path)
     ids, maskable = encode_items(tok, bundled_items(samples, seed), seq_len)
     noisy = random_masked(ids, maskable, m.mask_token_id, seed)
@@ -91,7 +91,7 @@ def inspect(
             run(model, QuantizationConfig(method, WeightSpec(8, True, "channel", None), ActSpec(8),
                                           ignore=m.arch.default_ignore()), Path(d) / "t",
                 calib=CalibOptions(mask="random", samples=samples, seq_len=seq_len, seed=seed), show_progress=not json_out)
-            mt = load(Path(d) / "t", device=resolve_device(device), dtype=torch_dtype(dtype))
+            mt = load(Path(d) / "t", device=resolve_device(device), dtype=torch_dtype(dtype, resolve_device(device)))
             after = activation_stats(mt, list(noisy.split(8)), k_sigma=k_sigma, show_progress=not json_out,
                                      label=f"inspect after {method}")
     if plot:

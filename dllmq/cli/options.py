@@ -14,7 +14,7 @@ from ..errors import UserError
 # Shared options: the same flag means the same thing in every command.
 ModelArg = typer.Argument(None, help="Model folder, Hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or 'tiny' (bundled default).")
 DeviceOpt = typer.Option("cpu", "--device", help="Compute device: cpu, cuda, cuda:1 ...")
-DtypeOpt = typer.Option("bfloat16", "--dtype", help="Activation/compute dtype: bfloat16, float16 or float32.")
+DtypeOpt = typer.Option("auto", "--dtype", help="Activation/compute dtype: auto (default: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, float32 on other CPUs, where bf16 is emulated and ~5x slower), bfloat16, float16 or float32.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout instead of tables.")
 SeedOpt = typer.Option(0, "--seed", help="Random seed for sampling and Monte-Carlo estimates.")
 StepsOpt = typer.Option(64, "--steps", help="Denoising steps (one full forward each).")

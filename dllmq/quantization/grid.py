@@ -191,3 +191,22 @@ def dequantize_per_token(q: torch.Tensor, scale: torch.Tensor, zero_point: torch
     if zero_point is not None:
         qf = qf - zero_point.float()
     return qf * scale
+
+
+def fake_quant_act(x: torch.Tensor, act_spec: ActSpec) -> torch.Tensor:
+    """Dynamic per-token fake quantization of ``x`` [..., K], in ``x``'s dtype and shape.
+
+    Same arithmetic as the runtime (`grid.quantize_per_token_affine`, shared with the runtime):
+    symmetric specs use one scale per row = ``max|row| · clip_ratio / qmax``, round to nearest,
+    clamp to ``[qmin, qmax]`` (4-bit values are the int8 codes in [-8, 7]), then ``q · scale``;
+    asymmetric specs add a per-row zero point (range ``[min, max] · clip_ratio``, always holding 0)
+    and return ``(q - zp) · scale``. A 16-bit spec returns ``x`` unchanged.
+    """
+    if not act_spec.enabled:
+        return x
+    fused = native.quantize_rows(x.reshape(-1, x.shape[-1]), act_spec.qmin, act_spec.qmax, act_spec.clip_ratio,
+                                 asym=not act_spec.symmetric, dequantize=True)
+    if fused is not None:  # CPU: both steps below in one pass, bit-identical (runtime/cpu_kernels.c)
+        return fused.reshape(x.shape)
+    q, scale, zp = quantize_per_token_affine(x, act_spec)
+    return dequantize_per_token(q, scale, zp).reshape(x.shape).to(x.dtype)

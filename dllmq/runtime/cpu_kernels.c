@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -278,6 +278,16 @@ void dllmq_gather_cols16(const uint16_t *x, int64_t m, int64_t k, const int64_t 
     }
 }
 
+/* The same for 4-byte elements (float32 activations). */
+void dllmq_gather_cols32(const uint32_t *x, int64_t m, int64_t k, const int64_t *perm, uint32_t *out, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < m; r++) {
+        const uint32_t *xr = x + r * k;
+        uint32_t *o = out + r * k;
+        for (int64_t t = 0; t < k; t++) o[t] = xr[perm[t]];
+    }
+}
+
 /* Weight dequantization for the dense paths (`grid.dequantize`): w[n, k] = ((float)q - (float)zp[n, g]) *
  * scale[n, g] with g = k / group_len, written in out_dtype. q comes packed as the checkpoint stores it
  * (`checkpoint.packing.pack_rows`): `bits` of 2 or 4 are 32/bits unsigned values per int32 word, least
@@ -324,6 +334,35 @@ static inline __m512 codes16(const void *packed, int bits, int64_t row, int64_t 
     }
     return _mm512_cvtepi32_ps(q);
 }
+#elif defined(__AVX2__)
+static inline void store8(void *out, int out_dtype, int64_t i, __m256 v) {
+    if (out_dtype == 1) {
+        __m256i u = _mm256_castps_si256(v);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+        u = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08); /* 8 x uint16 in the low 128 bits */
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + i), _mm256_castsi256_si128(u));
+    } else {
+        _mm256_storeu_ps((float *)out + i, v);
+    }
+}
+
+/* 8 codes starting at value i (i % 8 == 0 for 2/4 bits) as floats. */
+static inline __m256 codes8(const void *packed, int bits, int64_t row, int64_t k, int64_t words_per_row, int64_t i) {
+    __m256i q;
+    if (bits == 8) {
+        q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)packed + row * k + i)));
+    } else {
+        const uint32_t w = ((const uint32_t *)packed)[row * words_per_row + i * bits / 32];
+        const __m256i sh = bits == 4 ? _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0)
+                                     : _mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0);
+        const int half = bits == 2 ? (int)((i % 16) / 8) * 16 : 0; /* 2 bits: 16 values per word */
+        q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(w >> half)), sh),
+                             _mm256_set1_epi32((1 << bits) - 1));
+        q = _mm256_sub_epi32(q, _mm256_set1_epi32(1 << (bits - 1)));
+    }
+    return _mm256_cvtepi32_ps(q);
+}
 #endif
 
 void dllmq_dequant_rows(const void *packed, int bits, int64_t n, int64_t k, int64_t words_per_row, const float *scale,
@@ -344,6 +383,15 @@ void dllmq_dequant_rows(const void *packed, int bits, int64_t n, int64_t k, int6
                     store16(out, out_dtype, r * k + i, _mm512_mul_ps(q, vs));
                 }
             }
+#elif defined(__AVX2__)
+            if (k0 % 8 == 0) {
+                const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+                for (; i + 8 <= k1; i += 8) {
+                    __m256 q = codes8(packed, bits, r, k, words_per_row, i);
+                    if (zp) q = _mm256_sub_ps(q, vz);
+                    store8(out, out_dtype, r * k + i, _mm256_mul_ps(q, vs));
+                }
+            }
 #endif
             for (; i < k1; i++) {
                 const float q = code_at(packed, bits, r, k, words_per_row, i);
@@ -354,7 +402,9 @@ void dllmq_dequant_rows(const void *packed, int bits, int64_t n, int64_t k, int6
 }
 
 /* What the dot-product kernels below were compiled with, as bits: 1 = AVX512-BF16 (dllmq_duquant_rows),
- * 2 = AVX512-VNNI (dllmq_int8_vnni_linear). Without one, that kernel returns 0 and the caller falls back. */
+ * 2 = AVX512-VNNI (dllmq_int8_vnni_linear, any int8 weight codes), 4 = AVX2 only (dllmq_int8_vnni_linear emulating
+ * VPDPBUSD, exact for weight codes |w| <= 64 only), 8 = AVX2 + FMA (dllmq_w32_dot_linear), 16 = AVX2
+ * (dllmq_int8_mm). Without one, that kernel returns 0 and the caller falls back. */
 int dllmq_features(void) {
     int f = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -362,6 +412,14 @@ int dllmq_features(void) {
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
     f |= 2;
+#elif defined(__AVX2__)
+    f |= 4;
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    f |= 8;
+#endif
+#if defined(__AVX2__)
+    f |= 16;
 #endif
     return f;
 }
@@ -535,6 +593,42 @@ static inline __attribute__((always_inline)) void vnni_cols(const uint8_t *xu, i
     for (int r = 0; r < TILE_ROWS; r++)
         for (int v = 0; v < nv; v++) _mm512_storeu_si512(acc + r * 64 + 16 * v, a[r][v]);
 }
+#elif defined(__AVX2__)
+#define DLLMQ_INT8_DOT 1
+/* The same sums on CPUs with AVX2 and no VNNI (where PyTorch's `_int_mm` runs a reference loop, 20x slower than the
+ * fp32 GEMM): VPDPBUSD emulated by VPMADDUBSW (pairs of u8 x s8 products summed to saturating int16) and VPMADDWD
+ * against ones (pairs of those summed to int32). No pair saturates while |w| <= 64 (2 * 255 * 64 < 32768), which
+ * the caller guarantees (weights of <= 6 bits with their zero points folded in): then the sums are exact and equal
+ * VPDPBUSD's. One 16-column vector (two 8-column halves) per call keeps TILE_ROWS x 2 accumulators in registers. */
+static inline __attribute__((always_inline)) void vnni_cols(const uint8_t *xu, int64_t k, const int8_t *wp,
+                                                            int64_t jv0, const int nv, int64_t kk0, int64_t kk1,
+                                                            int32_t *acc) {
+    const int64_t kq = k / 4;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int v = 0; v < nv; v++) {
+        __m256i a[TILE_ROWS][2];
+        for (int r = 0; r < TILE_ROWS; r++) a[r][0] = a[r][1] = _mm256_setzero_si256();
+        const int8_t *wv = wp + (jv0 + v) * kq * 64;
+        for (int64_t kk = kk0; kk < kk1; kk++) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wv + kk * 64));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wv + kk * 64 + 32));
+            for (int r = 0; r < TILE_ROWS; r++) {
+                int32_t quad;
+                memcpy(&quad, xu + r * k + 4 * kk, 4);
+                const __m256i bx = _mm256_set1_epi32(quad);
+                a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(bx, w0), ones));
+                a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(bx, w1), ones));
+            }
+        }
+        for (int r = 0; r < TILE_ROWS; r++) {
+            _mm256_storeu_si256((__m256i *)(acc + r * 64 + 16 * v), a[r][0]);
+            _mm256_storeu_si256((__m256i *)(acc + r * 64 + 16 * v + 8), a[r][1]);
+        }
+    }
+}
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define DLLMQ_INT8_DOT 1
 #endif
 
 /* xq [M, K] codes, xs [M] fp32 scales, xz [M] int32 zero points or NULL (symmetric), wp packed [N, K] codes, wsum
@@ -543,7 +637,7 @@ static inline __attribute__((always_inline)) void vnni_cols(const uint8_t *xu, i
 int dllmq_int8_vnni_linear(const int8_t *xq, int64_t m, int64_t k, const float *xs, const int32_t *xz,
                            const int8_t *wp, int64_t n, int64_t groups, const int32_t *wsum, const float *ws,
                            const void *bias, int bias_dtype, void *out, int out_dtype, int nthreads) {
-#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#if defined(DLLMQ_INT8_DOT)
     const int64_t tiles = (m + TILE_ROWS - 1) / TILE_ROWS, nvec = n / 16, blocks = (nvec + 3) / 4;
     const int64_t gq = k / groups / 4; /* VPDPBUSD steps per group */
     uint8_t *xu = (uint8_t *)malloc((size_t)(tiles * TILE_ROWS * k));
@@ -706,6 +800,167 @@ int dllmq_w16_dot_linear(const uint16_t *x, int64_t m, int64_t k, const void *pa
 #else
     (void)x; (void)m; (void)k; (void)packed; (void)bits; (void)words_per_row; (void)scale; (void)zp; (void)groups;
     (void)bias; (void)bias_dtype; (void)out; (void)out_dtype; (void)n; (void)nthreads;
+    return 0;
+#endif
+}
+
+/* dllmq_w16_dot_linear for float32 activations on CPUs without AVX512-BF16 (AVX2 + FMA), where the layer would
+ * otherwise dequantize its whole weight to float32 per call (4 B/weight written and read back) before the GEMM:
+ * W is dequantized to float32 (dllmq_dequant_rows, bit-identical to the dense copy) W32_COLS columns at a time into a
+ * per-thread buffer, and multiplied there: weights broadcast, activations as 8-row vectors (xp[k][r] = x[r][k],
+ * packed once per call), fp32 FMAs carried across chunks of W32_KC inputs, bias added in fp32. The products of the
+ * dense float32 GEMM, summed in another order (not bit-identical to MKL's: relative ~1e-6). Bits 2/4/8. */
+#define W32_COLS 16
+#define W32_KC 512
+#if defined(__AVX2__) && defined(__FMA__)
+#define DLLMQ_W32_DOT 1
+/* part[(c0 + c) * 24 + 8 v + i] (+)= sum over inputs k0 .. k1 of wb[c0 + c][.] xp[.][r0 + 8 v + i], for NC columns and
+ * RV vectors of 8 rows: NC x RV accumulators (8-12, enough to cover the FMA latency) stay in registers. */
+#define DOT32(NC, RV)                                                                                                \
+    static void dot32_##NC##x##RV(const float *xp, int64_t mp, int64_t r0, const float *wb, int64_t k, int64_t c0,  \
+                                  int64_t k0, int64_t k1, float *part) {                                            \
+        __m256 acc[NC][RV];                                                                                          \
+        for (int c = 0; c < NC; c++)                                                                                 \
+            for (int v = 0; v < RV; v++)                                                                             \
+                acc[c][v] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(part + (c0 + c) * 24 + 8 * v);          \
+        for (int64_t i = k0; i < k1; i++) {                                                                          \
+            __m256 xv[RV];                                                                                           \
+            for (int v = 0; v < RV; v++) xv[v] = _mm256_loadu_ps(xp + i * mp + r0 + 8 * v);                          \
+            for (int c = 0; c < NC; c++) {                                                                           \
+                const __m256 wv = _mm256_broadcast_ss(wb + (c0 + c) * k + i);                                        \
+                for (int v = 0; v < RV; v++) acc[c][v] = _mm256_fmadd_ps(wv, xv[v], acc[c][v]);                      \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (int c = 0; c < NC; c++)                                                                                 \
+            for (int v = 0; v < RV; v++) _mm256_storeu_ps(part + (c0 + c) * 24 + 8 * v, acc[c][v]);                  \
+    }
+DOT32(8, 1)
+DOT32(4, 2)
+DOT32(4, 3)
+#endif
+
+int dllmq_w32_dot_linear(const float *x, int64_t m, int64_t k, const void *packed, int bits, int64_t words_per_row,
+                         const float *scale, const int32_t *zp, int64_t groups, const void *bias, int bias_dtype,
+                         float *out, int64_t n, int nthreads) {
+#if defined(DLLMQ_W32_DOT)
+    const int64_t mp = (m + 7) / 8 * 8, group_len = k / groups; /* rows padded to whole 8-row vectors */
+    const int64_t blocks = (n + W32_COLS - 1) / W32_COLS;
+    float *xp = (float *)malloc(sizeof(float) * k * mp);
+    if (xp == NULL) return 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t i0 = 0; i0 < k; i0 += 64) { /* 64 inputs x all rows at a time: reads along rows, writes in lines */
+        const int64_t i1 = i0 + 64 < k ? i0 + 64 : k;
+        for (int64_t r = 0; r < mp; r++)
+            for (int64_t i = i0; i < i1; i++) xp[i * mp + r] = r < m ? x[r * k + i] : 0.0f;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        float *wb = (float *)malloc(sizeof(float) * W32_COLS * k);
+        float part[W32_COLS * 24];
+        if (wb == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            if (wb == NULL) continue;
+            const int64_t j0 = b * W32_COLS, nb = n - j0 < W32_COLS ? n - j0 : W32_COLS;
+            const void *pk = bits == 8 ? (const void *)((const int8_t *)packed + j0 * k)
+                                       : (const void *)((const int32_t *)packed + j0 * words_per_row);
+            dllmq_dequant_rows(pk, bits, nb, k, words_per_row, scale + j0 * groups, zp ? zp + j0 * groups : NULL,
+                               groups, group_len, wb, 0, 1);
+            if (nb < W32_COLS) memset(wb + nb * k, 0, sizeof(float) * (W32_COLS - nb) * k); /* zero columns */
+            for (int64_t r0 = 0; r0 < mp; r0 += 24) {
+                const int rv = mp - r0 >= 24 ? 3 : (int)((mp - r0) / 8);
+                for (int64_t k0 = 0; k0 < k; k0 += W32_KC) {
+                    const int64_t k1 = k0 + W32_KC < k ? k0 + W32_KC : k;
+                    for (int64_t c0 = 0; c0 < W32_COLS; c0 += rv == 1 ? 8 : 4) {
+                        if (rv == 1)
+                            dot32_8x1(xp, mp, r0, wb, k, c0, k0, k1, part);
+                        else if (rv == 2)
+                            dot32_4x2(xp, mp, r0, wb, k, c0, k0, k1, part);
+                        else
+                            dot32_4x3(xp, mp, r0, wb, k, c0, k0, k1, part);
+                    }
+                }
+                for (int64_t c = 0; c < nb; c++) {
+                    const float *pc = part + c * 24;
+                    const float bv = bias ? load(bias, bias_dtype, j0 + c) : 0.0f;
+                    for (int i = 0; i < 8 * rv; i++) {
+                        const int64_t r = r0 + i;
+                        if (r >= m) break;
+                        out[r * n + j0 + c] = bias ? pc[i] + bv : pc[i];
+                    }
+                }
+            }
+        }
+        free(wb);
+    }
+    free(xp);
+    return failed ? 0 : 1;
+#else
+    (void)x; (void)m; (void)k; (void)packed; (void)bits; (void)words_per_row; (void)scale; (void)zp; (void)groups;
+    (void)bias; (void)bias_dtype; (void)out; (void)n; (void)nthreads;
+    return 0;
+#endif
+}
+
+/* out[M, N] (row stride ldo) = x[M, K] (int8, row stride ldx) @ w[N, K]^T (int8, row stride ldw), int32: PyTorch's
+ * `_int_mm` for CPUs with AVX2 and no VNNI, where PyTorch runs a reference loop (20x the float32 GEMM at LLaDA-8B
+ * shapes). The rows of x are widened to int16 once per call, each 16 weights of a row once per 4-row tile
+ * (VPMOVSXBW), and VPMADDWD sums pairs of int16 products into int32 lanes: exact for any int8 values, so the result
+ * equals `_int_mm`'s. Tiles of 4 rows x 2 columns keep 8 accumulators in registers; blocks of I8MM_COLS weight rows
+ * stay in cache while the row tiles pass. K % 16 == 0. */
+#define I8MM_COLS 32
+#if defined(__AVX2__)
+#define DLLMQ_INT8_MM 1
+static inline int32_t hsum8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+#endif
+
+int dllmq_int8_mm(const int8_t *x, int64_t m, int64_t k, int64_t ldx, const int8_t *w, int64_t n, int64_t ldw,
+                  int32_t *out, int64_t ldo, int nthreads) {
+#if defined(DLLMQ_INT8_MM)
+    if (k % 16) return 0;
+    const int64_t mp = (m + 3) / 4 * 4, blocks = (n + I8MM_COLS - 1) / I8MM_COLS;
+    int16_t *xw = (int16_t *)malloc(sizeof(int16_t) * mp * k);
+    if (xw == NULL) return 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < mp; r++)
+        for (int64_t i = 0; i < k; i++) xw[r * k + i] = r < m ? (int16_t)x[r * ldx + i] : 0;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t r0 = 0; r0 < mp; r0 += 4) {
+            const int64_t j1 = (b + 1) * I8MM_COLS < n ? (b + 1) * I8MM_COLS : n;
+            for (int64_t j = b * I8MM_COLS; j < j1; j += 2) {
+                const int nc = j + 1 < j1 ? 2 : 1;
+                const int8_t *w0 = w + j * ldw, *w1 = w + (j + nc - 1) * ldw;
+                __m256i acc[4][2];
+                for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+                for (int64_t i = 0; i < k; i += 16) {
+                    const __m256i wa = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w0 + i)));
+                    const __m256i wb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w1 + i)));
+                    for (int r = 0; r < 4; r++) {
+                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xw + (r0 + r) * k + i));
+                        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xv, wa));
+                        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xv, wb));
+                    }
+                }
+                for (int r = 0; r < 4 && r0 + r < m; r++) {
+                    out[(r0 + r) * ldo + j] = hsum8(acc[r][0]);
+                    if (nc == 2) out[(r0 + r) * ldo + j + 1] = hsum8(acc[r][1]);
+                }
+            }
+        }
+    free(xw);
+    return 1;
+#else
+    (void)x; (void)m; (void)k; (void)ldx; (void)w; (void)n; (void)ldw; (void)out; (void)ldo; (void)nthreads;
     return 0;
 #endif
 }

@@ -230,7 +230,7 @@ def int4_cuda_mm(x: torch.Tensor, state: Int4State) -> torch.Tensor:
 def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """int8 [M, K] @ int8 [K, N] -> int32 [M, N], working around CUDA's shape limits."""
     if a.device.type != "cuda":
-        return torch._int_mm(a, b_t)
+        return _cpu_int_mm(a, b_t.t())
     m, k = a.shape
     n = b_t.shape[1]
     if k % 8 or n % 8:
@@ -240,6 +240,16 @@ def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
         a = torch.cat([a, a.new_zeros(32 - m, k)])
         return torch._int_mm(a, b_t)[:m]
     return torch._int_mm(a.contiguous(), b_t)
+
+
+def _cpu_int_mm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 a [M, K] @ w [N, K]^T -> int32 [M, N] on CPU: PyTorch's `_int_mm`, or where that is a reference loop
+    (`native.torch_int8_gemm_fast`), the AVX2 kernel `native.int8_mm` (the same integers)."""
+    if not native.torch_int8_gemm_fast():
+        y = native.int8_mm(a, w, out=out)
+        if y is not None:
+            return y
+    return torch._int_mm(a, w.t()) if out is None else torch._int_mm(a, w.t(), out=out)
 
 
 def int8_linear(
@@ -283,7 +293,7 @@ def int8_linear(
         if cpu_fused:
             # CPU: the zero-point corrections, both scales, bias and the cast in one pass after the GEMM,
             # bit-identical to the torch code below
-            acc = torch._int_mm(w_int8, x_int8.t()) if swapped else torch._int_mm(x_int8, w_int8.t())
+            acc = torch._int_mm(w_int8, x_int8.t()) if swapped else _cpu_int_mm(x_int8, w_int8)
             y = native.int8_epilogue(acc, x_scale, w_scale, out_dtype, bias, x_zero_point, w_sum, x_int8,
                                      w_zero_point, transposed=swapped)
             if y is not None:
@@ -313,7 +323,7 @@ def int8_linear(
                 g1 = min(groups, g0 + per_chunk)
                 acc = native.scratch((g1 - g0) * m * n, torch.int32).view(g1 - g0, m, n)  # consumed below
                 for g in range(g0, g1):
-                    torch._int_mm(x_int8[:, g * gs:(g + 1) * gs], w_int8[g].t(), out=acc[g - g0])
+                    _cpu_int_mm(x_int8[:, g * gs:(g + 1) * gs], w_int8[g], out=acc[g - g0])
                 y = native.int8_group_epilogue(acc, x_scale, ws_t, out_dtype, bias, x_zero_point, w_sum, x_int8,
                                                w_zero_point, groups=(g0, g1), partial=partial)
                 if y is None:
@@ -341,7 +351,8 @@ def int8_swapped(m: int, n_weights: int, grouped: bool) -> bool:
     """Whether `int8_linear` computes an m-row product on CPU (with the fused kernels) as W @ X^T: large layers (see
     INT8_SWAPPED_MIN_WEIGHTS), per channel only: with weight groups (K/G = 128 inputs per GEMM) it measured slower
     than X @ W^T (1.4-1.6x vs 1.0-1.3x bf16 at 16-256 rows, 4096x4096)."""
-    return not grouped and m <= INT8_SWAPPED_MAX_ROWS and n_weights >= INT8_SWAPPED_MIN_WEIGHTS
+    return (not grouped and m <= INT8_SWAPPED_MAX_ROWS and n_weights >= INT8_SWAPPED_MIN_WEIGHTS
+            and native.torch_int8_gemm_fast())
 
 
 # The fused int8 GEMM + epilogue (`native.int8_vnni_linear`) against the other CPU paths of weight-activation layers,

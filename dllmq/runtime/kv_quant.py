@@ -49,7 +49,7 @@ class KVQuantizer(nn.Module):
         self.spec = spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..quantization.smoothquant import fake_quant_act
+        from ..quantization.grid import fake_quant_act
 
         return fake_quant_act(x, self.spec)
 
@@ -170,7 +170,7 @@ class PVErrorMeter:
 
     @torch.no_grad()
     def __call__(self, module, args) -> None:
-        from ..quantization.smoothquant import fake_quant_act
+        from ..quantization.grid import fake_quant_act
 
         q, k, v, rope, bias = args[:5]
         qh, kh, vh = self.core.heads(q, k, v, rope, quantize_values=False)

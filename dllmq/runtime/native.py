@@ -85,6 +85,29 @@ def has_amx() -> bool:
     return "amx_bf16" in _cpu_id().split()
 
 
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls natively (tensor cores; AVX512-BF16 / AMX on x86 CPUs). Elsewhere bf16 is
+    emulated: on a 2-core AVX2 AMD EPYC a bf16 step of the bundled model took 5.3x its float32 time."""
+    device = str(device)
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device != "cpu":
+        return False
+    return _cpu_native_bf16()
+
+
+@functools.cache
+def torch_int8_gemm_fast() -> bool:
+    """Whether PyTorch's CPU `_int_mm` runs a real int8 kernel here (oneDNN with AVX512-VNNI or AMX). On an AVX2-only
+    AMD EPYC it ran a reference loop: 4096x4096 at 256 rows in 2.2 s, 22x the float32 GEMM (benchmarks/kernels.py)."""
+    return bool({"avx512_vnni", "amx_int8"} & set(_cpu_id().split()))
+
+
+@functools.cache
+def _cpu_native_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & set(_cpu_id().split()))
+
+
 def cpu_description() -> str:
     """CPU model and its matrix extensions, e.g. 'AMD EPYC (avx512_vnni, avx512_bf16)': kernel crossovers differ
     between CPUs (AMX or not), so benchmark results name the machine they were measured on."""
@@ -98,7 +121,9 @@ def cpu_description() -> str:
     except OSError:
         pass
     extra = [f for f in ("amx_int8", "amx_bf16", "avx512_vnni", "avx512_bf16") if f in flags.split()]
-    return f"{model} ({', '.join(extra) or 'no AMX / AVX-512 int8 or bf16'})"
+    if not extra:
+        extra = ["AVX2, no AVX-512 / AMX" if "avx2" in flags.split() else "no AMX / AVX-512 int8 or bf16"]
+    return f"{model} ({', '.join(extra)})"
 
 
 def _compile(cc: str, out: Path, extra: list[str]) -> bool:
@@ -164,6 +189,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dllmq_dequant_rows.restype = None
     lib.dllmq_gather_cols16.argtypes = [p, i64, i64, p, p, i32]
     lib.dllmq_gather_cols16.restype = None
+    lib.dllmq_gather_cols32.argtypes = lib.dllmq_gather_cols16.argtypes
+    lib.dllmq_gather_cols32.restype = None
     lib.dllmq_features.argtypes = []
     lib.dllmq_features.restype = i32
     lib.dllmq_pack_bf16_pairs.argtypes = [p, i64, i64, p]
@@ -174,6 +201,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dllmq_pack_vnni.restype = None
     lib.dllmq_int8_vnni_linear.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, p, i32, p, i32, i32]
     lib.dllmq_int8_vnni_linear.restype = i32
+    lib.dllmq_w32_dot_linear.argtypes = [p, i64, i64, p, i32, i64, p, p, i64, p, i32, p, i64, i32]
+    lib.dllmq_w32_dot_linear.restype = i32
+    lib.dllmq_int8_mm.argtypes = [p, i64, i64, i64, p, i64, i64, p, i64, i32]
+    lib.dllmq_int8_mm.restype = i32
     lib.dllmq_w16_dot_linear.argtypes = [p, i64, i64, p, i32, i64, p, p, i64, p, i32, p, i32, i64, i32]
     lib.dllmq_w16_dot_linear.restype = i32
 
@@ -349,17 +380,17 @@ def dequantize_packed(packed: torch.Tensor, bits: int, k: int, scale: torch.Tens
 
 
 def gather_columns(x2: torch.Tensor, perm: torch.Tensor) -> torch.Tensor | None:
-    """``x2[:, perm]`` for a 2-byte float x2 [M, K] and int64 perm [K], which must be a permutation of range(K)
+    """``x2[:, perm]`` for a 2- or 4-byte float x2 [M, K] and int64 perm [K], which must be a permutation of range(K)
     (not checked here: `DuQuantTransform` validates it once); None when unavailable."""
     lib = library()
-    if (lib is None or x2.dim() != 2 or x2.device.type != "cpu" or x2.element_size() != 2
+    if (lib is None or x2.dim() != 2 or x2.device.type != "cpu" or x2.element_size() not in (2, 4)
             or not x2.is_floating_point() or perm.dtype != torch.int64 or perm.device.type != "cpu"):
         return None
     x2 = x2.contiguous()
     perm = perm.contiguous()
     out = torch.empty_like(x2)
-    lib.dllmq_gather_cols16(x2.data_ptr(), x2.shape[0], x2.shape[1], perm.data_ptr(), out.data_ptr(),
-                            _threads(x2.numel()))
+    gather = lib.dllmq_gather_cols16 if x2.element_size() == 2 else lib.dllmq_gather_cols32
+    gather(x2.data_ptr(), x2.shape[0], x2.shape[1], perm.data_ptr(), out.data_ptr(), _threads(x2.numel()))
     return out
 
 
@@ -383,8 +414,19 @@ def bf16_dot_available() -> bool:
 
 
 def vnni_available() -> bool:
-    """Whether the kernels were compiled with AVX512-VNNI (`int8_vnni_linear`)."""
+    """Whether the kernels were compiled with AVX512-VNNI (`int8_vnni_linear` for any int8 weight codes)."""
     return bool(_features() & 2)
+
+
+# AVX2 emulates VPDPBUSD with VPMADDUBSW, whose int16 pair sums saturate unless |weight code| <= 64 (cpu_kernels.c).
+AVX2_DOT_MAX_CODE = 64
+
+
+def int8_dot_available(weight_bits: int) -> bool:
+    """Whether `int8_vnni_linear` runs weight codes of this many bits (zero points folded in: |q - zp| <= 2^bits - 1):
+    any with AVX512-VNNI; up to 6 bits on AVX2-only CPUs, whose emulation is exact only for |codes| <= 64 (dllmq weights have 2, 3, 4 or 8 bits)."""
+    f = _features()
+    return bool(f & 2) or bool(f & 4) and (1 << weight_bits) - 1 <= AVX2_DOT_MAX_CODE
 
 
 def pack_bf16_pairs(rot: torch.Tensor) -> torch.Tensor | None:
@@ -434,11 +476,13 @@ _GEMM_PARALLEL_MIN = 1 << 20
 
 def pack_vnni(w_int8: torch.Tensor) -> torch.Tensor | None:
     """Weight codes w_int8 [N, K] (int8, N % 16 == 0, K % 4 == 0) laid out for `int8_vnni_linear`; None when
-    unavailable."""
-    if not vnni_available() or w_int8.dim() != 2 or w_int8.dtype != torch.int8 or w_int8.device.type != "cpu":
+    unavailable, or on AVX2-only CPUs when a code exceeds AVX2_DOT_MAX_CODE in magnitude (its sums would saturate)."""
+    if not _features() & 6 or w_int8.dim() != 2 or w_int8.dtype != torch.int8 or w_int8.device.type != "cpu":
         return None
     n, k = w_int8.shape
     if n % 16 or k % 4:
+        return None
+    if not vnni_available() and w_int8.numel() and int(w_int8.abs().max()) > AVX2_DOT_MAX_CODE:
         return None
     w = w_int8.contiguous()
     out = torch.empty(n * k, dtype=torch.int8)
@@ -451,9 +495,10 @@ def int8_vnni_linear(x_int8: torch.Tensor, x_scale: torch.Tensor, x_zero_point: 
                      out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """`kernels.int8_linear` for weights without a separate zero point, GEMM and epilogue in one pass (bit-identical):
     x_int8 [M, K] codes, x_scale [M, 1] fp32, x_zero_point [M, 1] int32 or None, w_packed from `pack_vnni`, w_sum
-    int32 [groups, N] code sums per group, w_scale fp32 [groups, N] ([N] per channel). None when unavailable."""
+    int32 [groups, N] code sums per group, w_scale fp32 [groups, N] ([N] per channel). None when unavailable. On
+    AVX2-only CPUs the weight codes must satisfy |w| <= AVX2_DOT_MAX_CODE (`pack_vnni` refuses others)."""
     lib = library()
-    if (lib is None or not vnni_available() or out_dtype not in _DTYPES or x_int8.dtype != torch.int8
+    if (lib is None or not _features() & 6 or out_dtype not in _DTYPES or x_int8.dtype != torch.int8
             or (bias is not None and bias.dtype not in _DTYPES)):
         return None
     m, k = x_int8.shape
@@ -498,5 +543,59 @@ def w16_dot_linear(x2: torch.Tensor, packed: torch.Tensor, bits: int, scale: tor
             x2.data_ptr(), m, k, pk.data_ptr(), bits, pk.shape[1] if bits < 8 else k, sc.data_ptr(), _ptr(zp), groups,
             _ptr(b), 0 if b is None else _DTYPES[b.dtype], out.data_ptr(), _DTYPES[out_dtype], n,
             torch.get_num_threads() if m * n * k >= _GEMM_PARALLEL_MIN else 1):
+        return None
+    return out
+
+
+def w32_dot_available() -> bool:
+    """Whether the kernels were compiled with AVX2 + FMA (`w32_dot_linear`)."""
+    return bool(_features() & 8)
+
+
+def w32_dot_linear(x2: torch.Tensor, packed: torch.Tensor, bits: int, scale: torch.Tensor,
+                   zero_point: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`w16_dot_linear` for float32 rows x2 [M, K] (AVX2 + FMA): W dequantized to float32 a cache-sized block of
+    columns at a time and multiplied there; float32 output. None when unavailable or another width / layout."""
+    lib = library()
+    if (lib is None or not w32_dot_available() or x2.dim() != 2 or x2.dtype != torch.float32
+            or x2.device.type != "cpu" or bits not in (2, 4, 8) or (bias is not None and bias.dtype not in _DTYPES)):
+        return None
+    m, k = x2.shape
+    n, groups = scale.shape
+    if k % groups or (bits == 8) != (packed.dtype == torch.int8) or packed.shape[0] != n:
+        return None
+    x2 = x2.contiguous()
+    pk = packed.contiguous()
+    sc = _flat(scale, torch.float32, n * groups)
+    zp = None if zero_point is None else _flat(zero_point, torch.int32, n * groups)
+    b = None if bias is None else _flat(bias, bias.dtype, n)
+    out = torch.empty(m, n, dtype=torch.float32)
+    if m and not lib.dllmq_w32_dot_linear(
+            x2.data_ptr(), m, k, pk.data_ptr(), bits, pk.shape[1] if bits < 8 else k, sc.data_ptr(), _ptr(zp), groups,
+            _ptr(b), 0 if b is None else _DTYPES[b.dtype], out.data_ptr(), n,
+            torch.get_num_threads() if m * n * k >= _GEMM_PARALLEL_MIN else 1):
+        return None
+    return out
+
+
+def int8_mm(x_int8: torch.Tensor, w_int8: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``torch._int_mm(x_int8, w_int8.t())`` (int8 [M, K] x int8 [N, K] -> int32 [M, N], exact) with AVX2 on CPUs
+    where PyTorch's is a reference loop (`torch_int8_gemm_fast` False). x may be a column slice (row stride > K), w
+    rows contiguous, out [M, N] int32 (any row stride). None when unavailable or K % 16."""
+    lib = library()
+    if (lib is None or not _features() & 16 or x_int8.dim() != 2 or w_int8.dim() != 2 or x_int8.dtype != torch.int8
+            or w_int8.dtype != torch.int8 or x_int8.device.type != "cpu" or w_int8.device.type != "cpu"):
+        return None
+    m, k = x_int8.shape
+    n = w_int8.shape[0]
+    if k % 16 or w_int8.shape[1] != k or x_int8.stride(1) != 1 or w_int8.stride(1) != 1:
+        return None
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.int32)
+    elif out.shape != (m, n) or out.dtype != torch.int32 or out.stride(1) != 1:
+        return None
+    if m and n and not lib.dllmq_int8_mm(x_int8.data_ptr(), m, k, x_int8.stride(0), w_int8.data_ptr(), n,
+                                         w_int8.stride(0), out.data_ptr(), out.stride(0),
+                                         torch.get_num_threads() if m * n * k >= _GEMM_PARALLEL_MIN else 1):
         return None
     return out

@@ -19,6 +19,9 @@ Kernel paths (``KERNELS``) and what each really computes:
   weight dequantized to bf16 one block of 64 output columns at a time into a per-thread buffer that stays in cache,
   multiplied there with bf16 dot products (fp32 sums, rounded once): the same products as ``dequant`` in another
   summation order, without writing a dense copy of the whole weight per call.
+* ``w32_dot_cpu`` (weight-only, no dense copy, float32 x on CPU with AVX2 + FMA, up to W32_DOT_MAX_ROWS rows): the
+  same for float32 activations (the default on CPUs without native bf16): 16 columns at a time dequantized to
+  float32 in cache and multiplied with FMAs; the products of ``dequant``'s float32 GEMM in another summation order.
 * ``int4_cpu`` / ``int8pack_cpu`` / ``int4_cuda``: weight-only kernels (tinygemm int4,
   ``_weight_int8pack_mm``); prepared weight always cached (int4: about the packed size; int8pack:
   1 B/weight).
@@ -28,8 +31,9 @@ Kernel paths (``KERNELS``) and what each really computes:
   by its scales (exact; on CPU the groups' products are reduced in one fused pass). The int8 weight copy is
   prepared once and always cached: 1 B/weight, i.e. 2x the packed int4 weight (8-bit per-channel
   weights reuse ``weight_packed``: no copy).
-* ``int8_vnni`` (CPU with AVX512-VNNI): the same integer GEMM and epilogue as ``int8_act`` in one fused pass
-  (runtime/cpu_kernels.c): int8 codes with zero points folded in, packed once for VPDPBUSD (1 B/weight), group
+* ``int8_vnni`` (CPU with AVX512-VNNI, or AVX2 for weights of <= 6 bits): the same integer GEMM and epilogue as
+  ``int8_act`` in one fused pass (runtime/cpu_kernels.c; on AVX2 VPDPBUSD is emulated with VPMADDUBSW + VPMADDWD,
+  exact while |code| <= 64): int8 codes with zero points folded in, packed once for VPDPBUSD (1 B/weight), group
   scales applied inside the K loop (no per-group product buffer), bit-identical outputs. Chosen for every
   weight-activation layer it can tile on such CPUs (see `kernels.vnni_wins`), except 8-bit per-channel layers
   without ``cache_dequantized``, which ``int8_act`` runs on the stored weight without a copy.
@@ -67,7 +71,7 @@ from torch import nn
 
 from ..checkpoint.packing import packed_words, unpack_cols, unpack_rows
 from ..errors import UserError
-from ..quantization.grid import dequantize_per_token, quantize_per_token_affine
+from ..quantization.grid import fake_quant_act, quantize_per_token_affine
 from ..quantization.qweight import QuantizedWeight
 from ..quantization.spec import ActSpec, WeightSpec
 from . import kernels as K
@@ -93,6 +97,12 @@ INT8PACK_CPU_MAX_ROWS = 4
 # on AMX CPUs (not measured there: oneDNN's AMX bf16 GEMM on the per-call copy should win).
 W16_DOT_MIN_ROWS = 8
 W16_DOT_MAX_ROWS = 64
+# float32 inputs (the default on CPUs without native bf16), weight-only layers without a dense copy, 4096x4096 g128 on
+# a 2-core AVX2 AMD EPYC (time / float32 F.linear, one run): the AVX2 + FMA kernel that dequantizes 16 columns at a
+# time to float32 and multiplies them in cache (`w32_dot_cpu`) 1.34x at 1 row, 0.43x at 8, 0.55x at 16, 0.86x at 32,
+# 1.03x at 64, 1.63x at 256; the per-call float32 dequantization + MKL's GEMM 1.68x, 1.55x, 1.11x, 1.73x, 1.0-1.8x
+# (noisy), 1.02x. So the kernel up to this many rows, the dense path above.
+W32_DOT_MAX_ROWS = 48
 # CUDA, measured on one H200 (benchmarks/gpu_check.py, benchmarks/results/gpu/gpu_check.md, LLaDA-8B layer shapes,
 # time / bf16 F.linear): tinygemm W4A16 is 0.6-1.08x at 1 row, 0.63-0.70x at 8, 0.17-0.24x at 64 and 0.04-0.06x
 # from 512 rows on. Above 8 rows the dense path (dequantize, cuBLAS bf16) is used: one dequantization per call
@@ -126,7 +136,7 @@ ACT_INT8PACK_CPU_MAX_ROWS = 8
 ACT_CODES_SWAPPED_MAX_ROWS = 4
 ACT_INT8_CPU_MAX_GROUPS = 8
 
-KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "w16_dot_cpu", "int8_act", "int8_vnni", "triton_w4a8",
+KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "w16_dot_cpu", "w32_dot_cpu", "int8_act", "int8_vnni", "triton_w4a8",
            "int4_cpu_act", "int8pack_cpu_act", "fold_bf16")
 ACT_CODE_KERNELS = ("int4_cpu_act", "int8pack_cpu_act", "fold_bf16")  # float GEMMs on integer activation codes
 
@@ -378,7 +388,7 @@ class QuantLinear(nn.Module):
             # zero points folded into int8 codes (<= 4-bit weights, or none); 16-column vectors, 4-byte input steps
             return (self.act_spec.enabled and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
                     and (spec.num_bits < 8 or spec.symmetric) and n % 16 == 0
-                    and (k // self._param_shape()[1]) % 4 == 0 and native.vnni_available())
+                    and (k // self._param_shape()[1]) % 4 == 0 and native.int8_dot_available(spec.num_bits))
         if path == "triton_w4a8":
             # packed <=4-bit symmetric weights, per-token int activations; CUDA, or CPU under TRITON_INTERPRET=1
             from . import triton_kernels as T
@@ -391,6 +401,9 @@ class QuantLinear(nn.Module):
         if path == "w16_dot_cpu":
             return (wo and x.device.type == "cpu" and x.dtype == torch.bfloat16 and spec.num_bits in (2, 4, 8)
                     and k % 2 == 0 and self.weight_packed.device.type == "cpu" and native.bf16_dot_available())
+        if path == "w32_dot_cpu":
+            return (wo and x.device.type == "cpu" and x.dtype == torch.float32 and spec.num_bits in (2, 4, 8)
+                    and self.weight_packed.device.type == "cpu" and native.w32_dot_available())
         if path == "int8pack_cpu":
             return (
                 wo and x.device.type == "cpu" and x.dtype == torch.bfloat16 and K.supports_int8pack_cpu(n, k, spec)
@@ -454,6 +467,8 @@ class QuantLinear(nn.Module):
         if (not self.cache_dequantized and W16_DOT_MIN_ROWS < rows <= W16_DOT_MAX_ROWS and not native.has_amx()
                 and self._supported("w16_dot_cpu", x)):
             return "w16_dot_cpu"
+        if not self.cache_dequantized and rows <= W32_DOT_MAX_ROWS and self._supported("w32_dot_cpu", x):
+            return "w32_dot_cpu"
         if self._supported("int4_cpu", x) and (rows <= INT4_CPU_MAX_ROWS or not self.cache_dequantized and (
                 rows <= INT4_CPU_UNCACHED_MAX_ROWS or not self._fast_dequant(x))):
             return "int4_cpu"
@@ -618,9 +633,8 @@ class QuantLinear(nn.Module):
         bias = self.bias
         if path == "dequant":
             if self.act_spec.enabled:
-                # Reference for W?A?: same per-token rounding as int8_act, dense float GEMM.
-                xq, xs, xz = quantize_per_token_affine(x2, self.act_spec)
-                x2 = dequantize_per_token(xq, xs, xz).to(x.dtype)
+                # Reference for W?A?: same per-token rounding as int8_act, dense float GEMM (CPU: one fused pass)
+                x2 = fake_quant_act(x2, self.act_spec)
             y = F.linear(x2, self._dense(x), None if bias is None else bias.to(x.dtype))
         elif path == "triton_w4a8":
             from . import triton_kernels as T
@@ -652,11 +666,14 @@ class QuantLinear(nn.Module):
                 y = F.linear(codes, self._dense(codes))
             y = self._rescale(y, xs, x.dtype)
         else:
-            if path == "w16_dot_cpu":
-                y = native.w16_dot_linear(x2, self.weight_packed, self.spec.num_bits, *self._w16_dot_args(), x.dtype,
-                                          bias)
+            if path in ("w16_dot_cpu", "w32_dot_cpu"):
+                if path == "w16_dot_cpu":
+                    y = native.w16_dot_linear(x2, self.weight_packed, self.spec.num_bits, *self._w16_dot_args(),
+                                              x.dtype, bias)
+                else:
+                    y = native.w32_dot_linear(x2, self.weight_packed, self.spec.num_bits, *self._w16_dot_args(), bias)
                 if y is None:
-                    raise RuntimeError("the weight-only dot-product kernel declined a layer it was dispatched to")
+                    raise RuntimeError(f"the weight-only dot-product kernel {path} declined a layer it was dispatched to")
                 bias = None  # added by the kernel
             elif path == "int4_cpu":
                 y = K.int4_cpu_mm(x2, self._int4_cpu_state())

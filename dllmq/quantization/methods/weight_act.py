@@ -33,7 +33,7 @@ import torch
 from ...errors import UserError
 from ..awq import fold_scales
 from ..qweight import QuantizedWeight
-from ..smoothquant import fake_quant_act, fold_qk_scales, qk_smooth_scales, smooth_scales
+from ..smoothquant import fold_qk_scales, qk_smooth_scales, smooth_scales
 from .base import BlockContext, GPTQRoundingOptions, Method, in_range, one_of, option, positive_int, register_method
 
 
