@@ -39,8 +39,12 @@ def main() -> None:
     ap.add_argument("--headline", action="store_true",
                     help="also time the headline command with every default (TMAS calibration, default samples) and "
                          "extrapolate it to LLaDA-8B's 32 blocks")
+    ap.add_argument("--out", type=Path, default=RESULTS / "duquant_8b_block",
+                    help="results path without suffix (.json and .md are written)")
     args = ap.parse_args()
-    out: dict = {}
+    from dllmq.runtime import native
+
+    out: dict = {"cpu": native.cpu_description()}
     with tempfile.TemporaryDirectory() as tmp:
         src = wide_model(tmp, tokenizer=True)
         params = 0
@@ -72,9 +76,9 @@ def main() -> None:
                 "--gen-length", "32", "--steps", "8", "--block-length", "32", "--no-memory")
         out["bench"] = b
         print(json.dumps(b, indent=1)[:3000], flush=True)
-    RESULTS.mkdir(exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     out["date"] = time.strftime("%Y-%m-%d")
-    prev_file = RESULTS / "duquant_8b_block.json"
+    prev_file = args.out.with_suffix(".json")
     if "headline" not in out and prev_file.exists():
         # a run without --headline keeps the last headline timing (an hour of CPU), labelled with its own date
         prev = json.loads(prev_file.read_text())
@@ -85,7 +89,7 @@ def main() -> None:
     prev_file.write_text(json.dumps(out, indent=2, default=str))
     d = out["duquant_w4a8"]
     md = ["# DuQuant W4A8 at LLaDA-8B block shapes (2 blocks)", "",
-          f"`python benchmarks/duquant_8b_block.py{' --headline' if args.headline else ''}` (this CPU, one run).", "",
+          f"`python benchmarks/duquant_8b_block.py{' --headline' if args.headline else ''}` ({out['cpu']}, one run).", "",
           f"- checkpoint: {d['bytes'] / 2**20:.0f} MiB vs {out['bf16_bytes'] / 2**20:.0f} MiB bf16 "
           f"({d['bytes'] / out['bf16_bytes']:.2f}x)",
           f"- quantize: DuQuant W4A8 {d['quantize_seconds']:.0f} s, GPTQ W4 {out['gptq_w4']['quantize_seconds']:.0f} s "
@@ -96,8 +100,8 @@ def main() -> None:
              f"step): {out['headline']['extrapolated_32_blocks_seconds'] / 60:.0f} min on this CPU "
              f"(measured {out['headline']['date']})"]
             if "headline" in out else []), "",
-          "`dllmq bench` (quantized vs bf16, same run):", "", "```", json.dumps(out["bench"], indent=1, default=str)[:4000], "```"]
-    (RESULTS / "duquant_8b_block.md").write_text("\n".join(md) + "\n")
+          "`dllmq bench` (quantized vs full precision in the runtime's default dtype, same run):", "", "```", json.dumps(out["bench"], indent=1, default=str)[:4000], "```"]
+    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md[:6]))
 
 

@@ -44,7 +44,7 @@ def main() -> None:
         quantize(src, qcfg, Path(tmp) / "q", calib=CalibOptions(mask="none", samples=8),
                  show_progress=False)
         quant_s = time.time() - t0
-        model = dllmq.load(Path(tmp) / "q", dtype=torch.bfloat16)
+        model = dllmq.load(Path(tmp) / "q")  # the runtime default dtype: bf16 where native, else float32
         layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
         saved = [m.input_transform for m in layers]
         x = torch.randint(0, 4000, (1, args.seq_len))

@@ -275,6 +275,46 @@ def test_w16_dot_dispatch(monkeypatch):
     assert lean.kernel_for(make_x(64, 256)) == "dequant"
 
 
+needs_w32_dot = pytest.mark.skipif(not native.w32_dot_available(), reason="native kernels without AVX2 + FMA")
+
+
+@needs_w32_dot
+@pytest.mark.parametrize("spec", [WeightSpec(4, True, "group", 128), WeightSpec(4, False, "group", 32),
+                                  WeightSpec(2, False, "group", 64), WeightSpec(8, True, "channel"),
+                                  WeightSpec(8, False, "channel")], ids=lambda s: s.describe())
+@pytest.mark.parametrize("shape", [(1, 256), (2, 9, 256), (48, 256)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_w32_dot_kernel_is_the_dense_product(spec, shape, bias):
+    """float32 weight-only layers without a dense copy: the kernel that dequantizes 16 columns at a time to float32
+    and multiplies them in cache computes the dense float32 product (another summation order), for every output
+    width (n = 40: a partial last block)."""
+    layer, _ = make_layer(spec, n=40, bias=bias, cache_dequantized=False)
+    x = make_x(*shape, dtype=torch.float32)
+    with force_kernel("w32_dot_cpu"):
+        y = layer(x)
+    with force_kernel("dequant"):
+        dense = layer(x)
+    assert y.shape == dense.shape and y.dtype == dense.dtype == torch.float32
+    assert rel_err(y, dense) < 1e-5
+    assert not any(key[0] == "dequant" for key in layer._cache)  # no dense copy kept
+
+
+@needs_w32_dot
+def test_w32_dot_dispatch():
+    """Uncached weight-only layers with float32 inputs take the block kernel up to W32_DOT_MAX_ROWS rows; not with a
+    cached dense copy, bf16 inputs or 3-bit weights."""
+    lean, _ = make_layer(WeightSpec(4, True, "group", 128), cache_dequantized=False)
+    limit = QL.W32_DOT_MAX_ROWS
+    assert lean.kernel_for(make_x(1, 256, dtype=torch.float32)) == "w32_dot_cpu"
+    assert lean.kernel_for(make_x(limit, 256, dtype=torch.float32)) == "w32_dot_cpu"
+    assert lean.kernel_for(make_x(limit + 1, 256, dtype=torch.float32)) == "dequant"
+    assert lean.kernel_for(make_x(8, 256)) != "w32_dot_cpu"
+    cached, _ = make_layer(WeightSpec(4, True, "group", 128), cache_dequantized=True)
+    assert cached.kernel_for(make_x(8, 256, dtype=torch.float32)) == "dequant"
+    three, _ = make_layer(WeightSpec(3, True, "group", 128), cache_dequantized=False)
+    assert three.kernel_for(make_x(8, 256, dtype=torch.float32)) == "dequant"
+
+
 @needs_vnni
 def test_vnni_dispatch(monkeypatch):
     """With AVX512-VNNI the fused kernel runs weight-activation layers at every row count, except 8-bit per-channel

@@ -517,6 +517,27 @@ def int8_vnni_linear(x_int8: torch.Tensor, x_scale: torch.Tensor, x_zero_point: 
     return out
 
 
+def _weight_only_args(x2: torch.Tensor, packed: torch.Tensor, bits: int, scale: torch.Tensor,
+                      zero_point: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype):
+    """The arguments both weight-only dot kernels take, or None where they do not run (x2 not dtype rows on CPU,
+    another width or layout)."""
+    if (x2.dim() != 2 or x2.dtype != dtype or x2.device.type != "cpu" or bits not in (2, 4, 8)
+            or (bias is not None and bias.dtype not in _DTYPES)):
+        return None
+    m, k = x2.shape
+    n, groups = scale.shape
+    if k % groups or (bits == 8) != (packed.dtype == torch.int8) or packed.shape[0] != n:
+        return None
+    # the (possibly copied) tensors behind the pointers: the caller holds them until the kernel returns
+    keep = (x2.contiguous(), packed.contiguous(), _flat(scale, torch.float32, n * groups),
+            None if zero_point is None else _flat(zero_point, torch.int32, n * groups),
+            None if bias is None else _flat(bias, bias.dtype, n))
+    xc, pk, sc, zp, b = keep
+    args = (xc.data_ptr(), m, k, pk.data_ptr(), bits, pk.shape[1] if bits < 8 else k, sc.data_ptr(), _ptr(zp), groups,
+            _ptr(b), 0 if b is None else _DTYPES[b.dtype])
+    return args, keep, m, n, k
+
+
 def w16_dot_linear(x2: torch.Tensor, packed: torch.Tensor, bits: int, scale: torch.Tensor,
                    zero_point: torch.Tensor | None, out_dtype: torch.dtype,
                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -525,24 +546,14 @@ def w16_dot_linear(x2: torch.Tensor, packed: torch.Tensor, bits: int, scale: tor
     dequantized to bf16 one cache-sized block of columns at a time and multiplied there (AVX512-BF16). None when
     unavailable or another width / layout."""
     lib = library()
-    if (lib is None or not bf16_dot_available() or x2.dim() != 2 or x2.dtype != torch.bfloat16
-            or x2.device.type != "cpu" or bits not in (2, 4, 8) or out_dtype not in _DTYPES
-            or (bias is not None and bias.dtype not in _DTYPES)):
+    got = None if lib is None or not bf16_dot_available() or out_dtype not in _DTYPES or x2.shape[-1] % 2 else (
+        _weight_only_args(x2, packed, bits, scale, zero_point, bias, torch.bfloat16))
+    if got is None:
         return None
-    m, k = x2.shape
-    n, groups = scale.shape
-    if k % 2 or k % groups or (bits == 8) != (packed.dtype == torch.int8) or packed.shape[0] != n:
-        return None
-    x2 = x2.contiguous()
-    pk = packed.contiguous()
-    sc = _flat(scale, torch.float32, n * groups)
-    zp = None if zero_point is None else _flat(zero_point, torch.int32, n * groups)
-    b = None if bias is None else _flat(bias, bias.dtype, n)
+    args, _keep, m, n, k = got
     out = torch.empty(m, n, dtype=out_dtype)
-    if m and not lib.dllmq_w16_dot_linear(
-            x2.data_ptr(), m, k, pk.data_ptr(), bits, pk.shape[1] if bits < 8 else k, sc.data_ptr(), _ptr(zp), groups,
-            _ptr(b), 0 if b is None else _DTYPES[b.dtype], out.data_ptr(), _DTYPES[out_dtype], n,
-            torch.get_num_threads() if m * n * k >= _GEMM_PARALLEL_MIN else 1):
+    if m and not lib.dllmq_w16_dot_linear(*args, out.data_ptr(), _DTYPES[out_dtype], n,
+                                          torch.get_num_threads() if m * n * k >= _GEMM_PARALLEL_MIN else 1):
         return None
     return out
 
@@ -557,23 +568,14 @@ def w32_dot_linear(x2: torch.Tensor, packed: torch.Tensor, bits: int, scale: tor
     """`w16_dot_linear` for float32 rows x2 [M, K] (AVX2 + FMA): W dequantized to float32 a cache-sized block of
     columns at a time and multiplied there; float32 output. None when unavailable or another width / layout."""
     lib = library()
-    if (lib is None or not w32_dot_available() or x2.dim() != 2 or x2.dtype != torch.float32
-            or x2.device.type != "cpu" or bits not in (2, 4, 8) or (bias is not None and bias.dtype not in _DTYPES)):
+    got = None if lib is None or not w32_dot_available() else (
+        _weight_only_args(x2, packed, bits, scale, zero_point, bias, torch.float32))
+    if got is None:
         return None
-    m, k = x2.shape
-    n, groups = scale.shape
-    if k % groups or (bits == 8) != (packed.dtype == torch.int8) or packed.shape[0] != n:
-        return None
-    x2 = x2.contiguous()
-    pk = packed.contiguous()
-    sc = _flat(scale, torch.float32, n * groups)
-    zp = None if zero_point is None else _flat(zero_point, torch.int32, n * groups)
-    b = None if bias is None else _flat(bias, bias.dtype, n)
+    args, _keep, m, n, k = got
     out = torch.empty(m, n, dtype=torch.float32)
-    if m and not lib.dllmq_w32_dot_linear(
-            x2.data_ptr(), m, k, pk.data_ptr(), bits, pk.shape[1] if bits < 8 else k, sc.data_ptr(), _ptr(zp), groups,
-            _ptr(b), 0 if b is None else _DTYPES[b.dtype], out.data_ptr(), n,
-            torch.get_num_threads() if m * n * k >= _GEMM_PARALLEL_MIN else 1):
+    if m and not lib.dllmq_w32_dot_linear(*args, out.data_ptr(), n,
+                                          torch.get_num_threads() if m * n * k >= _GEMM_PARALLEL_MIN else 1):
         return None
     return out
 

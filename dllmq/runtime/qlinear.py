@@ -26,7 +26,9 @@ Kernel paths (``KERNELS``) and what each really computes:
   ``_weight_int8pack_mm``); prepared weight always cached (int4: about the packed size; int8pack:
   1 B/weight).
 * ``int8_act`` (W8A8 / W4A8 / W4A4): x quantized per token to int8 codes, a true integer GEMM
-  (``_int_mm``, AMX-int8 on CPU, int32 accumulation) against int8 weight codes, rescaled in fp32.
+  (``_int_mm``, AMX-int8 on CPU, int32 accumulation; on CPUs where PyTorch's is a reference loop, i.e. without
+  AVX512-VNNI / AMX, the AVX2 int16 kernel ``native.int8_mm``, same integers) against int8 weight codes, rescaled
+  in fp32.
   Per channel: one GEMM. Group-wise scales: one int GEMM per group of K/G inputs, each rescaled
   by its scales (exact; on CPU the groups' products are reduced in one fused pass). The int8 weight copy is
   prepared once and always cached: 1 B/weight, i.e. 2x the packed int4 weight (8-bit per-channel
