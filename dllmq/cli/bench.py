@@ -75,10 +75,12 @@ def bench(
     if res.get("peak_bytes"):
         rows_out.append(["peak memory (step)"] + [human_bytes(res["peak_bytes"][k]) if res["peak_bytes"].get(k) else "-"
                                                   for k in names] + [size_ratio_text(r.get("peak_bytes"))])
-    table(f"Speed and memory ({res['config']['device']}, batch {batch}, seq {seq_len}; medians of {repeats})",
+    dt = str(res["config"]["dtype"]).replace("torch.", "")
+    table(f"Speed and memory ({res['config']['device']}, {dt}, batch {batch}, seq {seq_len}; medians of {repeats})",
           ["measure"] + names + ["quantized vs full precision"], rows_out)
     if res["config"].get("native_cpu_kernels") and res["config"]["device"] == "cpu":
-        out_console.print(f"Fused CPU kernels: {res['config']['native_cpu_kernels']}", highlight=False)
+        out_console.print(f"Fused CPU kernels: {res['config']['native_cpu_kernels']}; CPU: {res['config'].get('cpu')}",
+                          highlight=False)
     if "fast_vs_plain_quantized" in r:
         out_console.print(f"--fast vs plain sampler (quantized): "
                           f"{throughput_ratio_text(r['fast_vs_plain_quantized'])}", highlight=False)

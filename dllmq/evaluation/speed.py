@@ -105,13 +105,18 @@ def peak_rss_subprocess(model: str, device: str, dtype: str, batch: int, seq_len
 
 def bench(model: str, against: str | None = None, batch: int = 1, seq_len: int = 256, gen_length: int = 64,
           steps: int = 64, block_length: int = 32, prompt_len: int = 32, rows: int = 256, repeats: int = 5,
-          fast: bool = True, memory: bool = True, device: str = "cpu", dtype=torch.bfloat16, progress=None,
+          fast: bool = True, memory: bool = True, device: str = "cpu", dtype=None, progress=None,
           show_progress: bool = False) -> dict:
-    """Step, generation, per-layer and memory measurements of `model` against its full-precision reference.
+    """Step, generation, per-layer and memory measurements of `model` against its full-precision reference, both in
+    `dtype` (default: the runtime's, `runtime.loader.default_dtype`).
     `progress(stage)` is called at each stage; `show_progress` draws a bar (stderr, a terminal) advanced per timed
     call, so its ETA follows the work."""
     from ..ui import bar
 
+    if dtype is None:
+        from ..runtime.loader import default_dtype
+
+        dtype = default_dtype(device)
     with bar("bench", total=None, info="loading", show=show_progress) as pb:
         return _bench(model, against, batch, seq_len, gen_length, steps, block_length, prompt_len, rows, repeats,
                       fast, memory, device, dtype, progress, pb)

@@ -33,7 +33,7 @@ Kernel paths (``KERNELS``) and what each really computes:
   by its scales (exact; on CPU the groups' products are reduced in one fused pass). The int8 weight copy is
   prepared once and always cached: 1 B/weight, i.e. 2x the packed int4 weight (8-bit per-channel
   weights reuse ``weight_packed``: no copy).
-* ``int8_vnni`` (CPU with AVX512-VNNI, or AVX2 for weights of <= 6 bits): the same integer GEMM and epilogue as
+* ``int8_vnni`` (CPU with AVX512-VNNI, or AVX2 for weights of <= 4 bits): the same integer GEMM and epilogue as
   ``int8_act`` in one fused pass (runtime/cpu_kernels.c; on AVX2 VPDPBUSD is emulated with VPMADDUBSW + VPMADDWD,
   exact while |code| <= 64): int8 codes with zero points folded in, packed once for VPDPBUSD (1 B/weight), group
   scales applied inside the K loop (no per-group product buffer), bit-identical outputs. Chosen for every
@@ -138,8 +138,8 @@ ACT_INT8PACK_CPU_MAX_ROWS = 8
 ACT_CODES_SWAPPED_MAX_ROWS = 4
 ACT_INT8_CPU_MAX_GROUPS = 8
 
-KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "w16_dot_cpu", "w32_dot_cpu", "int8_act", "int8_vnni", "triton_w4a8",
-           "int4_cpu_act", "int8pack_cpu_act", "fold_bf16")
+KERNELS = ("dequant", "int4_cpu", "int8pack_cpu", "int4_cuda", "w16_dot_cpu", "w32_dot_cpu", "int8_act", "int8_vnni",
+           "triton_w4a8", "int4_cpu_act", "int8pack_cpu_act", "fold_bf16")
 ACT_CODE_KERNELS = ("int4_cpu_act", "int8pack_cpu_act", "fold_bf16")  # float GEMMs on integer activation codes
 
 _FORCED: str | None = None
