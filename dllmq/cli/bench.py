@@ -75,8 +75,8 @@ def bench(
     if res.get("peak_bytes"):
         rows_out.append(["peak memory (step)"] + [human_bytes(res["peak_bytes"][k]) if res["peak_bytes"].get(k) else "-"
                                                   for k in names] + [size_ratio_text(r.get("peak_bytes"))])
-    dt = str(res["config"]["dtype"]).replace("torch.", "")
-    table(f"Speed and memory ({res['config']['device']}, {dt}, batch {batch}, seq {seq_len}; medians of {repeats})",
+    dt = str(res["config"].get("dtype", "")).replace("torch.", "")
+    table(f"Speed and memory ({', '.join(filter(None, [res['config']['device'], dt]))}, batch {batch}, seq {seq_len}; medians of {repeats})",
           ["measure"] + names + ["quantized vs full precision"], rows_out)
     if res["config"].get("native_cpu_kernels") and res["config"]["device"] == "cpu":
         out_console.print(f"Fused CPU kernels: {res['config']['native_cpu_kernels']}; CPU: {res['config'].get('cpu')}",
