@@ -12,7 +12,7 @@ from ..checkpoint.format import MANIFEST
 from ..diffusion.generation import GenerationConfig
 from ..errors import UserError
 from ..models.loading import BUNDLED_DIR, load_tokenizer, read_config, resolve_model_path
-from ..runtime.loader import load
+from ..runtime.loader import default_dtype, load
 from ..ui import bar, progress
 from .quality import GEN_BATCH, agreement, chunk_texts, masked_predictions, sample_ids, text_nll
 
@@ -68,9 +68,11 @@ def disk_bytes(path: Path) -> int:
 
 def compare_models(model: str, against: str | None = None, text_file: Path | None = None, seq_len: int = 128,
                    max_seqs: int = 16, mc_num: int = 4, n_prompts: int = 8, steps: int = 64, gen_length: int = 64,
-                   block_length: int = 32, seed: int = 0, device: str = "cpu", dtype=torch.bfloat16,
+                   block_length: int = 32, seed: int = 0, device: str = "cpu", dtype=None,
                    show_progress: bool = True, baseline: bool = True) -> dict:
-    """NLL, step and generation agreement of `model` and (when known, and `baseline`) its full-precision reference."""
+    """NLL, step and generation agreement of `model` and (when known, and `baseline`) its full-precision reference,
+    both in `dtype` (default: the runtime's, `runtime.loader.default_dtype`)."""
+    dtype = dtype or default_dtype(device)
     path = resolve_model_path(model)
     quantized = "quantization_config" in read_config(path)
     ref = (against or (base_of(path) if quantized else None)) if baseline else None
@@ -133,12 +135,14 @@ def reference_for(model: str, against: str | None) -> str | None:
 
 def evaluate_tasks(entries: list[tuple[str, str]], tasks: list[str], gcfg: GenerationConfig | None = None,
                    limit: int | None = None, mc_num: int | None = None, allow_exec: bool = False, device: str = "cpu",
-                   dtype=torch.bfloat16, batch_size: int = 16, num_fewshot: int | None = None,
+                   dtype=None, batch_size: int = 16, num_fewshot: int | None = None,
                    chat: bool | None = None, fast: dict | None = None, show_progress: bool = True) -> dict:
-    """Run `tasks` (bundled or lm-eval) on each (label, model) entry, one model in memory at a time.
+    """Run `tasks` (bundled or lm-eval) on each (label, model) entry, one model in memory at a time, in `dtype`
+    (default: the runtime's, `runtime.loader.default_dtype`).
 
     fast: GenerationConfig fields of the fast sampler ({"cache": "dual", "threshold": 0.9}) or None.
     """
+    dtype = dtype or default_dtype(device)
     from ..ui import progress
     from .tasks import run_task
 
