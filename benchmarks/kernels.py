@@ -56,7 +56,9 @@ def set_dtype(dtype: torch.dtype) -> None:
 
 def median_ms(fn, min_time: float) -> float:
     fn()
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time).median * 1e3
+    # Timer runs on one thread unless told otherwise; the ratios (paired_ratio) run on torch's threads
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_time).median * 1e3
 
 
 def paired_ratio(base, fn, min_time: float) -> float:

@@ -731,3 +731,73 @@ def test_layers_reading_one_input_share_its_quantization(monkeypatch):
             xi = make_x(2, 20, 256)
             layers[0](xi), layers[1](xi)
         assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------- call plans (QuantLinear._plan)
+
+def _plan_cases():
+    yield "dense", make_layer(WeightSpec(4, True, "group", 64), bias=True)[0]
+    if native.library() is not None and native.int8_dot_available(4):
+        yield "int8_vnni", make_layer(WeightSpec(4, False, "channel", None), act=ActSpec(8, symmetric=False))[0]
+
+
+@pytest.mark.parametrize("name", ["dense", "int8_vnni"])
+def test_call_plans_compute_what_the_generic_forward_computes(name):
+    cases = dict(_plan_cases())
+    if name not in cases:
+        pytest.skip("no int8 dot-product kernel on this CPU")
+    layer = cases[name]
+    x = make_x(2, 24, 256)
+    with torch.no_grad():
+        first = layer(x)  # builds the plan
+        key = (x.shape, x.dtype, x.device)
+        assert layer._plans.get(key) is not None, "a plan was expected for this path"
+        assert torch.equal(layer(x), first) and torch.equal(layer._forward(x), first)
+        assert layer(x).shape == (2, 24, 64)
+
+
+def test_call_plans_are_dropped_when_what_they_were_built_from_changes():
+    layer = make_layer(WeightSpec(4, True, "group", 64), bias=True)[0]
+    x = make_x(24, 256)
+    with torch.no_grad():
+        layer(x)
+        assert layer._plans
+        layer.cache_dequantized = False  # the dense copy is no longer the layer's path at this size
+        assert not layer._plans
+        lean = layer(x)
+        layer.clear_cache()
+        assert not layer._plans and not layer._cache
+        layer(x)
+        layer.to(torch.float32)  # _apply
+        assert not layer._plans
+        layer.input_transform = torch.nn.Identity()
+        assert not layer._plans
+        assert torch.allclose(layer(x).float(), lean.float(), rtol=0, atol=0)
+
+
+def test_call_plans_step_aside_for_forced_kernels_torch_only_and_autograd(monkeypatch):
+    layer = make_layer(WeightSpec(4, True, "group", 64), bias=True)[0]
+    x = make_x(24, 256)
+    calls = []
+    orig = QuantLinear._forward
+    monkeypatch.setattr(QuantLinear, "_forward", lambda self, x: calls.append(1) or orig(self, x))
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+        assert calls == []  # both served by the plan
+        with force_kernel("dequant"):
+            layer(x)
+        with native.torch_only():
+            layer(x)
+    assert len(calls) == 2
+    layer(x.clone().requires_grad_())
+    assert len(calls) == 3
+
+
+def test_call_plans_are_bounded_per_layer():
+    layer = make_layer(WeightSpec(4, True, "group", 64), bias=False)[0]
+    with torch.no_grad():
+        for rows in range(1, 3 * QL.MAX_PLANS):
+            y = layer(make_x(rows, 256))
+            assert y.shape == (rows, 64)
+            assert len(layer._plans) <= QL.MAX_PLANS

@@ -317,19 +317,33 @@ def test_duquant_layers_share_one_fused_pass_and_match_the_unfused_path(monkeypa
     mod.consumers = len(layers)
     x = _rows(37, 384, torch.bfloat16, seed=6)
     calls = {"fused": 0}
-    orig = DuQuantTransform.apply_quantized
+    orig = native.duquant_rows_plan
 
-    def counting(self, *a, **kw):
-        calls["fused"] += 1
-        return orig(self, *a, **kw)
+    def counting(*a, **kw):  # counts the fused passes, whether a layer runs its call plan or the generic forward
+        run = orig(*a, **kw)
 
-    monkeypatch.setattr(DuQuantTransform, "apply_quantized", counting)
+        def counted(x2):
+            calls["fused"] += 1
+            return run(x2)
+
+        return None if run is None else counted
+
+    monkeypatch.setattr(native, "duquant_rows_plan", counting)
     with torch.no_grad():
         fused = [layer(x) for layer in layers]
-    assert calls["fused"] == 1 and mod._memo is None  # computed once, released after the last consumer
+        assert calls["fused"] == 1 and mod._memo is None  # computed once, released after the last consumer
+        again = [layer(x) for layer in layers]  # the second call runs the layers' call plans
+        assert calls["fused"] == 2 and mod._memo is None
+        assert all(torch.equal(a, b) for a, b in zip(fused, again))
+        generic = [layer._forward(x) for layer in layers]  # no plan
+        assert calls["fused"] == 3 and all(torch.equal(a, b) for a, b in zip(fused, generic))
     monkeypatch.setattr(OnlineDuQuant, "quantized", lambda self, x, spec: None)
+    monkeypatch.setattr(OnlineDuQuant, "quantizer", lambda self, x, spec: None)
+    for layer in layers:
+        layer.clear_cache()
     with torch.no_grad():
         unfused = [layer(x) for layer in layers]
+    assert calls["fused"] == 4  # the transform alone, once for the three layers; then quantized separately
     assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
 
 

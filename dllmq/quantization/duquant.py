@@ -304,6 +304,17 @@ class DuQuantTransform:
         return native.duquant_rows(x.reshape(-1, self.in_features), *args,
                                    quantize=(act_spec.qmin, act_spec.qmax, act_spec.clip_ratio, not act_spec.symmetric))
 
+    def quantized_plan(self, x: torch.Tensor, act_spec):
+        """`apply_quantized` for inputs shaped like ``x``, checked once: a callable x -> (codes, scale, zero point), or
+        None where the kernel does not run (`native_args`)."""
+        args = self.native_args(x)
+        if args is None or x.shape[-1] != self.in_features:
+            return None
+        k = self.in_features
+        run = native.duquant_rows_plan(k, *args, quantize=(act_spec.qmin, act_spec.qmax, act_spec.clip_ratio,
+                                                           not act_spec.symmetric))
+        return None if run is None else (lambda x: run(x.reshape(-1, k)))
+
     def fold_into(self, w: torch.Tensor) -> torch.Tensor:
         """Offline weight transform ``(W · s) · T⁻ᵀ`` for ``W`` [N, K], computed in float64, in W's dtype.
 

@@ -222,6 +222,11 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+def kernels_off() -> bool:
+    """Whether `torch_only` is in force in this thread (plans built while the kernels ran must not run then)."""
+    return getattr(_off, "on", False)
+
+
 @contextlib.contextmanager
 def torch_only() -> Iterator[None]:
     """Run the torch code instead of the kernels in this block (tests and benchmarks compare the two)."""
@@ -445,29 +450,43 @@ def duquant_rows(x2: torch.Tensor, smooth_scale: torch.Tensor | None, rot1_pairs
     bf16 as `DuQuantTransform.apply` rounds it (rotations from `pack_bf16_pairs`, s bf16 [K] or None, perm int64 [K]
     a validated permutation). Returns y [M, K] bf16, or with ``quantize = (qmin, qmax, clip, asym)`` the per-token
     quantization of y as `quantize_rows` returns it, without writing y. None when unavailable."""
+    if x2.dim() != 2 or x2.dtype != torch.bfloat16 or x2.device.type != "cpu" or x2.requires_grad:
+        return None
+    run = duquant_rows_plan(x2.shape[1], smooth_scale, rot1_pairs, perm, rot2_pairs, block, quantize)
+    return None if run is None else run(x2)
+
+
+def duquant_rows_plan(k: int, smooth_scale: torch.Tensor | None, rot1_pairs: torch.Tensor, perm: torch.Tensor,
+                      rot2_pairs: torch.Tensor, block: int, quantize: tuple[int, int, float, bool] | None = None):
+    """`duquant_rows` for bf16 CPU rows of width k with these arguments, checked once: a callable x2 -> its result
+    (None where the kernel declines), or None when unavailable. A layer calls it on every forward, where the
+    checks and argument conversions cost as much as the pass itself at the bundled model's width."""
     lib = library()
-    if (lib is None or x2.dim() != 2 or x2.dtype != torch.bfloat16 or x2.device.type != "cpu" or x2.requires_grad
-            or block % 16 or x2.shape[1] % block or not bf16_dot_available()):
+    if lib is None or block % 16 or k % block or not bf16_dot_available():
         return None
     # the caller guarantees the rest (DuQuantTransform.native_args): bf16 s [K] and packed rotations, int64 perm
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    m, k = x2.shape
-    y = q = scale = zp = None
-    if quantize is None:
-        y = torch.empty(m, k, dtype=torch.bfloat16)
-        qmin = qmax = 0
-        clip, asym = 1.0, False
-    else:
-        qmin, qmax, clip, asym = quantize
-        q = torch.empty(m, k, dtype=torch.int8)
-        scale = torch.empty(m, 1, dtype=torch.float32)
-        zp = torch.empty(m, 1, dtype=torch.int32) if asym else None
-    if m and not lib.dllmq_duquant_rows(x2.data_ptr(), m, k, x2.stride(0), _ptr(smooth_scale), rot1_pairs.data_ptr(),
-                                        perm.data_ptr(), rot2_pairs.data_ptr(), block, _ptr(y), int(asym), float(clip),
-                                        qmin, qmax, _ptr(q), _ptr(scale), _ptr(zp), _threads(m * k * 8)):
-        return None
-    return y if quantize is None else (q, scale, zp)
+    f, keep = lib.dllmq_duquant_rows, (smooth_scale, rot1_pairs, perm, rot2_pairs)
+    sp, r1, pp, r2 = _ptr(smooth_scale), rot1_pairs.data_ptr(), perm.data_ptr(), rot2_pairs.data_ptr()
+    qmin, qmax, clip, asym = quantize if quantize is not None else (0, 0, 1.0, False)
+
+    def run(x2: torch.Tensor):
+        assert keep  # the tensors behind the pointers live as long as the plan
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        y = q = scale = zp = None
+        if quantize is None:
+            y = torch.empty(m, k, dtype=torch.bfloat16)
+        else:
+            q = torch.empty(m, k, dtype=torch.int8)
+            scale = torch.empty(m, 1, dtype=torch.float32)
+            zp = torch.empty(m, 1, dtype=torch.int32) if asym else None
+        if m and not f(x2.data_ptr(), m, k, x2.stride(0), sp, r1, pp, r2, block, _ptr(y), int(asym), float(clip), qmin,
+                       qmax, _ptr(q), _ptr(scale), _ptr(zp), _threads(m * k * 8)):
+            return None
+        return y if quantize is None else (q, scale, zp)
+
+    return run
 
 
 # Below this many multiply-adds one thread runs the GEMM: waking the pool costs more.
@@ -497,24 +516,40 @@ def int8_vnni_linear(x_int8: torch.Tensor, x_scale: torch.Tensor, x_zero_point: 
     x_int8 [M, K] codes, x_scale [M, 1] fp32, x_zero_point [M, 1] int32 or None, w_packed from `pack_vnni`, w_sum
     int32 [groups, N] code sums per group, w_scale fp32 [groups, N] ([N] per channel). None when unavailable. On
     AVX2-only CPUs the weight codes must satisfy |w| <= AVX2_DOT_MAX_CODE (`pack_vnni` refuses others)."""
+    if x_int8.dtype != torch.int8 or x_int8.dim() != 2:
+        return None
+    run = int8_vnni_plan(x_int8.shape[1], w_packed, n, groups, w_sum, w_scale, out_dtype, bias)
+    return None if run is None else run(x_int8, x_scale, x_zero_point)
+
+
+def int8_vnni_plan(k: int, w_packed: torch.Tensor, n: int, groups: int, w_sum: torch.Tensor, w_scale: torch.Tensor,
+                   out_dtype: torch.dtype, bias: torch.Tensor | None = None):
+    """`int8_vnni_linear` for inputs of k columns with this weight, checked once: a callable (x_int8, x_scale,
+    x_zero_point) -> out (None where the kernel declines), or None when unavailable. A layer calls it on every
+    forward (see `duquant_rows_plan`)."""
     lib = library()
-    if (lib is None or not _features() & 6 or out_dtype not in _DTYPES or x_int8.dtype != torch.int8
-            or (bias is not None and bias.dtype not in _DTYPES)):
+    if (lib is None or not _features() & 6 or out_dtype not in _DTYPES or (bias is not None and bias.dtype not in _DTYPES)
+            or k % (4 * groups) or w_packed.numel() != n * k):
         return None
-    m, k = x_int8.shape
-    if k % (4 * groups) or w_packed.numel() != n * k:
-        return None
-    xq = x_int8.contiguous()
-    xs = _flat(x_scale, torch.float32, m)
-    xz = None if x_zero_point is None else _flat(x_zero_point, torch.int32, m)
     b = None if bias is None else _flat(bias, bias.dtype, n)
-    out = torch.empty(m, n, dtype=out_dtype)
-    if m and not lib.dllmq_int8_vnni_linear(
-            xq.data_ptr(), m, k, xs.data_ptr(), _ptr(xz), w_packed.data_ptr(), n, groups, w_sum.data_ptr(),
-            w_scale.data_ptr(), _ptr(b), 0 if b is None else _DTYPES[b.dtype], out.data_ptr(), _DTYPES[out_dtype],
-            torch.get_num_threads() if m * n * k >= _GEMM_PARALLEL_MIN else 1):
-        return None
-    return out
+    f, keep = lib.dllmq_int8_vnni_linear, (w_packed, w_sum, w_scale, b)
+    wp, ws, sc = w_packed.data_ptr(), w_sum.data_ptr(), w_scale.data_ptr()
+    bt, ot = 0 if b is None else _DTYPES[b.dtype], _DTYPES[out_dtype]
+    per_row = n * k
+
+    def run(x_int8: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor | None):
+        assert keep  # the tensors behind the pointers live as long as the plan
+        m = x_int8.shape[0]
+        xq = x_int8 if x_int8.is_contiguous() else x_int8.contiguous()
+        xs = _flat(x_scale, torch.float32, m)
+        xz = None if x_zero_point is None else _flat(x_zero_point, torch.int32, m)
+        out = torch.empty(m, n, dtype=out_dtype)
+        if m and not f(xq.data_ptr(), m, k, xs.data_ptr(), _ptr(xz), wp, n, groups, ws, sc, _ptr(b), bt, out.data_ptr(), ot,
+                       torch.get_num_threads() if m * per_row >= _GEMM_PARALLEL_MIN else 1):
+            return None
+        return out
+
+    return run
 
 
 def _weight_only_args(x2: torch.Tensor, packed: torch.Tensor, bits: int, scale: torch.Tensor,

@@ -193,6 +193,14 @@ class OnlineDuQuant(nn.Module):
             return None
         return self._shared(x, act_spec, lambda: t.apply_quantized(x, act_spec, args))
 
+    def quantizer(self, x: torch.Tensor, act_spec):
+        """`quantized` for inputs shaped like ``x`` as a callable whose checks ran once (QuantLinear's call plans);
+        None where the fused kernel does not run."""
+        run = self.transform().quantized_plan(x, act_spec)
+        if run is None:
+            return None
+        return lambda x: self._shared(x, act_spec, lambda: run(x))
+
 
 @register_transform
 class OnlineScale(nn.Module):
