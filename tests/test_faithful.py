@@ -171,9 +171,22 @@ def test_duquant_stores_one_transform_per_shared_input_and_computes_it_once(tiny
                 return orig(self, *a, **kw)
             return run
 
+        def counting_plan(orig):  # QuantLinear's call plans: the fused pass runs through the planned callable
+            def plan(self, *a, **kw):
+                run = orig(self, *a, **kw)
+                if run is None:
+                    return None
+
+                def counted(x):
+                    products["n"] += 1
+                    return run(x)
+                return counted
+            return plan
+
         with pytest.MonkeyPatch.context() as mp:
             for name in ("apply", "apply_quantized"):
                 mp.setattr(DuQuantTransform, name, counting(getattr(DuQuantTransform, name)))
+            mp.setattr(DuQuantTransform, "quantized_plan", counting_plan(DuQuantTransform.quantized_plan))
             with torch.no_grad():
                 model(torch.randint(0, 250, (1, 12)))
         assert products["n"] == 8, dtype  # 14 consumers, 8 products (one per input per block)

@@ -438,9 +438,12 @@ void dllmq_pack_bf16_pairs(const uint16_t *r, int64_t nb, int64_t b, uint16_t *o
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 /* out[r, c0 : c0 + 16 nv] = in[r, :b] @ R[:, c0 : c0 + 16 nv] for the TILE_ROWS rows (row stride ld), R packed
- * in pairs; nv <= 4 column vectors, 4 x 4 accumulators in registers. */
-static inline __attribute__((always_inline)) void rot_cols(const uint16_t *in, int64_t ld, const uint16_t *rp,
-                                                           int64_t b, int64_t c0, const int nv, uint16_t *out) {
+ * in pairs; nv <= 4 column vectors, 4 x 4 accumulators in registers. With pp (a permutation's b entries for this
+ * block) the rows are read permuted, in[r, pp[j]] for input j, and `in` is the start of the whole row: DuQuant's
+ * permutation costs two scalar loads per pair here instead of a pass of its own (13 % of the transform). */
+static inline __attribute__((always_inline)) void rot_cols(const uint16_t *in, int64_t ld, const int64_t *pp,
+                                                           const uint16_t *rp, int64_t b, int64_t c0, const int nv,
+                                                           uint16_t *out) {
     __m512 acc[TILE_ROWS][4];
     for (int r = 0; r < TILE_ROWS; r++)
         for (int v = 0; v < 4; v++) acc[r][v] = _mm512_setzero_ps();
@@ -450,7 +453,10 @@ static inline __attribute__((always_inline)) void rot_cols(const uint16_t *in, i
         for (int v = 0; v < nv; v++) wv[v] = (__m512bh)_mm512_loadu_si512(w + 32 * v);
         for (int r = 0; r < TILE_ROWS; r++) {
             int32_t pair;
-            memcpy(&pair, in + r * ld + 2 * p, 4);
+            if (pp == NULL)
+                memcpy(&pair, in + r * ld + 2 * p, 4);
+            else
+                pair = (int32_t)((uint32_t)in[r * ld + pp[2 * p]] | ((uint32_t)in[r * ld + pp[2 * p + 1]] << 16));
             const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
             for (int v = 0; v < nv; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, wv[v]);
         }
@@ -459,11 +465,20 @@ static inline __attribute__((always_inline)) void rot_cols(const uint16_t *in, i
         for (int v = 0; v < nv; v++) store16(out, 1, r * ld + c0 + 16 * v, acc[r][v]);
 }
 
-/* Block i of a tile's rows (row stride ld): out[:, i b : (i + 1) b] = in[:, i b : (i + 1) b] @ R_i (rp: R_i packed). */
-static void rotate_block(const uint16_t *in, int64_t ld, const uint16_t *rp, int64_t i, int64_t b, uint16_t *out) {
+/* Block i of a tile's rows (row stride ld): out[:, i b : (i + 1) b] = in[:, i b : (i + 1) b] @ R_i (rp: R_i packed),
+ * or with perm, (in P)[:, i b : (i + 1) b] @ R_i for the permutation P of a whole row (in P)[:, j] = in[:, perm[j]]. */
+static void rotate_block(const uint16_t *in, int64_t ld, const int64_t *perm, const uint16_t *rp, int64_t i, int64_t b,
+                         uint16_t *out) {
+    const uint16_t *src = perm == NULL ? in + i * b : in;
+    const int64_t *pp = perm == NULL ? NULL : perm + i * b;
     int64_t c0 = 0;
-    for (; c0 + 64 <= b; c0 += 64) rot_cols(in + i * b, ld, rp, b, c0, 4, out + i * b);
-    for (; c0 < b; c0 += 16) rot_cols(in + i * b, ld, rp, b, c0, 1, out + i * b);
+    if (pp == NULL) { /* two copies of the loops, so that each inlined rot_cols knows whether it permutes */
+        for (; c0 + 64 <= b; c0 += 64) rot_cols(src, ld, NULL, rp, b, c0, 4, out + i * b);
+        for (; c0 < b; c0 += 16) rot_cols(src, ld, NULL, rp, b, c0, 1, out + i * b);
+    } else {
+        for (; c0 + 64 <= b; c0 += 64) rot_cols(src, ld, pp, rp, b, c0, 4, out + i * b);
+        for (; c0 < b; c0 += 16) rot_cols(src, ld, pp, rp, b, c0, 1, out + i * b);
+    }
 }
 #endif
 
@@ -522,17 +537,12 @@ int dllmq_duquant_rows(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, con
             }
             for (int64_t i = 0; i < nb; i++) /* t1 = t0 R1, block by block over all tiles */
                 for (int64_t t = 0; t < tiles; t++)
-                    rotate_block(t0 + t * TILE_ROWS * k, k, r1p + i * b * b, i, b, t1 + t * TILE_ROWS * k);
-            for (int64_t r = 0; r < padded; r++) { /* t0 = t1 P */
-                const uint16_t *src = t1 + r * k;
-                uint16_t *d = t0 + r * k;
-                for (int64_t j = 0; j < k; j++) d[j] = src[perm[j]];
-            }
-            for (int64_t i = 0; i < nb; i++) /* t1 = t0 R2 */
+                    rotate_block(t0 + t * TILE_ROWS * k, k, NULL, r1p + i * b * b, i, b, t1 + t * TILE_ROWS * k);
+            for (int64_t i = 0; i < nb; i++) /* t0 = (t1 P) R2, the permutation read inside the products */
                 for (int64_t t = 0; t < tiles; t++)
-                    rotate_block(t0 + t * TILE_ROWS * k, k, r2p + i * b * b, i, b, t1 + t * TILE_ROWS * k);
+                    rotate_block(t1 + t * TILE_ROWS * k, k, perm, r2p + i * b * b, i, b, t0 + t * TILE_ROWS * k);
             for (int64_t r = 0; r < nr; r++) {
-                const uint16_t *yr = t1 + r * k;
+                const uint16_t *yr = t0 + r * k;
                 if (y != NULL) memcpy(y + (r0 + r) * k, yr, sizeof(uint16_t) * k);
                 if (q != NULL)
                     quant_row(yr, 1, k, asym, clip, qmin, qmax, q + (r0 + r) * k, scale_out + r0 + r,
